@@ -1,0 +1,120 @@
+"""The `bertrt` command line: a thin click layer over the Python API.
+
+User mistakes (bad files, bad fields, bad input) print one line, `error: ...`, and exit with
+code 2; no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bertrt.config import PRESETS, atomic_write_text
+from bertrt.errors import BertrtError
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn `BertrtError` (and missing files) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BertrtError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bertrt")
+def main() -> None:
+    """bertrt: train, export, inspect and benchmark BERT models."""
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Inspect a preset size.")
+@click.option("--head", default=None,
+              help="none | pretraining | classification | token-classification.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--fused", is_flag=True, help="Show the graph after the fusion pipeline.")
+@click.option("--listing", is_flag=True, help="Print the full graph listing too.")
+@click.option("--dot", "dot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the graph as Graphviz DOT to this file.")
+@_user_errors
+def inspect(target: str | None, preset: str | None, head: str | None, batch: int, seq: int,
+            fused: bool, listing: bool, dot_path: Path | None) -> None:
+    """Show a model's graph: per-node shapes, parameters, FLOPs and bytes, with totals.
+
+    TARGET is a Hugging Face-layout model dir; or use --preset NAME.
+    """
+    from bertrt.config import BertConfig
+    from bertrt.graph.bert import build_bert
+    from bertrt.graph.passes import fused_copy
+    from bertrt.model import Model
+
+    if (target is None) == (preset is None):
+        raise click.UsageError("give a model dir or --preset NAME (exactly one)")
+    if preset is not None:
+        config = BertConfig.preset(preset)
+        graph = build_bert(config, head)
+        title = f"preset {preset}"
+    else:
+        path = Path(target)  # type: ignore[arg-type]
+        if path.suffix == ".onnx":
+            raise BertrtError(f"{path}: inspecting .onnx files arrives with the ONNX export")
+        model = Model.load(path, head=head)
+        config, graph = model.config, model.graph
+        title = f"{path} ({model.head} head)"
+    if config.max_position_embeddings < seq:
+        raise BertrtError(f"--seq {seq} exceeds max_position_embeddings="
+                          f"{config.max_position_embeddings}")
+    if fused:
+        graph, result = fused_copy(graph, "all")
+        counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+        title += f", fused: {counts}"
+    click.echo(f"{title}: layers={config.num_hidden_layers} hidden={config.hidden_size} "
+               f"heads={config.num_attention_heads} intermediate={config.intermediate_size} "
+               f"vocab={config.vocab_size} act={config.hidden_act}")
+    if listing:
+        click.echo(str(graph))
+    click.echo(graph.summary(batch=batch, seq=seq))
+    if dot_path is not None:
+        if not dot_path.parent.is_dir():
+            raise BertrtError(f"{dot_path}: folder {dot_path.parent} does not exist")
+        atomic_write_text(dot_path, graph.to_dot())
+        click.echo(f"wrote {dot_path}")
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write vocab.txt.")
+@click.option("--size", default=30522, show_default=True, type=click.IntRange(min=10),
+              help="Vocabulary size, specials included.")
+@click.option("--cased", is_flag=True, help="Keep case and accents (default: lower-case).")
+@click.option("--min-frequency", default=2, show_default=True, type=click.IntRange(min=1))
+@_user_errors
+def vocab(corpus: tuple[Path, ...], output: Path, size: int, cased: bool,
+          min_frequency: int) -> None:
+    """Train a WordPiece vocabulary on text files (one sentence or document per line)."""
+    from bertrt.tokenizer import train_vocab
+
+    if not output.parent.is_dir():
+        raise BertrtError(f"{output}: folder {output.parent} does not exist")
+    tok = train_vocab(list(corpus), size=size, lowercase=not cased, min_frequency=min_frequency)
+    tok.save_vocab(output)
+    click.echo(f"wrote {output}: {tok.vocab_size} tokens")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

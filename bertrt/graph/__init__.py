@@ -1,0 +1,22 @@
+"""The bertrt IR: graph, op registry, the BERT builder and passes."""
+
+from bertrt.graph.bert import HEADS, build_bert
+from bertrt.graph.ir import (
+    BATCH,
+    MASKED,
+    SEQ,
+    DType,
+    Graph,
+    GraphError,
+    Node,
+    SymbolicDim,
+    TensorType,
+    Value,
+    ValueKind,
+)
+from bertrt.graph.ops import REGISTRY, OpDef, get_op
+
+__all__ = [
+    "BATCH", "MASKED", "SEQ", "DType", "Graph", "GraphError", "HEADS", "Node", "OpDef",
+    "REGISTRY", "SymbolicDim", "TensorType", "Value", "ValueKind", "build_bert", "get_op",
+]

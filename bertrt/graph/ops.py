@@ -1,0 +1,392 @@
+"""The op registry: every IR op defined once (inputs, attributes, shape rule, FLOPs rule).
+
+Adding an op touches this file, one entry in each lowering's table, and one reference test;
+`tests/graph/test_registry.py` fails when a lowering or a test lacks an op.
+
+FLOPs count matrix products only, at 2 per multiply-add; element-wise work, normalisation and
+softmax are memory-bound and counted as 0 (their cost shows in the bytes column instead).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bertrt.graph.ir import DType, GraphError, Shape, SymbolicDim, TensorType
+
+Types = Sequence[TensorType | None]
+ShapeRule = Callable[[Types, Mapping[str, Any]], list[TensorType]]
+FlopsRule = Callable[[list[tuple[int, ...] | None], tuple[int, ...], Mapping[str, Any]], int]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op: its input slots (a trailing `?` marks an optional one), attributes with
+    defaults, a shape rule over `TensorType`s and a FLOPs rule over concrete shapes."""
+
+    name: str
+    inputs: tuple[str, ...]
+    infer: ShapeRule
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    flops: FlopsRule | None = None
+    fused: bool = False
+    doc: str = ""
+
+    def bind_attrs(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(given) - set(self.attrs)
+        if unknown:
+            raise GraphError(f"{self.name}: unknown attribute(s) {sorted(unknown)}")
+        out = dict(self.attrs)
+        out.update(given)
+        missing = [k for k, v in out.items() if v is REQUIRED]
+        if missing:
+            raise GraphError(f"{self.name}: attribute(s) {missing} required")
+        return out
+
+    def count_flops(
+        self, in_shapes: list[tuple[int, ...] | None], out_shape: tuple[int, ...],
+        attrs: Mapping[str, Any],
+    ) -> int:
+        return 0 if self.flops is None else int(self.flops(in_shapes, out_shape, attrs))
+
+
+REQUIRED = object()
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in REGISTRY:
+        raise GraphError(f"op {opdef.name} registered twice")
+    REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}") from None
+
+
+# ---------------------------------------------------------------------- helpers for shape rules
+def _need(op: str, types: Types, count: int) -> list[TensorType]:
+    present = list(types[:count])
+    if any(t is None for t in present) or len(present) < count:
+        raise GraphError(f"{op}: expected {count} required input(s)")
+    return present  # type: ignore[return-value]
+
+
+def _rank(op: str, t: TensorType, rank: int, what: str) -> None:
+    if len(t.shape) != rank:
+        raise GraphError(f"{op}: {what} must have rank {rank}, got shape {list(t.shape)}")
+
+
+def _same_dim(op: str, a: Any, b: Any, what: str) -> None:
+    if a != b:
+        raise GraphError(f"{op}: {what} mismatch ({a} vs {b})")
+
+
+def _float(op: str, t: TensorType, what: str) -> None:
+    if not t.dtype.is_float:
+        raise GraphError(f"{op}: {what} must be floating point, got {t.dtype}")
+
+
+def _int(op: str, t: TensorType, what: str) -> None:
+    if t.dtype not in (DType.INT64, DType.INT32):
+        raise GraphError(f"{op}: {what} must be an integer tensor, got {t.dtype}")
+
+
+def broadcast(op: str, a: Shape, b: Shape) -> Shape:
+    """Numpy broadcasting over ints and symbolic dims (a symbolic dim broadcasts only with 1)."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else 1
+        db = b[-i] if i <= len(b) else 1
+        if da == db or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            raise GraphError(f"{op}: shapes {list(a)} and {list(b)} do not broadcast")
+    return tuple(reversed(out))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _same_as_first(op: str, float_only: bool = True) -> ShapeRule:
+    def rule(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+        (x,) = _need(op, types, 1)
+        if float_only:
+            _float(op, x, "input")
+        return [x]
+
+    return rule
+
+
+# ---------------------------------------------------------------------- core ops
+def _gather(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    table, ids = _need("GATHER", types, 2)
+    _rank("GATHER", table, 2, "table")
+    _int("GATHER", ids, "indices")
+    return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
+
+
+register(OpDef(
+    "GATHER", ("table", "indices"), _gather,
+    doc="Embedding lookup: rows of `table` (V, H) at integer `indices` (...) -> (..., H).",
+))
+
+
+def _position_ids(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (ids,) = _need("POSITION_IDS", types, 1)
+    _rank("POSITION_IDS", ids, 2, "input_ids")
+    return [TensorType(DType.INT64, (ids.shape[1],))]
+
+
+register(OpDef(
+    "POSITION_IDS", ("input_ids",), _position_ids,
+    doc="Positions 0..S-1 of a (B, S) id tensor -> int64 (S,).",
+))
+
+
+def _add(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    a, b = _need("ADD", types, 2)
+    if a.dtype != b.dtype:
+        raise GraphError(f"ADD: dtypes differ ({a.dtype} vs {b.dtype})")
+    return [TensorType(a.dtype, broadcast("ADD", a.shape, b.shape))]
+
+
+register(OpDef("ADD", ("a", "b"), _add, doc="Element-wise a + b with broadcasting."))
+
+register(OpDef(
+    "SCALE", ("x",), _same_as_first("SCALE"), attrs={"factor": REQUIRED},
+    doc="x * factor (a constant).",
+))
+
+
+def _layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, w, b = _need("LAYER_NORM", types, 3)
+    _float("LAYER_NORM", x, "input")
+    _same_dim("LAYER_NORM", w.shape, (x.shape[-1],), "weight shape")
+    _same_dim("LAYER_NORM", b.shape, (x.shape[-1],), "bias shape")
+    return [x]
+
+
+register(OpDef(
+    "LAYER_NORM", ("x", "weight", "bias"), _layer_norm, attrs={"eps": 1e-12},
+    doc="LayerNorm over the last axis, (x - mean) / sqrt(var + eps) * weight + bias.",
+))
+
+
+def _linear(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, w = _need("LINEAR", types, 2)
+    _float("LINEAR", x, "input")
+    _rank("LINEAR", w, 2, "weight")
+    _same_dim("LINEAR", x.shape[-1], w.shape[1], "input features vs weight (out, in)")
+    b = types[2] if len(types) > 2 else None
+    if b is not None:
+        _same_dim("LINEAR", b.shape, (w.shape[0],), "bias shape")
+    return [TensorType(x.dtype, x.shape[:-1] + (w.shape[0],))]
+
+
+def _linear_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, Any]) -> int:
+    return 2 * _numel(out) * ins[1][1]
+
+
+register(OpDef(
+    "LINEAR", ("x", "weight", "bias?"), _linear, flops=_linear_flops,
+    doc="x @ weight.T + bias, weight stored (out, in) as in torch.nn.Linear.",
+))
+
+register(OpDef(
+    "GELU", ("x",), _same_as_first("GELU"), attrs={"approximate": "none"},
+    doc="GELU; approximate='none' is the exact erf form, 'tanh' the tanh approximation.",
+))
+register(OpDef("RELU", ("x",), _same_as_first("RELU"), doc="max(x, 0)."))
+register(OpDef("SILU", ("x",), _same_as_first("SILU"), doc="x * sigmoid(x)."))
+register(OpDef("TANH", ("x",), _same_as_first("TANH"), doc="tanh(x)."))
+register(OpDef(
+    "DROPOUT", ("x",), _same_as_first("DROPOUT"), attrs={"p": 0.1},
+    doc="Dropout with probability p while training; identity at inference.",
+))
+register(OpDef(
+    "SOFTMAX", ("x",), _same_as_first("SOFTMAX"), attrs={"axis": -1},
+    doc="Softmax along `axis`.",
+))
+
+
+def _attention_mask(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (mask,) = _need("ATTENTION_MASK", types, 1)
+    _rank("ATTENTION_MASK", mask, 2, "attention_mask")
+    return [TensorType(DType.FLOAT32, (mask.shape[0], 1, 1, mask.shape[1]))]
+
+
+register(OpDef(
+    "ATTENTION_MASK", ("attention_mask",), _attention_mask,
+    doc="(B, S) 1/0 mask -> additive (B, 1, 1, S) bias: 0 where attended, float32 min where not.",
+))
+
+
+def _split_heads(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (x,) = _need("SPLIT_HEADS", types, 1)
+    _rank("SPLIT_HEADS", x, 3, "input")
+    heads = attrs["heads"]
+    width = x.shape[2]
+    if not isinstance(width, int) or width % heads:
+        raise GraphError(f"SPLIT_HEADS: width {width} is not divisible by {heads} heads")
+    return [TensorType(x.dtype, (x.shape[0], heads, x.shape[1], width // heads))]
+
+
+register(OpDef(
+    "SPLIT_HEADS", ("x",), _split_heads, attrs={"heads": REQUIRED},
+    doc="(B, S, N*D) -> (B, N, S, D).",
+))
+
+
+def _merge_heads(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (x,) = _need("MERGE_HEADS", types, 1)
+    _rank("MERGE_HEADS", x, 4, "input")
+    b, n, s, d = x.shape
+    return [TensorType(x.dtype, (b, s, n * d))]  # type: ignore[operator]
+
+
+register(OpDef("MERGE_HEADS", ("x",), _merge_heads, doc="(B, N, S, D) -> (B, S, N*D)."))
+
+
+def _matmul(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    a, b = _need("MATMUL", types, 2)
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise GraphError("MATMUL: inputs must have rank >= 2")
+    b_rows, b_cols = (b.shape[-1], b.shape[-2]) if attrs["transpose_b"] else b.shape[-2:]
+    _same_dim("MATMUL", a.shape[-1], b_rows, "contraction dim")
+    batch = broadcast("MATMUL", a.shape[:-2], b.shape[:-2])
+    return [TensorType(a.dtype, batch + (a.shape[-2], b_cols))]
+
+
+def _matmul_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, Any]) -> int:
+    return 2 * _numel(out) * ins[0][-1]
+
+
+register(OpDef(
+    "MATMUL", ("a", "b"), _matmul, attrs={"transpose_b": False}, flops=_matmul_flops,
+    doc="Batched a @ b (or a @ b^T with transpose_b).",
+))
+
+
+def _select_token(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (x,) = _need("SELECT_TOKEN", types, 1)
+    _rank("SELECT_TOKEN", x, 3, "input")
+    return [TensorType(x.dtype, (x.shape[0], x.shape[2]))]
+
+
+register(OpDef(
+    "SELECT_TOKEN", ("x",), _select_token, attrs={"index": 0},
+    doc="(B, S, H) -> (B, H): the token at `index` ([CLS] for 0).",
+))
+
+
+def _gather_rows(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x = _need("GATHER_ROWS", types, 1)[0]
+    _rank("GATHER_ROWS", x, 3, "input")
+    idx = types[1] if len(types) > 1 else None
+    if idx is None:
+        return [x]
+    _int("GATHER_ROWS", idx, "positions")
+    _rank("GATHER_ROWS", idx, 1, "positions")
+    return [TensorType(x.dtype, (idx.shape[0], x.shape[2]))]
+
+
+register(OpDef(
+    "GATHER_ROWS", ("x", "positions?"), _gather_rows,
+    doc="(B, S, H) rows at flat positions b*S+s -> (M, H); with no positions given at run "
+    "time, x passes through unchanged (every position).",
+))
+
+
+# ---------------------------------------------------------------------- fused ops
+def _embed_layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    ids = types[0]
+    word, pos, typ, gamma, beta = (types[i] for i in (2, 3, 4, 5, 6))
+    if ids is None or any(t is None for t in (word, pos, typ, gamma, beta)):
+        raise GraphError("EMBED_LAYER_NORM: expected input_ids and five tables/weights")
+    _int("EMBED_LAYER_NORM", ids, "input_ids")
+    _rank("EMBED_LAYER_NORM", ids, 2, "input_ids")
+    hidden = word.shape[1]  # type: ignore[union-attr]
+    for t, what in ((pos, "position table"), (typ, "type table")):
+        _same_dim("EMBED_LAYER_NORM", t.shape[1], hidden, what + " width")  # type: ignore
+    return [TensorType(word.dtype, ids.shape + (hidden,))]  # type: ignore[union-attr]
+
+
+register(OpDef(
+    "EMBED_LAYER_NORM",
+    ("input_ids", "token_type_ids?", "word", "position", "token_type", "weight", "bias"),
+    _embed_layer_norm, attrs={"eps": 1e-12, "dropout": 0.0}, fused=True,
+    doc="LayerNorm(word[ids] + position[0..S-1] + token_type[types]), then dropout.",
+))
+
+
+def _skip_layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, skip, gamma, beta = _need("SKIP_LAYER_NORM", types, 4)
+    _float("SKIP_LAYER_NORM", x, "input")
+    _same_dim("SKIP_LAYER_NORM", x.shape, skip.shape, "input vs skip shape")
+    _same_dim("SKIP_LAYER_NORM", gamma.shape, (x.shape[-1],), "weight shape")
+    bias = types[4] if len(types) > 4 else None
+    if bias is not None:
+        _same_dim("SKIP_LAYER_NORM", bias.shape, (x.shape[-1],), "bias shape")
+    return [x]
+
+
+register(OpDef(
+    "SKIP_LAYER_NORM", ("x", "skip", "weight", "beta", "bias?"), _skip_layer_norm,
+    attrs={"eps": 1e-12, "dropout": 0.0}, fused=True,
+    doc="LayerNorm(dropout(x + bias) + skip): a sub-layer's residual add and norm.",
+))
+
+
+def _bias_gelu(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, bias = _need("BIAS_GELU", types, 2)
+    _float("BIAS_GELU", x, "input")
+    _same_dim("BIAS_GELU", bias.shape, (x.shape[-1],), "bias shape")
+    return [x]
+
+
+register(OpDef(
+    "BIAS_GELU", ("x", "bias"), _bias_gelu, attrs={"approximate": "none"}, fused=True,
+    doc="gelu(x + bias) (exact erf form, or tanh with approximate='tanh').",
+))
+
+
+def _attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, wq, bq, wk, bk, wv, bv = _need("ATTENTION", types, 7)
+    _rank("ATTENTION", x, 3, "input")
+    for w, what in ((wq, "query"), (wk, "key"), (wv, "value")):
+        _same_dim("ATTENTION", w.shape, (x.shape[2], x.shape[2]), what + " weight shape")
+    if x.shape[2] % attrs["heads"]:  # type: ignore[operator]
+        raise GraphError(f"ATTENTION: width {x.shape[2]} not divisible by {attrs['heads']}")
+    return [x]
+
+
+def _attention_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, Any]) -> int:
+    b, s, h = out
+    projections = 3 * 2 * b * s * h * h
+    scores_and_context = 2 * 2 * b * s * s * h
+    return projections + scores_and_context
+
+
+register(OpDef(
+    "ATTENTION",
+    ("x", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "mask_bias?"),
+    _attention, attrs={"heads": REQUIRED, "scale": REQUIRED, "dropout": 0.0},
+    flops=_attention_flops, fused=True,
+    doc="Multi-head self-attention context (before the output projection): "
+    "softmax(Q K^T * scale + mask_bias) V with Q, K, V projected from x; lowerings may pack "
+    "the three projections into one (B, S, 3H) product.",
+))
+
+
+def symbolic_dims(shape: Shape) -> list[SymbolicDim]:
+    return [d for d in shape if isinstance(d, SymbolicDim)]

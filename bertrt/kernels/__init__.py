@@ -1,0 +1,14 @@
+"""Fused ops for the PyTorch lowering, one folder each.
+
+Every op has a pure-torch reference (`<op>/reference.py`, forward and backward by autograd) and
+one public function that dispatches: a CUDA tensor with CuPy present runs the CuPy kernel
+(`<op>/<op>.cu`), anything else runs the reference. CuPy is imported lazily, never on CPU.
+Until the CUDA kernels land, every public function runs its reference.
+"""
+
+from bertrt.kernels.attention import attention
+from bertrt.kernels.bias_gelu import bias_gelu
+from bertrt.kernels.embed_layer_norm import embed_layer_norm
+from bertrt.kernels.skip_layer_norm import skip_layer_norm
+
+__all__ = ["attention", "bias_gelu", "embed_layer_norm", "skip_layer_norm"]

@@ -1,0 +1,1 @@
+"""Lowerings of the IR: to PyTorch (training) and to ONNX (inference)."""

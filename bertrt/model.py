@@ -1,0 +1,250 @@
+"""`Model`: a config, its IR graph, its weights and its tokenizer — the unit users load and save.
+
+The weights are a dict of torch tensors keyed by the graph's (Hugging Face) parameter names.
+`to_torch()` wraps those very tensors as the module's parameters, so training the module trains
+the model and `save()` writes the trained values.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bertrt.config import BertConfig
+from bertrt.errors import BertrtError, ConfigError, WeightsError
+from bertrt.graph.bert import ARCHITECTURES, build_bert, canonical_head
+from bertrt.graph.ir import Graph
+from bertrt.weights import (
+    HEAD_PREFIXES,
+    SAFETENSORS,
+    detect_head,
+    match_tensors,
+    read_tensors,
+    write_safetensors,
+)
+
+if TYPE_CHECKING:
+    from bertrt.lower.to_torch import LoweredModule
+    from bertrt.tokenizer import Tokenizer
+
+
+class Model:
+    """A BERT model: `config`, `graph` (as built, unfused), `weights` and `tokenizer`.
+
+    Build with `Model.from_config` (fresh, seeded) or `bertrt.load` (a Hugging Face-layout dir).
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        head: str | None,
+        weights: dict[str, torch.Tensor],
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = config
+        self.head = canonical_head(head)
+        self.graph: Graph = build_bert(config, self.head)
+        missing = [n for n in self.graph.params if n not in weights]
+        if missing:
+            raise WeightsError(f"no weights for parameter(s) {missing[:5]}")
+        self.weights: dict[str, torch.Tensor] = {n: weights[n] for n in self.graph.params}
+        self._tokenizer = None
+        self.tokenizer = tokenizer
+        #: Parameters that were initialised fresh at load time (absent from the checkpoint).
+        self.fresh_params: list[str] = []
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_config(
+        cls,
+        config: BertConfig,
+        head: str | None = None,
+        seed: int = 0,
+        tokenizer: Tokenizer | None = None,
+    ) -> Model:
+        """A freshly initialised model, as BERT initialises: normal(0, initializer_range) for
+        matrices and embeddings, zero biases, LayerNorm 1/0, a zero `[PAD]` embedding row.
+        The same seed gives the same weights."""
+        graph = build_bert(config, canonical_head(head))
+        weights = init_weights(graph, config, seed)
+        return cls(config, head, weights, tokenizer)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str], head: str | None = None) -> Model:
+        """Load a Hugging Face-layout model dir; see `bertrt.load`."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise WeightsError(f"{model_dir}: not a directory (expected a model dir with "
+                               "config.json and model.safetensors)")
+        config = BertConfig.from_pretrained(model_dir)
+        tensors = read_tensors(model_dir)
+        if head is None:
+            head = detect_head(set(tensors), config.extra.get("architectures"))
+        head = canonical_head(head)
+        graph = build_bert(config, head)
+        report = match_tensors(graph, tensors, str(model_dir))
+        weights = dict(report.matched)
+        encoder_missing = [n for n in report.missing if not _is_head_param(n)]
+        if encoder_missing:
+            shapes = ", ".join(f"{n} {list(graph.params[n].shape)}" for n in encoder_missing[:5])
+            more = f" (and {len(encoder_missing) - 5} more)" if len(encoder_missing) > 5 else ""
+            raise WeightsError(f"{model_dir}: missing tensor(s) {shapes}{more}")
+        if report.missing:
+            fresh = init_weights(graph, config, seed=0)
+            for name in report.missing:
+                weights[name] = fresh[name]
+            warnings.warn(
+                f"{model_dir}: the checkpoint has no weights for the {head} head; initialised "
+                f"fresh: {', '.join(report.missing)}",
+                stacklevel=2,
+            )
+        tokenizer = _load_tokenizer(model_dir)
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(
+                f"{model_dir / 'vocab.txt'}: {tokenizer.vocab_size} tokens, more than "
+                f"vocab_size={config.vocab_size} in config.json"
+            )
+        model = cls(config, head, weights, tokenizer)
+        model.fresh_params = list(report.missing)
+        return model
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's WordPiece tokenizer (from `vocab.txt` or `tokenizer.json`)."""
+        if self._tokenizer is None:
+            raise BertrtError("this model has no tokenizer (its dir had neither vocab.txt nor "
+                              "tokenizer.json); give one with Model(..., tokenizer=...)")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than "
+                              f"vocab_size={self.config.vocab_size}")
+        self._tokenizer = tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    def num_parameters(self) -> int:
+        return sum(int(t.numel()) for t in self.weights.values())
+
+    # ------------------------------------------------------------------ lowerings
+    def to_torch(self, fuse: bool | str = True) -> LoweredModule:
+        """An `nn.Module` over this model's weights (shared storage, not a copy).
+
+        `forward(input_ids, attention_mask=None, token_type_ids=None, masked_positions=None)`
+        returns a dict: `last_hidden_state`, `pooler_output`, and the head's logits.
+
+        Args:
+            fuse: True applies the torch fusion pipeline to a copy of the graph (`model.graph`
+                stays as built); False lowers the graph as built; a pipeline name
+                ("torch", "all") picks the fusions.
+        """
+        from bertrt.graph.passes import fused_copy
+        from bertrt.lower.to_torch import lower
+
+        graph = self.graph
+        if fuse:
+            graph, _ = fused_copy(graph, "torch" if fuse is True else fuse)
+        return lower(graph, self.weights)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, model_dir: str | os.PathLike[str]) -> Path:
+        """Write a Hugging Face-layout dir: config.json, model.safetensors, and the tokenizer's
+        vocab.txt + tokenizer_config.json. Each file is written whole or not at all."""
+        model_dir = Path(model_dir)
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BertrtError(f"{model_dir}: cannot create directory ({exc.strerror})") from None
+        config = self.config
+        extra = dict(config.extra)
+        extra["architectures"] = [ARCHITECTURES[self.head]]
+        if self.head in ("classification", "token-classification"):
+            extra.setdefault("id2label", {str(i): v for i, v in config.id2label.items()})
+            extra.setdefault("label2id", {v: i for i, v in config.id2label.items()})
+        config = BertConfig.from_dict({**config.to_dict(), **extra})
+        write_safetensors(self.weights, model_dir / SAFETENSORS)
+        config.save(model_dir)
+        if self._tokenizer is not None:
+            self._tokenizer.save(model_dir)
+        return model_dir
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached tensors by Hugging Face name (tied decoder weights not repeated)."""
+        return {k: v.detach() for k, v in self.weights.items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy values into this model's weights in place (names mapped as at load time)."""
+        report = match_tensors(self.graph, tensors, "state_dict")
+        if report.missing:
+            raise WeightsError(f"state_dict: missing tensor(s) {report.missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in report.matched.items():
+                self.weights[name].copy_(tensor)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model(head={self.head!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}, vocab={c.vocab_size}, "
+                f"params={self.num_parameters():,})")
+
+
+def _is_head_param(name: str) -> bool:
+    return name.startswith(HEAD_PREFIXES)
+
+
+def init_weights(graph: Graph, config: BertConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic BERT initialisation of every graph parameter, in graph order."""
+    gen = torch.Generator().manual_seed(int(seed))
+    weights: dict[str, torch.Tensor] = {}
+    for name, value in graph.params.items():
+        kind, *args = value.init
+        shape = tuple(int(d) for d in value.shape)
+        if kind == "normal":
+            std = float(args[0]) if args else config.initializer_range
+            tensor = torch.empty(shape).normal_(0.0, std, generator=gen)
+            if name.endswith("word_embeddings.weight"):
+                tensor[config.pad_token_id] = 0.0  # as nn.Embedding(padding_idx=...) does
+        elif kind == "ones":
+            tensor = torch.ones(shape)
+        elif kind == "zeros":
+            tensor = torch.zeros(shape)
+        else:
+            raise ValueError(f"parameter {name}: unknown init {value.init}")
+        weights[name] = tensor
+    return weights
+
+
+def _load_tokenizer(model_dir: Path) -> Tokenizer | None:
+    from bertrt.tokenizer import Tokenizer
+
+    if not (model_dir / "vocab.txt").is_file() and not (model_dir / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_dir(model_dir)
+
+
+def load(model_dir: str | os.PathLike[str], head: str | None = None) -> Model:
+    """Load a Hugging Face-layout BERT dir (config.json + model.safetensors + vocab.txt).
+
+    Args:
+        model_dir: The directory. `pytorch_model.bin` is read (weights only) when no
+            safetensors file is present; `tokenizer.json` serves when there is no vocab.txt.
+        head: "none", "pretraining", "classification" or "token-classification"; by default
+            the head the checkpoint holds (from its tensors, or `architectures`). A head the
+            checkpoint lacks is initialised fresh, with a warning naming its parameters.
+    """
+    return Model.load(model_dir, head=head)
+
+
+def describe(model: Model) -> dict[str, Any]:
+    """A short dict for logs and metadata."""
+    return {"head": model.head, "params": model.num_parameters(), **model.config.to_dict()}
