@@ -63,6 +63,8 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 
     if (target is None) == (preset is None):
         raise click.UsageError("give a model dir or --preset NAME (exactly one)")
+    if dot_path is not None and not dot_path.parent.is_dir():
+        raise BertrtError(f"{dot_path}: folder {dot_path.parent} does not exist")
     if preset is not None:
         config = BertConfig.preset(preset)
         graph = build_bert(config, head)
@@ -88,8 +90,6 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
         click.echo(str(graph))
     click.echo(graph.summary(batch=batch, seq=seq))
     if dot_path is not None:
-        if not dot_path.parent.is_dir():
-            raise BertrtError(f"{dot_path}: folder {dot_path.parent} does not exist")
         atomic_write_text(dot_path, graph.to_dot())
         click.echo(f"wrote {dot_path}")
 

@@ -156,6 +156,41 @@ class Model:
             graph, _ = fused_copy(graph, "torch" if fuse is True else fuse)
         return lower(graph, self.weights)
 
+    def export_onnx(
+        self,
+        path: str | os.PathLike[str],
+        flavour: str = "ort",
+        fp16: bool = False,
+        opset: int | None = None,
+        head: str | None = None,
+        fuse: bool = True,
+    ) -> Path:
+        """Write the model as ONNX for inference; see `bertrt.lower.to_onnx.export`.
+
+        Args:
+            path: The `.onnx` file to write (atomically: nothing is left on failure).
+            flavour: "ort" (ONNX Runtime's com.microsoft fused ops) or "standard" (core ONNX).
+            fp16: fp16 weights and compute (LayerNorm and softmax accumulate accurately).
+            opset: The ONNX opset (default: the lowering's).
+            head: Export another head than the model's own ("none": encoder + pooler).
+            fuse: Apply the fusion pipeline to a copy of the graph first.
+        """
+        from bertrt.graph.passes import fused_copy
+        from bertrt.lower.to_onnx import export
+
+        graph, tensors = self.graph, self.weights
+        if head is not None and canonical_head(head) != self.head:
+            graph, tensors = _graph_for_head(self, canonical_head(head))
+        if fuse:
+            graph, _ = fused_copy(graph, "all")
+        weights = {name: tensors[name].detach().to("cpu", torch.float32).numpy()
+                   for name in graph.params}
+        metadata = {"config": self.config.to_dict(), "head": graph.metadata.get("head")}
+        if self.has_tokenizer:
+            metadata["vocab"] = list(self.tokenizer.vocab)
+        return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
+                      metadata=metadata)
+
     # ------------------------------------------------------------------ saving
     def save(self, model_dir: str | os.PathLike[str]) -> Path:
         """Write a Hugging Face-layout dir: config.json, model.safetensors, and the tokenizer's
@@ -196,6 +231,22 @@ class Model:
         return (f"Model(head={self.head!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"heads={c.num_attention_heads}, vocab={c.vocab_size}, "
                 f"params={self.num_parameters():,})")
+
+
+def _graph_for_head(model: Model, head: str) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """The graph of `model`'s encoder under another head, and its weights by graph name."""
+    graph = build_bert(model.config, head)
+    renamed: dict[str, torch.Tensor] = {}
+    for name in graph.params:
+        bare = name.removeprefix("bert.")
+        for candidate in (name, bare, "bert." + bare):
+            if candidate in model.weights:
+                renamed[name] = model.weights[candidate]
+                break
+        else:
+            raise WeightsError(f"cannot export head {head!r}: the model has no weights for "
+                               f"{name} (it holds the {model.head} head)")
+    return graph, renamed
 
 
 def _is_head_param(name: str) -> bool:

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ TOKENIZER_FILE = "tokenizer.json"
 
 _PADDING_MODES = {"longest": "longest", True: "longest", "max_length": "max_length",
                   False: None, "do_not_pad": None}
-_TRUNCATION_CACHE_SIZE = 16
 _TRAIN_BATCH_LINES = 1000
 
 
@@ -174,9 +172,9 @@ def _check_max_length(value: Any, what: str) -> int:
 class Tokenizer:
     """BERT WordPiece tokenizer with batch encoding to numpy.
 
-    Instances are immutable and thread-safe: per-call truncation settings use a private,
-    cached ``tokenizers.Tokenizer`` per ``max_length`` instead of mutating shared state. They
-    pickle (for data-loader workers).
+    Instances are immutable and thread-safe: the ``tokenizers`` backend never has truncation or
+    padding enabled (both are done here, per call), so no call changes shared state. They pickle
+    (for data-loader workers).
 
     Args:
         vocab: tokens in id order, or a mapping token -> id covering ids 0..n-1 exactly once.
@@ -206,9 +204,6 @@ class Tokenizer:
         self._backend = _build_backend(self._tokens, self._lowercase, self._strip_accents,
                                        self._tokenize_chinese_chars)
         self._special_ids = frozenset(self._vocab[t] for t in SPECIAL_TOKENS)
-        # max_length -> backend with truncation enabled; an entry is never mutated once stored.
-        self._truncating: dict[int, tokenizers.Tokenizer] = {}
-        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tokens": self._tokens, "lowercase": self._lowercase,
@@ -417,26 +412,11 @@ class Tokenizer:
 
     # -------------------------------------------------------------------------------- encoding
 
-    def _truncating_backend(self, max_length: int) -> tokenizers.Tokenizer:
-        tok = self._truncating.get(max_length)
-        if tok is not None:
-            return tok
-        with self._lock:
-            tok = self._truncating.get(max_length)
-            if tok is None:
-                tok = _build_backend(self._tokens, self._lowercase, self._strip_accents,
-                                     self._tokenize_chinese_chars)
-                tok.enable_truncation(max_length, stride=0, strategy="longest_first")
-                if len(self._truncating) >= _TRUNCATION_CACHE_SIZE:
-                    # Replace the dict, never mutate the one readers may be iterating.
-                    self._truncating = {}
-                self._truncating = {**self._truncating, max_length: tok}
-        return tok
-
-    def _backend_for(self, max_length: int | None, truncation: bool,
-                     is_pair: bool) -> tokenizers.Tokenizer:
+    def _resolve_max_length(self, max_length: int | None, truncation: bool,
+                            is_pair: bool) -> int | None:
+        """The truncation length (None: no truncation), checked against the specials."""
         if not truncation:
-            return self._backend
+            return None
         if max_length is None:
             max_length = self._model_max_length
         max_length = _check_max_length(max_length, "max_length")
@@ -444,7 +424,7 @@ class Tokenizer:
         if max_length < n_special:
             raise TokenizerError(f"max_length={max_length} leaves no room for the {n_special} "
                                  f"special tokens of a {'pair' if is_pair else 'single text'}")
-        return self._truncating_backend(max_length)
+        return max_length
 
     def tokenize(self, text: str) -> list[str]:
         """Split ``text`` into wordpieces, without special tokens and without truncation.
@@ -477,13 +457,17 @@ class Tokenizer:
         _check_text(text, "text")
         if pair is not None:
             _check_text(pair, "pair")
-        tok = self._backend_for(max_length, max_length is not None, pair is not None)
+        limit = self._resolve_max_length(max_length, max_length is not None, pair is not None)
         try:
-            return tok.encode(text, pair).ids
+            enc = self._backend.encode(text, pair)
         except TypeError:
             _raise_for_invalid_text([text], "text", indexed=False)
             _raise_for_invalid_text([pair or ""], "pair", indexed=False)
             raise
+        ids = enc.ids
+        if limit is not None and len(ids) > limit:
+            ids = _truncate(ids, _keep(len(ids), enc.type_ids, limit, pair is not None))
+        return ids
 
     def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, *,
                  max_length: int | None = None, padding: str | bool = "longest",
@@ -500,9 +484,9 @@ class Tokenizer:
                 ``"max_length"``: pad to ``max_length`` (or longer if ``truncation=False`` lets
                 a longer sequence through); False or ``"do_not_pad"``: no padding, each key
                 maps to a list of 1-D arrays.
-            truncation: True (or ``"longest_first"``): drop tokens from the end of the longest
-                sequence of a pair, one at a time, until the ids (specials included) fit in
-                ``max_length``. False: keep everything.
+            truncation: True (or ``"longest_first"``): cut tokens from the end of the longer
+                sequence of a pair (both halves of the budget when both are long) until the ids,
+                specials included, fit in ``max_length``. False: keep everything.
             return_offsets: add ``offsets``: the ``(start, end)`` character span of each token
                 in its own text; ``(0, 0)`` for special and padding tokens.
             pad_to_multiple_of: round the padded length up to a multiple of this.
@@ -535,10 +519,12 @@ class Tokenizer:
         if max_length is not None:
             _check_max_length(max_length, "max_length")
 
-        tok = self._backend_for(max_length, truncation, pairs_l is not None)
+        is_pair = pairs_l is not None
+        limit = self._resolve_max_length(max_length, truncation, is_pair)
         inputs: list[Any] = texts_l if pairs_l is None else list(zip(texts_l, pairs_l))
         # encode_batch_fast skips the offset bookkeeping (≈ +20% speed) when offsets are unused.
-        encode = tok.encode_batch if return_offsets else tok.encode_batch_fast
+        backend = self._backend
+        encode = backend.encode_batch if return_offsets else backend.encode_batch_fast
         try:
             encodings = encode(inputs, add_special_tokens=True)
         except TypeError:
@@ -550,6 +536,14 @@ class Tokenizer:
         ids = [e.ids for e in encodings]
         type_ids = [e.type_ids for e in encodings]
         offsets = [e.offsets for e in encodings] if return_offsets else None
+        if limit is not None:
+            for row, row_ids in enumerate(ids):
+                if len(row_ids) > limit:
+                    keep = _keep(len(row_ids), type_ids[row], limit, is_pair)
+                    ids[row] = _truncate(row_ids, keep)
+                    type_ids[row] = _truncate(type_ids[row], keep)
+                    if offsets is not None:
+                        offsets[row] = _truncate(offsets[row], keep)
         if mode is None:
             out: dict[str, Any] = {
                 "input_ids": [np.asarray(x, dtype=np.int64) for x in ids],
@@ -635,6 +629,42 @@ class Tokenizer:
             "cls_token": CLS, "mask_token": MASK,
         }
         _atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def _pair_lengths(n1: int, n2: int, budget: int) -> tuple[int, int]:
+    """``longest_first`` as the tokenizers library (and so transformers' fast tokenizer) does it.
+
+    The longer side is cut first; when both must be cut, the budget is split in two halves and
+    an odd token goes to the longer side (to the second one on a tie). Legacy transformers
+    removes one token at a time instead and breaks ties the other way (docs/tokenizer.md).
+    """
+    if n1 + n2 <= budget:
+        return n1, n2
+    short, long_ = (n1, n2) if n1 <= n2 else (n2, n1)
+    if short <= budget // 2:
+        cut = (short, budget - short)
+    else:
+        cut = (budget // 2, budget - budget // 2)
+    return cut if n1 <= n2 else (cut[1], cut[0])
+
+
+def _keep(n: int, type_ids: list[int], limit: int, is_pair: bool) -> list[slice]:
+    """The slices of an encoded ``[CLS] A [SEP] (B [SEP])`` that survive truncation to ``limit``.
+
+    Truncating after the special tokens are placed (instead of with the library's own
+    truncation) avoids its overflow bookkeeping, which is quadratic in the number of windows
+    for pairs, and keeps one immutable backend for every ``max_length``.
+    """
+    if not is_pair:
+        return [slice(0, limit - 1), slice(n - 1, n)]
+    b_start = type_ids.index(1)  # B's first token (its [SEP] when B is empty)
+    n1, n2 = b_start - 2, n - b_start - 1
+    k1, k2 = _pair_lengths(n1, n2, limit - 3)
+    return [slice(0, 1 + k1), slice(b_start - 1, b_start + k2), slice(n - 1, n)]
+
+
+def _truncate(row: list[Any], keep: list[slice]) -> list[Any]:
+    return [x for part in keep for x in row[part]]
 
 
 def _scatter(rows: list[list[int]], mask: np.ndarray, fill: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 
 class SymbolicDim:
@@ -36,7 +36,7 @@ class SymbolicDim:
         return self.name
 
 
-Dim = Union[int, SymbolicDim]
+Dim = int | SymbolicDim
 Shape = tuple[Dim, ...]
 
 BATCH = SymbolicDim("batch")
