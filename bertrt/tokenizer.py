@@ -604,6 +604,9 @@ class Tokenizer:
             The path written.
         """
         path = Path(path)
+        if path.is_dir():
+            raise TokenizerError(f"{path}: is a directory (expected the vocab.txt file to write)")
+        path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(path, "".join(t + "\n" for t in self._tokens))
         return path
 

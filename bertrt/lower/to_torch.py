@@ -263,6 +263,15 @@ def generate_forward(graph: Graph) -> tuple[str, Callable[..., dict[str, torch.T
         lines.append(f"    ({', '.join(param_vars)},) = params")
     for value in graph.inputs:
         names[id(value)] = value.name
+    # Free each intermediate right after its last reader, as a hand-written forward would:
+    # holding every activation to the end makes each allocation fresh memory (page faults).
+    keep = {id(v) for v in graph.outputs.values()}
+    last_use: dict[int, int] = {}
+    for j, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            if v is not None and v.kind is ValueKind.NODE and id(v) not in keep:
+                last_use[id(v)] = j
+    dead_after: dict[int, list[str]] = {}
     for j, node in enumerate(graph.nodes):
         entry = TORCH_OPS.get(node.op)
         if entry is None:
@@ -279,6 +288,11 @@ def generate_forward(graph: Graph) -> tuple[str, Callable[..., dict[str, torch.T
         out = f"v{j}"
         names[id(node.output)] = out
         lines.append(f"    {out} = {fn_name}({', '.join(args + kwargs)})  # {node.name}")
+        for v in node.inputs:
+            if v is not None and last_use.get(id(v)) == j:
+                dead_after.setdefault(j, []).append(names[id(v)])
+        if j in dead_after:
+            lines.append(f"    del {', '.join(sorted(set(dead_after[j])))}")
     outputs = ", ".join(f"{key!r}: {names[id(v)]}" for key, v in graph.outputs.items())
     lines.append(f"    return {{{outputs}}}")
     source = "\n".join(lines) + "\n"

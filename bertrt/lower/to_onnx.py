@@ -1,0 +1,760 @@
+"""Lowering to ONNX: a table from IR op to ONNX emission, written with `onnx.helper`.
+
+`export(graph, weights, path, flavour=...)` writes one inference model. Two flavours:
+
+- `standard`: core ONNX ops only (LayerNormalization, MatMul, Softmax, Erf or Gelu, ...); fused
+  IR ops are written as their core-op equivalents, so any ONNX runtime loads the file.
+- `ort`: the fused IR ops become ONNX Runtime's `com.microsoft` contrib ops
+  (EmbedLayerNormalization, Attention with packed QKV, SkipLayerNormalization, BiasGelu or
+  FastGelu); unfused IR ops are written as core ops.
+
+Inputs are `input_ids`, `attention_mask` and `token_type_ids`, int64 (batch, seq); the
+pretraining head's `masked_positions` is not exported (the MLM head then runs on every position).
+Outputs are the graph's outputs by name. Weights arrive as numpy arrays keyed by the graph's
+parameter names; this module imports neither torch nor anything that needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from bertrt.errors import BertrtError
+from bertrt.graph.ir import DType, Graph, Node, SymbolicDim, Value, ValueKind
+from bertrt.graph.ops import REGISTRY
+from bertrt.graph.passes import shape_inference
+
+FLAVOURS = ("ort", "standard")
+#: 17 is the first opset with LayerNormalization and is read by every maintained runtime
+#: (ONNX Runtime >= 1.12, TensorRT >= 8.6, OpenVINO); 20 only adds Gelu as a single op.
+DEFAULT_OPSET = 17
+#: Below 13, Softmax/Unsqueeze/Split have other semantics; bertrt does not write them.
+MIN_OPSET = 13
+MS_DOMAIN = "com.microsoft"
+MS_DOMAIN_VERSION = 1
+#: Initializer bytes above which weights go to `<name>.onnx.data` (protobuf's 2 GiB limit,
+#: less room for the graph itself).
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+#: Optional graph inputs not exported: an op reading one sees it absent.
+DROPPED_INPUTS = ("masked_positions",)
+
+_FLOAT32_MIN = float(np.finfo(np.float32).min)
+_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
+          TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
+_ELEM = {DType.FLOAT32: TensorProto.FLOAT, DType.FLOAT16: TensorProto.FLOAT16,
+         DType.BFLOAT16: TensorProto.BFLOAT16, DType.INT64: TensorProto.INT64,
+         DType.INT32: TensorProto.INT32, DType.BOOL: TensorProto.BOOL}
+_INT64 = TensorProto.INT64
+_INT32 = TensorProto.INT32
+_FLOAT = TensorProto.FLOAT
+
+
+# ---------------------------------------------------------------------- the emission context
+class Emitter:
+    """What emission functions write into: ONNX nodes, initializers, and the name of the
+    tensor that holds each IR value. Tracks every tensor's element type so emitters can cast
+    where types meet (fp16 activations, fp32 mask bias and softmax)."""
+
+    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], flavour: str,
+                 opset: int, fp16: bool) -> None:
+        self.graph = graph
+        self.weights = weights
+        self.flavour = flavour
+        self.opset = opset
+        #: The element type of float activations and weights.
+        self.float_type = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+        self.nodes: list[NodeProto] = []
+        self.initializers: dict[str, TensorProto] = {}
+        self.dtypes: dict[str, int] = {}
+        self.names: dict[int, str | None] = {}
+        self.current: Node | None = None
+        self._used: set[str] = set(graph.outputs) | {v.name for v in graph.inputs}
+        self._used |= set(graph.params)
+        self._cache: dict[tuple[Any, ...], str] = {}
+
+    # ------------------------------------------------------------------ names and values
+    def fresh(self, hint: str) -> str:
+        name, k = hint, 0
+        while name in self._used:
+            k += 1
+            name = f"{hint}_{k}"
+        self._used.add(name)
+        return name
+
+    def value(self, value: Value | None) -> str | None:
+        """The tensor holding an IR value (None for an absent optional input)."""
+        if value is None:
+            return None
+        if value.kind is ValueKind.PARAM:
+            return self.param(value.name)
+        return self.names[id(value)]
+
+    def inputs(self, node: Node) -> list[str | None]:
+        return [self.value(v) for v in node.inputs]
+
+    def require(self, opset: int, what: str) -> None:
+        """Fail with a user error when the target opset lacks `what`."""
+        if self.opset < opset:
+            where = f" for {self.current.name} ({self.current.op})" if self.current else ""
+            raise BertrtError(f"opset: {self.opset} is too old for {what}{where}; "
+                              f"use opset >= {opset}")
+
+    # ------------------------------------------------------------------ initializers
+    def param(self, name: str) -> str:
+        """A graph parameter as an initializer in the float type (stored once)."""
+        if name not in self.initializers:
+            self._add_initializer(name, self.weights[name])
+        return name
+
+    def derived(self, hint: str, make: Callable[[], np.ndarray]) -> str:
+        """An initializer computed from parameters (packed QKV, transposed weights), once."""
+        key = ("derived", hint)
+        if key not in self._cache:
+            self._cache[key] = self._add_initializer(self.fresh(hint), make())
+        return self._cache[key]
+
+    def const(self, value: Any, dtype: int, shape: Sequence[int] | None = None) -> str:
+        """A small constant (scalar when `shape` is None and `value` is a number)."""
+        arr = np.asarray(value, dtype=_NUMPY[dtype])
+        if shape is not None:
+            arr = arr.reshape(shape)
+        key = ("const", dtype, arr.shape, arr.tobytes())
+        if key not in self._cache:
+            name = self.fresh(f"const_{onnx.helper.tensor_dtype_to_np_dtype(dtype).name}")
+            self.initializers[name] = numpy_helper.from_array(arr, name)
+            self.dtypes[name] = dtype
+            self._cache[key] = name
+        return self._cache[key]
+
+    def _add_initializer(self, name: str, array: np.ndarray) -> str:
+        arr = np.asarray(array)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(_NUMPY[self.float_type])
+            dtype = self.float_type
+        else:
+            dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        self.dtypes[name] = dtype
+        return name
+
+    # ------------------------------------------------------------------ nodes
+    def node(self, op_type: str, inputs: Sequence[str | None], *, domain: str = "",
+             dtype: int | None = None, **attrs: Any) -> str:
+        """Append one single-output node; its output type is `dtype` or its first input's."""
+        names = ["" if i is None else i for i in inputs]
+        while names and not names[-1]:
+            names.pop()
+        hint = self.current.name if self.current is not None else "bertrt"
+        out = self.fresh(f"{hint}/{op_type}")
+        self.nodes.append(helper.make_node(op_type, names, [out], name=out, domain=domain,
+                                           **attrs))
+        self.dtypes[out] = dtype if dtype is not None else self.dtypes[next(n for n in names
+                                                                            if n)]
+        return out
+
+    def cast(self, name: str, to: int) -> str:
+        """`name` as element type `to` (one Cast per tensor and type)."""
+        if self.dtypes[name] == to:
+            return name
+        key = ("cast", name, to)
+        if key not in self._cache:
+            self._cache[key] = self.node("Cast", [name], to=to, dtype=to)
+        return self._cache[key]
+
+    def dim(self, name: str, axis: int, vector: bool = False) -> str:
+        """Run-time size of one axis of `name`: an int64 scalar, or a (1,) vector."""
+        key = ("dim", name, axis, vector)
+        if key not in self._cache:
+            if ("shape", name) not in self._cache:
+                self._cache[("shape", name)] = self.node("Shape", [name], dtype=_INT64)
+            shape = self._cache[("shape", name)]
+            index = self.const([axis] if vector else axis, _INT64)
+            self._cache[key] = self.node("Gather", [shape, index], axis=0)
+        return self._cache[key]
+
+
+Emit = Callable[[Emitter, Node], "str | None"]
+
+
+@dataclass(frozen=True)
+class OnnxOp:
+    """How one IR op is written: `standard` (core ops) and, where ONNX Runtime has a fused
+    contrib op, `ort`. Calling the entry picks by the emitter's flavour."""
+
+    standard: Emit
+    ort: Emit | None = None
+
+    def __call__(self, ctx: Emitter, node: Node) -> str | None:
+        if ctx.flavour == "ort" and self.ort is not None:
+            return self.ort(ctx, node)
+        return self.standard(ctx, node)
+
+
+# ---------------------------------------------------------------------- shared pieces
+def _layer_norm_core(ctx: Emitter, x: str, weight: str, bias: str, eps: float) -> str:
+    ctx.require(17, "LayerNormalization")
+    # stash_type=1: mean and variance in fp32 whatever the input type
+    return ctx.node("LayerNormalization", [x, weight, bias], axis=-1, epsilon=float(eps),
+                    stash_type=1)
+
+
+def _gelu_core(ctx: Emitter, x: str, approximate: str) -> str:
+    if ctx.opset >= 20:
+        return ctx.node("Gelu", [x], approximate=approximate)
+    t = ctx.dtypes[x]
+    if approximate == "tanh":
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = ctx.node("Mul", [ctx.node("Mul", [x, x]), x])
+        inner = ctx.node("Add", [x, ctx.node("Mul", [cube, ctx.const(0.044715, t)])])
+        inner = ctx.node("Mul", [inner, ctx.const(math.sqrt(2.0 / math.pi), t)])
+        gate = ctx.node("Tanh", [inner])
+    else:
+        # 0.5 x (1 + erf(x / sqrt(2)))
+        gate = ctx.node("Erf", [ctx.node("Mul", [x, ctx.const(1.0 / math.sqrt(2.0), t)])])
+    gate = ctx.node("Add", [gate, ctx.const(1.0, t)])
+    return ctx.node("Mul", [ctx.node("Mul", [x, ctx.const(0.5, t)]), gate])
+
+
+def _softmax_core(ctx: Emitter, x: str, axis: int) -> str:
+    # accumulate in fp32 whatever the activation type; hand back the activation type
+    probs = ctx.node("Softmax", [ctx.cast(x, _FLOAT)], axis=axis)
+    return ctx.cast(probs, ctx.float_type)
+
+
+def _add_core(ctx: Emitter, a: str, b: str) -> str:
+    if ctx.dtypes[a] != ctx.dtypes[b]:  # fp16 scores + fp32 mask bias: add in fp32
+        a, b = ctx.cast(a, _FLOAT), ctx.cast(b, _FLOAT)
+    return ctx.node("Add", [a, b])
+
+
+def _linear_weight_is_private(value: Value | None) -> bool:
+    """True if only LINEAR weight slots read this parameter (so a transposed copy can replace
+    it); a weight tied to an embedding table is stored once and read in place instead."""
+    return (value is not None and value.kind is ValueKind.PARAM
+            and all(n.op == "LINEAR" and i == 1 for n, i in value.users))
+
+
+def _transpose_last2(ctx: Emitter, x: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return ctx.node("Transpose", [x], perm=perm)
+
+
+# ---------------------------------------------------------------------- core ops
+def _gather(ctx: Emitter, node: Node) -> str:
+    table, ids = ctx.inputs(node)
+    return ctx.node("Gather", [table, ids], axis=0)  # (V, H)[(B, S)] -> (B, S, H)
+
+
+def _position_ids(ctx: Emitter, node: Node) -> str:
+    (ids,) = ctx.inputs(node)
+    seq = ctx.dim(ids, 1)
+    return ctx.node("Range", [ctx.const(0, _INT64), seq, ctx.const(1, _INT64)], dtype=_INT64)
+
+
+def _add(ctx: Emitter, node: Node) -> str | None:
+    a, b = ctx.inputs(node)
+    if a is None or b is None:  # an absent attention mask adds nothing
+        return a if b is None else b
+    return _add_core(ctx, a, b)
+
+
+def _scale(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    return ctx.node("Mul", [x, ctx.const(node.attrs["factor"], ctx.dtypes[x])])
+
+
+def _layer_norm(ctx: Emitter, node: Node) -> str:
+    x, w, b = ctx.inputs(node)
+    return _layer_norm_core(ctx, x, w, b, node.attrs["eps"])
+
+
+def _linear(ctx: Emitter, node: Node) -> str:
+    x, w, b = ctx.inputs(node)
+    xv, wv = node.inputs[0], node.inputs[1]
+    rank = len(xv.shape)
+    n_out = wv.shape[0]
+    if _linear_weight_is_private(wv):
+        # (..., in) @ (in, out): the weight stored pre-transposed
+        wt = ctx.derived(wv.name + ".T", lambda: np.asarray(ctx.weights[wv.name]).T)
+        y = ctx.node("MatMul", [x, wt])
+        return y if b is None else ctx.node("Add", [y, b])
+    if wv.kind is not ValueKind.PARAM:
+        y = ctx.node("MatMul", [x, _transpose_last2(ctx, w, 2)])
+        return y if b is None else ctx.node("Add", [y, b])
+    # A tied weight (the MLM decoder reads the word table): Gemm with transB reads the (out, in)
+    # table in place. (B, S, in) -> (B*S, in) -> (B*S, out) -> (B, S, out)
+    if rank == 2:
+        return ctx.node("Gemm", [x, w, b], transB=1)
+    flat = ctx.node("Reshape", [x, ctx.const([-1, wv.shape[1]], _INT64)])
+    y = ctx.node("Gemm", [flat, w, b], transB=1)
+    lead = ctx.node("Slice", [ctx.node("Shape", [x], dtype=_INT64), ctx.const([0], _INT64),
+                              ctx.const([-1], _INT64)])
+    shape = ctx.node("Concat", [lead, ctx.const([n_out], _INT64)], axis=0)
+    return ctx.node("Reshape", [y, shape])
+
+
+def _gelu(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    return _gelu_core(ctx, x, node.attrs["approximate"])
+
+
+def _relu(ctx: Emitter, node: Node) -> str:
+    return ctx.node("Relu", ctx.inputs(node))
+
+
+def _silu(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    return ctx.node("Mul", [x, ctx.node("Sigmoid", [x])])
+
+
+def _tanh(ctx: Emitter, node: Node) -> str:
+    return ctx.node("Tanh", ctx.inputs(node))
+
+
+def _identity(ctx: Emitter, node: Node) -> str | None:
+    return ctx.value(node.inputs[0])  # dropout at inference; no node written
+
+
+def _softmax(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    return _softmax_core(ctx, x, node.attrs["axis"])
+
+
+def _attention_mask(ctx: Emitter, node: Node) -> str | None:
+    (mask,) = ctx.inputs(node)
+    if mask is None:
+        return None
+    # (B, S) 1/0 -> (B, 1, 1, S) additive bias in fp32: 0 where attended, float32 min where not
+    keep = ctx.node("Unsqueeze", [ctx.cast(mask, _FLOAT), ctx.const([1, 2], _INT64)])
+    drop = ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep])
+    return ctx.node("Mul", [drop, ctx.const(_FLOAT32_MIN, _FLOAT)])
+
+
+def _split_heads(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    heads = node.attrs["heads"]
+    width = node.inputs[0].shape[2]
+    # (B, S, N*D) -> (B, S, N, D) -> (B, N, S, D)
+    split = ctx.node("Reshape", [x, ctx.const([0, 0, heads, width // heads], _INT64)])
+    return ctx.node("Transpose", [split], perm=[0, 2, 1, 3])
+
+
+def _merge_heads(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    _, n, _, d = node.inputs[0].shape
+    # (B, N, S, D) -> (B, S, N, D) -> (B, S, N*D)
+    merged = ctx.node("Transpose", [x], perm=[0, 2, 1, 3])
+    return ctx.node("Reshape", [merged, ctx.const([0, 0, n * d], _INT64)])
+
+
+def _matmul(ctx: Emitter, node: Node) -> str:
+    a, b = ctx.inputs(node)
+    if node.attrs["transpose_b"]:
+        b = _transpose_last2(ctx, b, len(node.inputs[1].shape))
+    return ctx.node("MatMul", [a, b])
+
+
+def _select_token(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    # (B, S, H) -> (B, H): a scalar index drops the axis
+    return ctx.node("Gather", [x, ctx.const(node.attrs["index"], _INT64)], axis=1)
+
+
+def _gather_rows(ctx: Emitter, node: Node) -> str | None:
+    x, positions = ctx.inputs(node)
+    if positions is None:
+        return x  # every position: (B, S, H) passes through
+    flat = ctx.node("Reshape", [x, ctx.const([-1, node.inputs[0].shape[2]], _INT64)])
+    return ctx.node("Gather", [flat, positions], axis=0)  # (B*S, H) -> (M, H)
+
+
+# ---------------------------------------------------------------------- fused ops, core form
+def _embed_layer_norm(ctx: Emitter, node: Node) -> str:
+    ids, types, word, position, token_type, weight, bias = ctx.inputs(node)
+    x = ctx.node("Gather", [word, ids], axis=0)  # (B, S, H)
+    if types is None:
+        t = ctx.node("Gather", [token_type, ctx.const(0, _INT64)], axis=0)  # (H,)
+    else:
+        t = ctx.node("Gather", [token_type, types], axis=0)
+    x = ctx.node("Add", [x, t])
+    # position[0..S-1]: (S, H), broadcast over the batch
+    pos = ctx.node("Slice", [position, ctx.const([0], _INT64), ctx.dim(ids, 1, vector=True),
+                             ctx.const([0], _INT64)])
+    x = ctx.node("Add", [x, pos])
+    return _layer_norm_core(ctx, x, weight, bias, node.attrs["eps"])
+
+
+def _skip_layer_norm(ctx: Emitter, node: Node) -> str:
+    x, skip, weight, beta, bias = ctx.inputs(node)
+    if bias is not None:
+        x = ctx.node("Add", [x, bias])
+    x = ctx.node("Add", [x, skip])
+    return _layer_norm_core(ctx, x, weight, beta, node.attrs["eps"])
+
+
+def _bias_gelu(ctx: Emitter, node: Node) -> str:
+    x, bias = ctx.inputs(node)
+    return _gelu_core(ctx, ctx.node("Add", [x, bias]), node.attrs["approximate"])
+
+
+def _packed_qkv(ctx: Emitter, node: Node) -> tuple[str, str]:
+    """The three projections as one (H, 3H) weight and (3H,) bias, columns [Q | K | V]."""
+    wq, bq, wk, bk, wv, bv = node.inputs[1:7]
+    weights, biases = (wq, wk, wv), (bq, bk, bv)
+    if all(v.kind is ValueKind.PARAM for v in (*weights, *biases)):
+        w = ctx.derived(f"{node.name}.qkv.weight", lambda: np.concatenate(
+            [np.asarray(ctx.weights[v.name]).T for v in weights], axis=1))
+        b = ctx.derived(f"{node.name}.qkv.bias", lambda: np.concatenate(
+            [np.asarray(ctx.weights[v.name]) for v in biases]))
+        return w, b
+    w = ctx.node("Concat", [_transpose_last2(ctx, ctx.value(v), 2) for v in weights], axis=1)
+    b = ctx.node("Concat", [ctx.value(v) for v in biases], axis=0)
+    return w, b
+
+
+def _attention(ctx: Emitter, node: Node) -> str:
+    x = ctx.value(node.inputs[0])
+    mask = ctx.value(node.inputs[7])
+    heads, hidden = node.attrs["heads"], node.inputs[0].shape[2]
+    w, b = _packed_qkv(ctx, node)
+    qkv = ctx.node("Add", [ctx.node("MatMul", [x, w]), b])  # (B, S, 3H)
+    # (B, S, 3H) -> (B, S, 3, N, D) -> (3, B, N, S, D)
+    qkv = ctx.node("Reshape", [qkv, ctx.const([0, 0, 3, heads, hidden // heads], _INT64)])
+    qkv = ctx.node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
+    q, k, v = (ctx.node("Gather", [qkv, ctx.const(i, _INT64)], axis=0) for i in range(3))
+    # (B, N, S, D) @ (B, N, D, S) -> (B, N, S, S)
+    scores = ctx.node("MatMul", [q, ctx.node("Transpose", [k], perm=[0, 1, 3, 2])])
+    scores = ctx.node("Mul", [scores, ctx.const(node.attrs["scale"], ctx.dtypes[scores])])
+    if mask is not None:
+        scores = _add_core(ctx, scores, mask)
+    probs = _softmax_core(ctx, scores, -1)
+    context = ctx.node("MatMul", [probs, v])  # (B, N, S, D)
+    context = ctx.node("Transpose", [context], perm=[0, 2, 1, 3])
+    return ctx.node("Reshape", [context, ctx.const([0, 0, hidden], _INT64)])  # (B, S, H)
+
+
+# ---------------------------------------------------------------------- fused ops, ort form
+def _ort_embed_layer_norm(ctx: Emitter, node: Node) -> str:
+    ids, types, word, position, token_type, weight, bias = ctx.inputs(node)
+    if types is None:  # the contrib op reads segment ids or no segment table at all
+        return _embed_layer_norm(ctx, node)
+    return ctx.node(
+        "EmbedLayerNormalization",
+        [ctx.cast(ids, _INT32), ctx.cast(types, _INT32), word, position, token_type, weight,
+         bias],
+        domain=MS_DOMAIN, dtype=ctx.dtypes[word], epsilon=float(node.attrs["eps"]),
+        mask_index_type=0,  # no mask_index output: Attention reads the raw mask itself
+    )
+
+
+def _ort_attention(ctx: Emitter, node: Node) -> str:
+    source = node.inputs[7]
+    mask_index = None
+    if source is not None:
+        maker = source.producer
+        if maker is None or maker.op != "ATTENTION_MASK" or maker.inputs[0] is None:
+            return _attention(ctx, node)  # some other bias: the core form handles any
+        # the raw (B, S) 1/0 mask as int32: exact for right- and left-padded batches
+        mask_index = ctx.cast(ctx.value(maker.inputs[0]), _INT32)
+    w, b = _packed_qkv(ctx, node)
+    return ctx.node("Attention", [ctx.value(node.inputs[0]), w, b, mask_index],
+                    domain=MS_DOMAIN, num_heads=int(node.attrs["heads"]),
+                    scale=float(node.attrs["scale"]))
+
+
+def _ort_skip_layer_norm(ctx: Emitter, node: Node) -> str:
+    if len(node.inputs[0].shape) != 3:  # the contrib op takes (B, S, H) only
+        return _skip_layer_norm(ctx, node)
+    x, skip, weight, beta, bias = ctx.inputs(node)
+    return ctx.node("SkipLayerNormalization", [x, skip, weight, beta, bias], domain=MS_DOMAIN,
+                    epsilon=float(node.attrs["eps"]))
+
+
+def _ort_bias_gelu(ctx: Emitter, node: Node) -> str:
+    x, bias = ctx.inputs(node)
+    op = "FastGelu" if node.attrs["approximate"] == "tanh" else "BiasGelu"
+    return ctx.node(op, [x, bias], domain=MS_DOMAIN)
+
+
+#: One entry per registry op (tests/graph/test_registry.py checks the keys).
+ONNX_OPS: dict[str, OnnxOp] = {
+    "GATHER": OnnxOp(_gather),
+    "POSITION_IDS": OnnxOp(_position_ids),
+    "ADD": OnnxOp(_add),
+    "SCALE": OnnxOp(_scale),
+    "LAYER_NORM": OnnxOp(_layer_norm),
+    "LINEAR": OnnxOp(_linear),
+    "GELU": OnnxOp(_gelu),
+    "RELU": OnnxOp(_relu),
+    "SILU": OnnxOp(_silu),
+    "TANH": OnnxOp(_tanh),
+    "DROPOUT": OnnxOp(_identity),
+    "SOFTMAX": OnnxOp(_softmax),
+    "ATTENTION_MASK": OnnxOp(_attention_mask),
+    "SPLIT_HEADS": OnnxOp(_split_heads),
+    "MERGE_HEADS": OnnxOp(_merge_heads),
+    "MATMUL": OnnxOp(_matmul),
+    "SELECT_TOKEN": OnnxOp(_select_token),
+    "GATHER_ROWS": OnnxOp(_gather_rows),
+    "EMBED_LAYER_NORM": OnnxOp(_embed_layer_norm, _ort_embed_layer_norm),
+    "SKIP_LAYER_NORM": OnnxOp(_skip_layer_norm, _ort_skip_layer_norm),
+    "BIAS_GELU": OnnxOp(_bias_gelu, _ort_bias_gelu),
+    "ATTENTION": OnnxOp(_attention, _ort_attention),
+}
+
+
+# ---------------------------------------------------------------------- the driver
+def export(
+    graph: Graph,
+    weights: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    *,
+    flavour: str = "ort",
+    fp16: bool = False,
+    opset: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `graph` with `weights` as an ONNX inference model at `path`.
+
+    Args:
+        graph: An IR graph, as built or fused (`bertrt.graph.passes.fused_copy`).
+        weights: float arrays keyed by the graph's parameter names.
+        path: The `.onnx` file; written atomically (nothing is left behind on failure). Over
+            2 GiB of weights, the tensors go to `<path>.data` beside it.
+        flavour: "ort" (ONNX Runtime's com.microsoft fused ops) or "standard" (core ONNX).
+        fp16: fp16 weights and activations; LayerNorm and softmax accumulate in fp32 and the
+            outputs are fp16. Inputs stay int64.
+        opset: The default ONNX opset version (default `DEFAULT_OPSET`).
+        metadata: `config` (dict), `head`, `vocab` (list of tokens; only its size and sha256
+            are stored), and any other string-valued entries to store as they are.
+
+    Returns:
+        The path written.
+
+    Raises:
+        BertrtError: an unknown flavour, an opset too old for an op the graph needs, or an
+            output folder that is missing or not writable.
+    """
+    path = Path(path)
+    if flavour not in FLAVOURS:
+        raise BertrtError(f"flavour: {flavour!r} is unknown; expected one of "
+                          f"{', '.join(FLAVOURS)}")
+    opset = _check_opset(opset)
+    _check_destination(path)
+    _check_weights(graph, weights)
+    graph = _inference_graph(graph)
+    ctx = Emitter(graph, weights, flavour, opset, bool(fp16))
+    for value in graph.inputs:
+        ctx.names[id(value)] = value.name
+        ctx.dtypes[value.name] = _ELEM[value.dtype]
+    for node in graph.nodes:
+        ctx.current = node
+        ctx.names[id(node.output)] = ONNX_OPS[node.op](ctx, node)
+    ctx.current = None
+    model = _assemble(ctx, graph, dict(metadata or {}), fp16)
+    _write(model, path)
+    return path
+
+
+def _check_opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise BertrtError(f"opset: expected an integer, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise BertrtError(f"opset: {opset} is too old; bertrt writes opset {MIN_OPSET} to "
+                          f"{newest} (LayerNormalization needs >= 17)")
+    if opset > newest:
+        raise BertrtError(f"opset: {opset} is newer than the installed onnx supports "
+                          f"(<= {newest})")
+    return opset
+
+
+def _check_destination(path: Path) -> None:
+    if path.is_dir():
+        raise BertrtError(f"{path}: is a folder; expected the path of a .onnx file")
+    folder = path.parent
+    if not folder.exists():
+        raise BertrtError(f"{folder}: output folder does not exist")
+    if not folder.is_dir():
+        raise BertrtError(f"{folder}: is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BertrtError(f"{folder}: output folder is not writable")
+
+
+def _check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+    for name, value in graph.params.items():
+        if name not in weights:
+            raise BertrtError(f"weights: no array for parameter {name}")
+        shape = tuple(np.shape(weights[name]))
+        if shape != tuple(value.shape):
+            raise BertrtError(f"weights: {name} has shape {list(shape)}, the graph expects "
+                              f"{list(value.shape)}")
+
+
+def _inference_graph(graph: Graph) -> Graph:
+    """A copy without the dropped inputs (their readers see them absent), shapes re-inferred."""
+    copy = graph.copy()
+    for value in [v for v in copy.inputs if v.name in DROPPED_INPUTS]:
+        for node, index in value.users:
+            slots = REGISTRY[node.op].inputs
+            if index >= len(slots) or not slots[index].endswith("?"):
+                raise BertrtError(f"{value.name}: {node.name} ({node.op}) needs it, so it "
+                                  "cannot be left out of the ONNX model")
+            node.set_input(index, None)
+        copy.inputs.remove(value)
+    shape_inference.run(copy)
+    return copy
+
+
+def _value_info(name: str, elem: int, shape: Sequence[Any]) -> onnx.ValueInfoProto:
+    dims = [d.name if isinstance(d, SymbolicDim) else int(d) for d in shape]
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def _assemble(ctx: Emitter, graph: Graph, metadata: dict[str, Any], fp16: bool) -> onnx.ModelProto:
+    produced = {out for n in ctx.nodes for out in n.output}
+    # Name each node's result by its IR value, and each graph output by its key.
+    rename: dict[str, str] = {}
+    extra: list[NodeProto] = []
+    for key, value in graph.outputs.items():
+        tensor = ctx.names[id(value)]
+        if tensor in produced and tensor not in rename:
+            rename[tensor] = key
+        else:  # an output that is an input, a weight, or another output's tensor
+            extra.append(helper.make_node("Identity", [tensor], [key], name=key))
+            ctx.dtypes[key] = ctx.dtypes[tensor]
+    for node in graph.nodes:
+        tensor = ctx.names.get(id(node.output))
+        if tensor in produced and tensor not in rename:
+            rename[tensor] = ctx.fresh(node.output.name)
+    nodes = []
+    for proto in [*ctx.nodes, *extra]:
+        proto.input[:] = [rename.get(n, n) for n in proto.input]
+        proto.output[:] = [rename.get(n, n) for n in proto.output]
+        nodes.append(proto)
+    dtypes = {rename.get(n, n): t for n, t in ctx.dtypes.items()}
+    nodes = _prune(nodes, set(graph.outputs))
+    read = {n for proto in nodes for n in proto.input}
+    initializers = [t for name, t in ctx.initializers.items() if name in read]
+
+    inputs = [_value_info(v.name, _ELEM[v.dtype], v.shape) for v in graph.inputs]
+    outputs = [_value_info(key, dtypes[key], value.shape) for key, value in graph.outputs.items()]
+    onnx_graph = helper.make_graph(nodes, graph.name, inputs, outputs, initializers)
+    opsets = [helper.make_opsetid("", ctx.opset)]
+    if any(n.domain == MS_DOMAIN for n in nodes):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, MS_DOMAIN_VERSION))
+    version = _version()
+    model = helper.make_model(
+        onnx_graph, opset_imports=opsets, producer_name="bertrt", producer_version=version,
+        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
+        doc_string=f"bertrt {graph.name} ({ctx.flavour} flavour{', fp16' if fp16 else ''})",
+    )
+    props = _metadata(graph, metadata, ctx.flavour, ctx.opset, fp16, version)
+    helper.set_model_props(model, props)
+    return model
+
+
+def _prune(nodes: list[NodeProto], outputs: set[str]) -> list[NodeProto]:
+    """Drop nodes nothing reads (the mask bias the contrib Attention replaced, ...)."""
+    live = set(outputs)
+    kept = []
+    for proto in reversed(nodes):
+        if any(o in live for o in proto.output):
+            kept.append(proto)
+            live.update(i for i in proto.input if i)
+    return kept[::-1]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bertrt")
+    except PackageNotFoundError:  # a source checkout: the package already imported says
+        return str(getattr(sys.modules.get("bertrt"), "__version__", "0.1.0"))
+
+
+def _metadata(graph: Graph, given: dict[str, Any], flavour: str, opset: int, fp16: bool,
+              version: str) -> dict[str, str]:
+    config = given.pop("config", None) or {}
+    head = given.pop("head", None) or graph.metadata.get("head", "none")
+    vocab = given.pop("vocab", None)
+    counts = {name: 0 for name, op in REGISTRY.items() if op.fused}
+    for node in graph.nodes:
+        if node.op in counts:
+            counts[node.op] += 1
+    props = {
+        "bertrt_version": version,
+        "flavour": flavour,
+        "fp16": "true" if fp16 else "false",
+        "opset": str(opset),
+        "head": str(head),
+        "config": json.dumps(config, sort_keys=True),
+        "fusions": json.dumps(counts, sort_keys=True),
+    }
+    if vocab is not None:
+        props.update(vocab_checksum(vocab))
+    if head in ("classification", "token-classification") and config.get("id2label"):
+        labels = {str(k): str(v) for k, v in config["id2label"].items()}
+        props["id2label"] = json.dumps(dict(sorted(labels.items(), key=lambda kv: int(kv[0]))))
+    for key, value in given.items():
+        props.setdefault(str(key), value if isinstance(value, str) else json.dumps(value))
+    return props
+
+
+def vocab_checksum(tokens: Sequence[str] | Mapping[str, int]) -> dict[str, str]:
+    """`vocab_sha256` (of the tokens as vocab.txt holds them: one per line in id order, UTF-8)
+    and `vocab_size`, the metadata that ties a model file to its tokenizer."""
+    if isinstance(tokens, Mapping):  # token -> id
+        tokens = sorted(tokens, key=tokens.__getitem__)
+    text = "".join(f"{t}\n" for t in tokens)
+    return {"vocab_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "vocab_size": str(len(tokens))}
+
+
+def _write(model: onnx.ModelProto, path: Path) -> None:
+    """Check, then write atomically: a temp file in the same folder, then `os.replace`."""
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    try:
+        if size <= EXTERNAL_DATA_THRESHOLD:
+            data = model.SerializeToString()
+            onnx.checker.check_model(data, full_check=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return
+        # Over protobuf's 2 GiB: tensors in `<name>.data`; the checker reads it by path.
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            location = path.name + ".data"
+            onnx.save_model(model, tmpdir / path.name, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=location,
+                            size_threshold=1024)
+            onnx.checker.check_model(str(tmpdir / path.name), full_check=True)
+            os.replace(tmpdir / location, path.parent / location)
+            os.replace(tmpdir / path.name, path)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    except OSError as exc:
+        raise BertrtError(f"{path}: cannot write ({exc.strerror or exc})") from None
