@@ -95,6 +95,36 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 
 
 @main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Hugging Face-layout model dir (config.json + model.safetensors).")
+@click.option("--flavour", type=click.Choice(["ort", "standard"]), default="ort",
+              show_default=True,
+              help="ort: ONNX Runtime's fused com.microsoft ops; standard: core ONNX only.")
+@click.option("--fp16", is_flag=True, help="fp16 weights and compute.")
+@click.option("--no-fuse", is_flag=True, help="Export the graph as built, without fusions.")
+@click.option("--head", type=click.Choice(["none", "pretraining", "classification",
+                                           "token-classification"]),
+              default=None, help="Head to export (default: the model's own).")
+@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.")
+@_user_errors
+def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: bool,
+           head: str | None, opset: int | None) -> None:
+    """Export a model dir to OUTPUT (.onnx) for ONNX Runtime or any ONNX runtime."""
+    from bertrt.model import Model
+
+    if not output.parent.is_dir():
+        raise BertrtError(f"{output}: folder {output.parent} does not exist")
+    model = Model.load(model_dir)
+    path = model.export_onnx(output, flavour=flavour, fp16=fp16, opset=opset, head=head,
+                             fuse=not no_fuse)
+    size = path.stat().st_size / 1e6
+    click.echo(f"wrote {path} ({size:.1f} MB, flavour {flavour}"
+               f"{', fp16' if fp16 else ''}, head {head or model.head})")
+
+
+@main.command()
 @click.argument("corpus", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
