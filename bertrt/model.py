@@ -187,7 +187,7 @@ class Model:
                    for name in graph.params}
         metadata = {"config": self.config.to_dict(), "head": graph.metadata.get("head")}
         if self.has_tokenizer:
-            metadata["vocab"] = list(self.tokenizer.vocab)
+            metadata["vocab"] = self.tokenizer.vocab
         return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
                       metadata=metadata)
 

@@ -126,14 +126,12 @@ class Emitter:
             self._cache[key] = self._add_initializer(self.fresh(hint), make())
         return self._cache[key]
 
-    def const(self, value: Any, dtype: int, shape: Sequence[int] | None = None) -> str:
-        """A small constant (scalar when `shape` is None and `value` is a number)."""
+    def const(self, value: Any, dtype: int) -> str:
+        """A small constant initializer: a scalar for a number, a vector for a list."""
         arr = np.asarray(value, dtype=_NUMPY[dtype])
-        if shape is not None:
-            arr = arr.reshape(shape)
         key = ("const", dtype, arr.shape, arr.tobytes())
         if key not in self._cache:
-            name = self.fresh(f"const_{onnx.helper.tensor_dtype_to_np_dtype(dtype).name}")
+            name = self.fresh(f"const_{helper.tensor_dtype_to_np_dtype(dtype).name}")
             self.initializers[name] = numpy_helper.from_array(arr, name)
             self.dtypes[name] = dtype
             self._cache[key] = name
@@ -142,6 +140,10 @@ class Emitter:
     def _add_initializer(self, name: str, array: np.ndarray) -> str:
         arr = np.asarray(array)
         if arr.dtype.kind == "f":
+            if self.float_type == TensorProto.FLOAT16 and arr.size and (
+                    float(np.abs(arr).max()) > float(np.finfo(np.float16).max)):
+                raise BertrtError(f"weights: {name} holds values beyond the fp16 range "
+                                  "(|x| > 65504); export it with fp16=False")
             arr = arr.astype(_NUMPY[self.float_type])
             dtype = self.float_type
         else:
@@ -539,8 +541,9 @@ def export(
         fp16: fp16 weights and activations; LayerNorm and softmax accumulate in fp32 and the
             outputs are fp16. Inputs stay int64.
         opset: The default ONNX opset version (default `DEFAULT_OPSET`).
-        metadata: `config` (dict), `head`, `vocab` (list of tokens; only its size and sha256
-            are stored), and any other string-valued entries to store as they are.
+        metadata: `config` (the config.json dict), `head`, `vocab` (tokens in id order, or a
+            token -> id mapping; only its size and sha256 are stored), and any other entries,
+            stored as strings (JSON for non-strings).
 
     Returns:
         The path written.
@@ -577,8 +580,8 @@ def _check_opset(opset: int | None) -> int:
         raise BertrtError(f"opset: expected an integer, got {opset!r}")
     newest = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
-        raise BertrtError(f"opset: {opset} is too old; bertrt writes opset {MIN_OPSET} to "
-                          f"{newest} (LayerNormalization needs >= 17)")
+        raise BertrtError(f"opset: {opset} is too old; bertrt writes opsets {MIN_OPSET} to "
+                          f"{newest}")
     if opset > newest:
         raise BertrtError(f"opset: {opset} is newer than the installed onnx supports "
                           f"(<= {newest})")
