@@ -97,7 +97,9 @@ def detect_head(names: set[str], architectures: list[str] | None) -> str:
     ):
         return "pretraining"
     if "classifier.weight" in names:
-        return "classification"
+        # the reference tagger has no pooler; a sequence classifier always has one
+        has_pooler = any(n.endswith("pooler.dense.weight") for n in names)
+        return "classification" if has_pooler else "token-classification"
     return "none"
 
 
