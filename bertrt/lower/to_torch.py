@@ -19,7 +19,7 @@ from torch import nn
 
 from bertrt import kernels
 from bertrt.errors import InputError
-from bertrt.graph.ir import Graph, ValueKind
+from bertrt.graph.ir import Graph, Node, Value, ValueKind
 
 _MASK_MIN = torch.finfo(torch.float32).min
 
@@ -30,6 +30,9 @@ class TorchOp:
 
     fn: Callable[..., Any]
     training: bool = False
+    #: Same result written into the first input; used only outside autograd, and only when
+    #: that input is an intermediate read by nobody after this node, of the output's type.
+    inplace: Callable[..., Any] | None = None
 
 
 def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,10 @@ def _attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def _add(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return a if b is None else a + b  # b is None only for an absent attention mask
+
+
+def _add_(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return a if b is None else a.add_(b)
 
 
 def _split_heads(x: torch.Tensor, *, heads: int) -> torch.Tensor:
@@ -80,7 +87,7 @@ def _dropout(x: torch.Tensor, *, p: float, training: bool) -> torch.Tensor:
 TORCH_OPS: dict[str, TorchOp] = {
     "GATHER": TorchOp(F.embedding),  # F.embedding(ids, table): arguments swapped in codegen
     "POSITION_IDS": TorchOp(_position_ids),
-    "ADD": TorchOp(_add),
+    "ADD": TorchOp(_add, inplace=_add_),
     "SCALE": TorchOp(lambda x, *, factor: x * factor),
     "LAYER_NORM": TorchOp(_layer_norm),
     "LINEAR": TorchOp(F.linear),
@@ -144,6 +151,8 @@ class LoweredModule(nn.Module):
         #: Check token ids against the tables (costs a reduction per call; off for speed).
         self.check_inputs = True
         self.source, self._forward = generate_forward(graph)
+        # Outside autograd, a second forward updates dead intermediates in place.
+        self.inference_source, self._forward_inference = generate_forward(graph, inference=True)
 
     def _register_dotted(self, name: str, param: nn.Parameter) -> None:
         *path, leaf = name.split(".")
@@ -166,7 +175,8 @@ class LoweredModule(nn.Module):
         input_ids, attention_mask, token_type_ids, masked_positions = self._prepare(
             input_ids, attention_mask, token_type_ids, masked_positions
         )
-        return self._forward(
+        forward = self._forward if torch.is_grad_enabled() else self._forward_inference
+        return forward(
             self._param_list, self.training, input_ids, attention_mask, token_type_ids,
             masked_positions,
         )
@@ -245,18 +255,21 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
-def generate_forward(graph: Graph) -> tuple[str, Callable[..., dict[str, torch.Tensor]]]:
+def generate_forward(
+    graph: Graph, inference: bool = False
+) -> tuple[str, Callable[..., dict[str, torch.Tensor]]]:
     """Python source of the graph's forward, and the compiled function.
 
     The function takes (params, training, input_ids, attention_mask, token_type_ids,
-    masked_positions); graph inputs are bound by name.
+    masked_positions); graph inputs are bound by name. With `inference`, ops that have an
+    in-place variant write into an input that dies at that node (valid only without autograd).
     """
     names: dict[int, str] = {}
     env: dict[str, Any] = {}
     lines = ["def forward(params, training, input_ids, attention_mask, token_type_ids, "
              "masked_positions):"]
     param_vars = []
-    for i, (pname, value) in enumerate(graph.params.items()):
+    for i, value in enumerate(graph.params.values()):
         names[id(value)] = f"p{i}"
         param_vars.append(f"p{i}")
     if param_vars:
@@ -276,9 +289,15 @@ def generate_forward(graph: Graph) -> tuple[str, Callable[..., dict[str, torch.T
         entry = TORCH_OPS.get(node.op)
         if entry is None:
             raise NotImplementedError(f"no torch lowering for op {node.op}")
-        fn_name = f"{node.op}"
-        env[fn_name] = entry.fn
-        args = [names[id(v)] if v is not None else "None" for v in node.inputs]
+        fn_name, fn = node.op, entry.fn
+        inputs = list(node.inputs)
+        if inference and entry.inplace is not None:
+            target = _inplace_target(node, last_use, j)
+            if target is not None:
+                fn_name, fn = f"{node.op}_", entry.inplace
+                inputs.insert(0, inputs.pop(target))  # in-place ops here are commutative
+        env[fn_name] = fn
+        args = [names[id(v)] if v is not None else "None" for v in inputs]
         order = _ARG_ORDER.get(node.op)
         if order is not None:
             args = [args[k] for k in order]
@@ -299,6 +318,37 @@ def generate_forward(graph: Graph) -> tuple[str, Callable[..., dict[str, torch.T
     code = compile(source, f"<bertrt forward: {graph.name}>", "exec")
     exec(code, env)  # generated code only, built from the registry's names above
     return source, env["forward"]
+
+
+#: Ops whose torch function may return its first input or a view of it.
+_ALIASING = frozenset({"DROPOUT", "SELECT_TOKEN", "SPLIT_HEADS", "MERGE_HEADS", "GATHER_ROWS"})
+
+
+def _inplace_target(node: Node, last_use: dict[int, int], index: int) -> int | None:
+    """Which input (0 or 1) a commutative in-place op may overwrite, if any: one that dies at
+    this node, has the output's type, and aliases no value that is still live (or is an
+    input, parameter or graph output, none of which are in `last_use`)."""
+    for i in (0, 1):
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is None or last_use.get(id(v)) != index or v.type != node.output.type:
+            continue
+        if _owns_storage(v, last_use, index):
+            return i
+    return None
+
+
+def _owns_storage(v: Value, last_use: dict[int, int], index: int) -> bool:
+    """True if `v`'s storage belongs to intermediates that are all dead after `index`."""
+    while True:
+        if v.kind is not ValueKind.NODE or last_use.get(id(v), index + 1) > index:
+            return False
+        assert v.producer is not None
+        if v.producer.op not in _ALIASING:
+            return True
+        source = v.producer.inputs[0]
+        if source is None:
+            return False
+        v = source
 
 
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor]) -> LoweredModule:
