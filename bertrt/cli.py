@@ -146,5 +146,15 @@ def vocab(corpus: tuple[Path, ...], output: Path, size: int, cased: bool,
     click.echo(f"wrote {output}: {tok.vocab_size} tokens")
 
 
+def _register_subcommands() -> None:
+    """Commands whose code lives with its layer: training and serving."""
+    from bertrt.train.cli import train
+
+    main.add_command(train)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

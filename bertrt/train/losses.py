@@ -1,0 +1,91 @@
+"""The training losses of each task, written so that data parallelism does not change them.
+
+Every loss is a *sum* over this process's items divided by a denominator the caller passes: the
+number of items in the whole optimizer step, over every micro-batch and every rank, divided by
+the world size (DDP averages gradients over ranks, which the division undoes). So N ranks at
+batch b give the same loss and gradients as 1 rank at batch N·b, however the masked tokens fall
+between ranks and micro-batches.
+
+Each function returns the loss to back-propagate and a vector of detached sums for logging
+(named by the matching `*_STATS` tuple); summed over micro-batches and ranks, the sums give
+the step's exact metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+PRETRAINING_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count",
+                     "nsp_loss_sum", "nsp_correct", "nsp_count")
+CLASSIFICATION_STATS = ("loss_sum", "correct", "count")
+TAGGING_STATS = CLASSIFICATION_STATS
+
+
+def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the masked rows: logits (M, V), labels (M,) (-100 ignored)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def pretraining_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(masked tokens, sentence pairs) of one micro-batch: the loss denominators' parts."""
+    mlm = (batch["mlm_labels"] != IGNORE).sum()
+    nsp = (batch["nsp_labels"] != IGNORE).sum()
+    return torch.stack([mlm, nsp]).double()
+
+
+def pretraining_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                     denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM on the masked rows + NSP, each a sum over this micro-batch / its step denominator.
+
+    Args:
+        outputs: the forward's dict; `prediction_logits` (M, V) are the rows of
+            `batch["masked_positions"]`, `seq_relationship_logits` (B, 2).
+        batch: `mlm_labels` (M,), `nsp_labels` (B,).
+        denominators: (2,) masked-token and sentence-pair counts of the step (see module doc).
+    """
+    mlm_logits = outputs["prediction_logits"]  # (M, V)
+    nsp_logits = outputs["seq_relationship_logits"].float()  # (B, 2)
+    mlm_labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
+    mlm_sum = mlm_loss_sum(mlm_logits, mlm_labels)
+    nsp_sum = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=IGNORE, reduction="sum")
+    loss = mlm_sum / denominators[0].clamp(min=1) + nsp_sum / denominators[1].clamp(min=1)
+    with torch.no_grad():
+        mlm_keep = mlm_labels != IGNORE
+        nsp_keep = nsp_labels != IGNORE
+        stats = torch.stack([
+            mlm_sum.double(),
+            ((mlm_logits.argmax(-1) == mlm_labels) & mlm_keep).sum().double(),
+            mlm_keep.sum().double(),
+            nsp_sum.double(),
+            ((nsp_logits.argmax(-1) == nsp_labels) & nsp_keep).sum().double(),
+            nsp_keep.sum().double(),
+        ])
+    return loss, stats
+
+
+def label_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(labelled items,) of one micro-batch: sequences (classify) or first sub-tokens (tag)."""
+    return (batch["labels"] != IGNORE).sum().double().reshape(1)
+
+
+def classification_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                        denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of `logits` (B, C) against `labels` (B,), or of token logits (B, S, C)
+    against `labels` (B, S) with -100 on ignored positions (tagging)."""
+    logits = outputs["logits"].float()
+    labels = batch["labels"]
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    loss = loss_sum / denominators[0].clamp(min=1)
+    with torch.no_grad():
+        keep = labels != IGNORE
+        stats = torch.stack([loss_sum.double(),
+                             ((logits.argmax(-1) == labels) & keep).sum().double(),
+                             keep.sum().double()])
+    return loss, stats
+
+
+tagging_loss = classification_loss

@@ -1,0 +1,125 @@
+"""Optimizers and learning-rate schedules as the BERT recipe uses them.
+
+AdamW (torch's) or LAMB, both with decoupled weight decay that skips biases and LayerNorm
+parameters; a linear warm-up followed by a linear or polynomial decay to zero. Everything here
+keeps its state in `state_dict()`s of plain numbers and tensors, so a checkpoint of it loads with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from bertrt.errors import BertrtError
+
+#: Adam's epsilon in the BERT recipe.
+ADAM_EPS = 1e-6
+BETAS = (0.9, 0.999)
+#: The decay exponent of `--schedule poly`.
+POLY_POWER = 2.0
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: not to biases, LayerNorm parameters or 1-D tensors."""
+    return param.dim() >= 2 and "LayerNorm" not in name and not name.endswith("bias")
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                 weight_decay: float) -> list[dict]:
+    """Two groups: parameters with weight decay, and those without (biases, LayerNorm)."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "adapt": True},
+        {"params": no_decay, "weight_decay": 0.0, "adapt": False},
+    ]
+
+
+class Lamb(Optimizer):
+    """LAMB (You et al., 2019): Adam's update rescaled per tensor by the trust ratio
+    ||w|| / ||update||, so every layer moves by a similar fraction of its norm.
+
+    The update is Adam's bias-corrected m / (sqrt(v) + eps) plus decoupled weight decay; groups
+    with `adapt=False` (biases, LayerNorm) skip the trust ratio, as in the BERT LAMB recipe.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = BETAS,
+                 eps: float = ADAM_EPS, weight_decay: float = 0.0) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                ratio = 1.0
+                if group["adapt"]:
+                    w_norm, u_norm = p.float().norm(), update.norm()
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                p.add_((update * ratio).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], name: str,
+                    lr: float, weight_decay: float) -> Optimizer:
+    """AdamW or LAMB over `named_params`, no decay on biases and LayerNorm weights."""
+    groups = param_groups(named_params, weight_decay)
+    if name == "adamw":
+        for group in groups:
+            group.pop("adapt")
+        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=ADAM_EPS)
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=BETAS, eps=ADAM_EPS)
+    raise BertrtError(f"--optimizer {name!r} is unknown; expected adamw or lamb")
+
+
+class WarmupDecay:
+    """The learning-rate factor of optimizer step `s` (0-based): (s+1)/W during the W warm-up
+    steps, then ((T - s) / (T - W)) ** power down to the last step T-1 (never exactly zero)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, power: float = 1.0) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.power = float(power)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        left = max(self.total_steps - step, 0) / max(self.total_steps - self.warmup_steps, 1)
+        return left**self.power
+
+
+def build_scheduler(optimizer: Optimizer, schedule: str, warmup: float,
+                    max_steps: int) -> LambdaLR:
+    """Warm-up over `warmup` x `max_steps` steps, then linear or polynomial decay to zero."""
+    if schedule not in ("linear", "poly"):
+        raise BertrtError(f"--schedule {schedule!r} is unknown; expected linear or poly")
+    power = 1.0 if schedule == "linear" else POLY_POWER
+    return LambdaLR(optimizer, WarmupDecay(round(warmup * max_steps), max_steps, power))

@@ -1,0 +1,305 @@
+"""The training loop: the loss goes down, the MLM head on masked rows only equals the full
+formulation, the optimizer and schedule rules, activation checkpointing, precisions, and bad
+input refused with one clear line (nothing saved before lost)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import bertrt
+from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
+from bertrt.train import losses
+from bertrt.train.checkpoint import list_checkpoints
+from bertrt.train.cli import train
+from bertrt.train.config import TrainConfig
+from bertrt.train.loop import _lower
+from bertrt.train.optim import WarmupDecay, build_optimizer, param_groups
+
+
+# ---------------------------------------------------------------------- shared little world
+def write_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
+    """Documents of template sentences with structure to learn: the object follows from the
+    verb, the place from the subject, and a document's subjects from its topic (which also
+    makes next-sentence prediction learnable)."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a farmer",
+                "the child", "our neighbour"]
+    verbs = ["sees", "likes", "finds", "watches", "follows", "helps", "calls", "feeds"]
+    objects = ["the ball", "a fish", "the garden", "an apple", "the river", "a small house",
+               "the old tree", "a red car"]
+    places = ["in the morning", "at night", "near the school", "after lunch", "by the lake"]
+    out = []
+    for _ in range(docs):
+        topic = rng.randrange(len(subjects))
+        sentences = []
+        for s in range(rng.randint(3, 7)):
+            who, verb = (topic + s) % len(subjects), rng.randrange(len(verbs))
+            sentences.append(f"{subjects[who]} {verbs[verb]} {objects[verb]} "
+                             f"{places[who % len(places)]} .")
+        out.append("\n".join(sentences))
+    path.write_text("\n\n".join(out) + "\n", encoding="utf-8")
+    return path
+
+
+def write_model(path: Path, corpus: Path, dropout: float = 0.0, hidden: int = 32) -> Path:
+    tok = word_tokenizer(corpus)
+    config = bertrt.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=hidden, num_attention_heads=2,
+        num_hidden_layers=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    bertrt.Model.from_config(config, head="pretraining", seed=0, tokenizer=tok).save(path)
+    return path
+
+
+def word_tokenizer(*texts: Path) -> Tokenizer:
+    """A vocabulary of exactly the words of `texts` (deterministic, unlike a trained one)."""
+    words = {w for path in texts for w in path.read_text().split()}
+    return Tokenizer([*SPECIAL_TOKENS, *sorted(words)])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("loop")
+    corpus = write_corpus(root / "corpus.txt")
+    return corpus, write_model(root / "model", corpus)
+
+
+def run(*args: str):
+    return CliRunner().invoke(train, [str(a) for a in args])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- it learns
+def test_pretraining_lowers_the_mlm_loss(world, tmp_path: Path) -> None:
+    corpus, model = world
+    out = tmp_path / "out"
+    result = run("--data", corpus, "--model", model, "--out", out, "--batch-size", 16,
+                 "--seq-len", 32, "--max-steps", 200, "--lr", 3e-3, "--log-every", 10,
+                 "--save-every", 100, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, *range(10, 201, 10)]
+    for key in ("step", "loss", "lr", "tokens_per_s", "mlm_loss", "mlm_acc", "nsp_loss",
+                "nsp_acc", "grad_norm"):
+        assert key in rows[-1]
+    vocab = bertrt.load(model).config.vocab_size
+    first, last = rows[0]["mlm_loss"], sum(r["mlm_loss"] for r in rows[-5:]) / 5
+    print(f"MLM loss {first:.3f} -> {last:.3f} (ln V = {math.log(vocab):.3f}), "
+          f"tokens/s {rows[-1]['tokens_per_s']:.0f}")
+    assert abs(first - math.log(vocab)) < 0.1  # an untrained model: uniform over the vocab
+    assert last < first - 0.6  # a per-step loss over ~60 masked tokens: noisy, so averaged
+    # OUT is the final model, loadable; the end says where it is and what comes next
+    final = bertrt.load(out)
+    assert final.head == "pretraining" and final.has_tokenizer
+    assert f"bertrt export {out / 'model.onnx'} --model {out}" in result.output
+    assert "bertrt serve-bench" in result.output
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["settings"]["max_steps"] == 200 and run_json["world_size"] == 1
+    assert [s for s, _ in list_checkpoints(out)] == [100, 200]
+
+
+def test_pretraining_evaluates_held_out_text(world, tmp_path: Path) -> None:
+    corpus, model = world
+    held_out = write_corpus(tmp_path / "held_out.txt", docs=20, seed=5)
+    out = tmp_path / "out"
+    result = run("--data", corpus, "--eval-data", held_out, "--model", model, "--out", out,
+                 "--batch-size", 8, "--seq-len", 32, "--max-steps", 6, "--eval-every", 3,
+                 "--log-every", 5, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 3, 5, 6]  # eval steps are logged too
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert {"eval_mlm_acc", "eval_nsp_acc", "eval_mlm_loss"} <= evals[0].keys()
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert not (out / "best").exists()  # pretraining keeps no best-by-eval model
+
+
+# ---------------------------------------------------------------------- MLM on masked rows
+def test_masked_rows_loss_and_grads_equal_the_all_positions_formulation() -> None:
+    config = bertrt.BertConfig(vocab_size=60, hidden_size=32, num_attention_heads=4,
+                               num_hidden_layers=2, intermediate_size=48,
+                               max_position_embeddings=16, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)
+    gen = torch.Generator().manual_seed(0)
+    B, S = 3, 12
+    ids = torch.randint(5, 60, (B, S), generator=gen)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[2, 9:] = 0  # padding
+    positions = torch.tensor([1, 4, 5, S + 2, S + 11, 2 * S + 3, 2 * S + 8])  # flat b*S+s
+    labels = torch.randint(5, 60, (len(positions),), generator=gen)
+    nsp = torch.tensor([0, 1, 0])
+
+    def grads(masked_only: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = bertrt.Model.from_config(config, head="pretraining", seed=3)
+        net = model.to_torch()
+        if masked_only:
+            out = net(ids, mask, masked_positions=positions)
+            assert out["prediction_logits"].shape == (len(positions), 60)  # (M, V)
+            batch = {"mlm_labels": labels, "nsp_labels": nsp}
+            denominators = torch.tensor([float(len(positions)), float(B)], dtype=torch.float64)
+            loss, stats = losses.pretraining_loss(out, batch, denominators)
+            assert stats[2] == len(positions) and stats[5] == B
+        else:
+            out = net(ids, mask)
+            full = torch.full((B * S,), -100)
+            full[positions] = labels
+            logits = out["prediction_logits"]  # (B, S, V)
+            loss = (F.cross_entropy(logits.reshape(B * S, -1), full, ignore_index=-100)
+                    + F.cross_entropy(out["seq_relationship_logits"], nsp))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    loss_a, grads_a = grads(True)
+    loss_b, grads_b = grads(False)
+    torch.testing.assert_close(loss_a.float(), loss_b, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+# ---------------------------------------------------------------------- optimizer, schedule
+def test_no_weight_decay_on_biases_and_layer_norm() -> None:
+    config = bertrt.BertConfig(vocab_size=30, hidden_size=16, num_attention_heads=2,
+                               num_hidden_layers=1, intermediate_size=32)
+    net = bertrt.Model.from_config(config, head="pretraining").to_torch()
+    decay, no_decay = param_groups(net.named_parameters(), 0.01)
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "bert.embeddings.word_embeddings.weight" in decayed
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert all("LayerNorm" in n or n.endswith("bias") for n in kept)
+    assert "cls.predictions.bias" in kept and "bert.embeddings.LayerNorm.weight" in kept
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert len(decayed) + len(kept) == len(list(net.parameters()))
+    for name in ("adamw", "lamb"):
+        opt = build_optimizer(net.named_parameters(), name, 1e-3, 0.01)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+def test_warmup_then_linear_or_polynomial_decay() -> None:
+    linear = WarmupDecay(warmup_steps=4, total_steps=12, power=1.0)
+    assert [linear(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert linear(4) == 1.0 and linear(8) == 0.5 and 0 < linear(11) < 0.2
+    poly = WarmupDecay(warmup_steps=4, total_steps=12, power=2.0)
+    assert poly(8) == 0.25 and poly(3) == 1.0
+    no_warmup = WarmupDecay(0, 10)
+    assert no_warmup(0) == 1.0
+
+
+def test_activation_checkpointing_computes_the_same_loss_and_grads() -> None:
+    config = bertrt.BertConfig(vocab_size=50, hidden_size=32, num_attention_heads=2,
+                               num_hidden_layers=2, intermediate_size=64,
+                               max_position_embeddings=16)  # dropout 0.1: RNG replayed
+    ids = torch.randint(5, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointed in (False, True):
+        model = bertrt.Model.from_config(config, head="pretraining", seed=0)
+        net = _lower(model, checkpointed).train()
+        torch.manual_seed(7)
+        out = net(ids, masked_positions=torch.tensor([1, 3, 12]))
+        loss = (out["prediction_logits"].logsumexp(-1).sum()
+                + out["seq_relationship_logits"].sum())
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--optimizer", "lamb", "--lr", "2e-2"),
+    ("--precision", "bf16"),
+    ("--precision", "fp16", "--schedule", "poly"),
+    ("--checkpoint-activations", "--grad-accum", "2", "--whole-word-mask"),
+], ids=["lamb", "bf16", "fp16-poly", "ckpt-act-accum-wwm"])
+def test_options_train(world, tmp_path: Path, flags: tuple[str, ...]) -> None:
+    corpus, model = world
+    out = tmp_path / "out"
+    result = run("--data", corpus, "--model", model, "--out", out, "--batch-size", 8,
+                 "--seq-len", 32, "--max-steps", 30, "--lr", 3e-3, "--log-every", 1,
+                 "--threads", 1, *flags)
+    assert result.exit_code == 0, result.output
+    loss = [r["mlm_loss"] for r in metrics(out)]
+    print(flags, [round(x, 2) for x in loss])
+    assert len(loss) == 30 and sum(loss[-5:]) / 5 < loss[0] - 0.2
+
+
+def test_config_round_trips_through_argv() -> None:
+    cfg = TrainConfig(task="classify", data=("a.csv",), eval_data=("b.csv",), lr=2e-4,
+                      checkpoint_activations=True, nproc=2)
+    again = TrainConfig(**{**_parse(cfg.to_argv()), "nproc": 2})  # nproc is the launcher's
+    assert again.to_dict() == cfg.to_dict()
+
+
+def _parse(argv: list[str]) -> dict:
+    ctx = train.make_context("train", list(argv))
+    params = dict(ctx.params)
+    params["model"] = params.pop("model_dir")
+    return params
+
+
+# ---------------------------------------------------------------------- bad input
+def test_empty_corpus_is_one_clear_error(world, tmp_path: Path) -> None:
+    _, model = world
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = run("--data", empty, "--model", model, "--out", tmp_path / "out", "--seq-len", 32)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and str(empty) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_seq_len_above_max_positions(world, tmp_path: Path) -> None:
+    corpus, model = world
+    result = run("--data", corpus, "--model", model, "--out", tmp_path / "out",
+                 "--seq-len", 100)
+    assert result.exit_code == 2
+    assert "--seq-len 100 exceeds max_position_embeddings=64" in result.output
+
+
+def test_non_empty_out_is_refused(world, tmp_path: Path) -> None:
+    corpus, model = world
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = run("--data", corpus, "--model", model, "--out", out, "--max-steps", 2)
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert "--resume" in result.output and "--overwrite" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    result = run("--data", corpus, "--model", model, "--out", out, "--max-steps", 2,
+                 "--batch-size", 4, "--seq-len", 32, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces only our files
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world,
+                                                                  tmp_path: Path) -> None:
+    corpus, model = world
+    out = tmp_path / "out"
+    result = run("--data", corpus, "--model", model, "--out", out, "--batch-size", 8,
+                 "--seq-len", 32, "--max-steps", 20, "--save-every", 1, "--warmup", 0,
+                 "--clip", 0, "--lr", 1e30)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: step ") and "training stopped" in line
+    assert "finite" in line or "nan" in line or "inf" in line
+    kept = list_checkpoints(out)
+    assert kept and f"{kept[-1][1]}" in line
+    bertrt.load(kept[-1][1])  # a complete, loadable model dir
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == sorted(set(steps)) and max(steps) <= kept[-1][0] + 1
