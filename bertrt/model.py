@@ -137,7 +137,7 @@ class Model:
         return sum(int(t.numel()) for t in self.weights.values())
 
     # ------------------------------------------------------------------ lowerings
-    def to_torch(self, fuse: bool | str = True) -> LoweredModule:
+    def to_torch(self, fuse: bool | str = True, checkpoint_layers: bool = False) -> LoweredModule:
         """An `nn.Module` over this model's weights (shared storage, not a copy).
 
         `forward(input_ids, attention_mask=None, token_type_ids=None, masked_positions=None)`
@@ -147,6 +147,8 @@ class Model:
             fuse: True applies the torch fusion pipeline to a copy of the graph (`model.graph`
                 stays as built); False lowers the graph as built; a pipeline name
                 ("torch", "all") picks the fusions.
+            checkpoint_layers: Recompute each encoder layer's activations in the backward
+                pass instead of keeping them (activation checkpointing).
         """
         from bertrt.graph.passes import fused_copy
         from bertrt.lower.to_torch import lower
@@ -154,7 +156,7 @@ class Model:
         graph = self.graph
         if fuse:
             graph, _ = fused_copy(graph, "torch" if fuse is True else fuse)
-        return lower(graph, self.weights)
+        return lower(graph, self.weights, checkpoint_layers=checkpoint_layers)
 
     def export_onnx(
         self,

@@ -9,12 +9,14 @@ call — so it costs what a hand-written module costs.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bertrt import kernels
@@ -122,7 +124,8 @@ class LoweredModule(nn.Module):
     and `prediction_logits` is (M, V). Without it, `prediction_logits` is (B, S, V).
     """
 
-    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor],
+                 checkpoint_layers: bool = False) -> None:
         super().__init__()
         missing = [name for name in graph.params if name not in weights]
         if missing:
@@ -150,7 +153,8 @@ class LoweredModule(nn.Module):
         self.vocab_size = vocab[0] if vocab else None
         #: Check token ids against the tables (costs a reduction per call; off for speed).
         self.check_inputs = True
-        self.source, self._forward = generate_forward(graph)
+        self.source, self._forward = generate_forward(graph,
+                                                      checkpoint_layers=checkpoint_layers)
         # Outside autograd, a second forward updates dead intermediates in place.
         self.inference_source, self._forward_inference = generate_forward(graph, inference=True)
 
@@ -255,48 +259,69 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
-def generate_forward(
-    graph: Graph, inference: bool = False
-) -> tuple[str, Callable[..., dict[str, torch.Tensor]]]:
-    """Python source of the graph's forward, and the compiled function.
+#: Node names of one encoder layer, as `build_bert` names them (the checkpointing unit).
+_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 
-    The function takes (params, training, input_ids, attention_mask, token_type_ids,
-    masked_positions); graph inputs are bound by name. With `inference`, ops that have an
-    in-place variant write into an input that dies at that node (valid only without autograd).
-    """
-    names: dict[int, str] = {}
-    env: dict[str, Any] = {}
-    lines = ["def forward(params, training, input_ids, attention_mask, token_type_ids, "
-             "masked_positions):"]
-    param_vars = []
-    for i, value in enumerate(graph.params.values()):
-        names[id(value)] = f"p{i}"
-        param_vars.append(f"p{i}")
-    if param_vars:
-        lines.append(f"    ({', '.join(param_vars)},) = params")
-    for value in graph.inputs:
-        names[id(value)] = value.name
-    # Free each intermediate right after its last reader, as a hand-written forward would:
-    # holding every activation to the end makes each allocation fresh memory (page faults).
-    keep = {id(v) for v in graph.outputs.values()}
-    last_use: dict[int, int] = {}
-    for j, node in enumerate(graph.nodes):
-        for v in node.inputs:
-            if v is not None and v.kind is ValueKind.NODE and id(v) not in keep:
-                last_use[id(v)] = j
-    dead_after: dict[int, list[str]] = {}
-    for j, node in enumerate(graph.nodes):
+
+def _checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn` under activation checkpointing when autograd records (RNG state preserved, so
+    dropout recomputes alike), plainly otherwise."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _segments(graph: Graph) -> list[tuple[str | None, list[Node]]]:
+    """Consecutive nodes grouped by encoder layer (None: outside any layer)."""
+    segments: list[tuple[str | None, list[Node]]] = []
+    for node in graph.nodes:
+        match = _LAYER.search(node.name)
+        layer = match.group(1) if match else None
+        if segments and layer is not None and segments[-1][0] == layer:
+            segments[-1][1].append(node)
+        else:
+            segments.append((layer, [node]))
+    return segments
+
+
+class _Emitter:
+    """Writes straight-line Python for a list of nodes, one call per node, freeing each
+    intermediate after its last reader (holding every activation to the end would make each
+    allocation fresh memory, i.e. page faults)."""
+
+    def __init__(self, graph: Graph, env: dict[str, Any], inference: bool) -> None:
+        self.env = env
+        self.inference = inference
+        self.index = {id(n): i for i, n in enumerate(graph.nodes)}
+
+    def body(self, nodes: list[Node], names: dict[int, str], live_out: set[int],
+             indent: str = "    ") -> list[str]:
+        last_use: dict[int, int] = {}
+        for j, node in enumerate(nodes):
+            for v in node.inputs:
+                if v is not None and v.kind is ValueKind.NODE and id(v) not in live_out:
+                    last_use[id(v)] = j
+        lines = []
+        for j, node in enumerate(nodes):
+            lines.append(indent + self.call(node, names, last_use, j))
+            dead = sorted({names[id(v)] for v in node.inputs
+                           if v is not None and last_use.get(id(v)) == j and id(v) in names})
+            if dead:
+                lines.append(f"{indent}del {', '.join(dead)}")
+        return lines
+
+    def call(self, node: Node, names: dict[int, str], last_use: dict[int, int], j: int) -> str:
         entry = TORCH_OPS.get(node.op)
         if entry is None:
             raise NotImplementedError(f"no torch lowering for op {node.op}")
         fn_name, fn = node.op, entry.fn
         inputs = list(node.inputs)
-        if inference and entry.inplace is not None:
+        if self.inference and entry.inplace is not None:
             target = _inplace_target(node, last_use, j)
             if target is not None:
                 fn_name, fn = f"{node.op}_", entry.inplace
                 inputs.insert(0, inputs.pop(target))  # in-place ops here are commutative
-        env[fn_name] = fn
+        self.env[fn_name] = fn
         args = [names[id(v)] if v is not None else "None" for v in inputs]
         order = _ARG_ORDER.get(node.op)
         if order is not None:
@@ -304,17 +329,79 @@ def generate_forward(
         kwargs = [f"{k}={_literal(v)}" for k, v in node.attrs.items()]
         if entry.training:
             kwargs.append("training=training")
-        out = f"v{j}"
+        out = f"v{self.index[id(node)]}"
         names[id(node.output)] = out
-        lines.append(f"    {out} = {fn_name}({', '.join(args + kwargs)})  # {node.name}")
-        for v in node.inputs:
-            if v is not None and last_use.get(id(v)) == j:
-                dead_after.setdefault(j, []).append(names[id(v)])
-        if j in dead_after:
-            lines.append(f"    del {', '.join(sorted(set(dead_after[j])))}")
+        return f"{out} = {fn_name}({', '.join(args + kwargs)})  # {node.name}"
+
+
+def generate_forward(
+    graph: Graph, inference: bool = False, checkpoint_layers: bool = False
+) -> tuple[str, Callable[..., dict[str, torch.Tensor]]]:
+    """Python source of the graph's forward, and the compiled function.
+
+    The function takes (params, training, input_ids, attention_mask, token_type_ids,
+    masked_positions); graph inputs are bound by name.
+
+    Args:
+        graph: The graph to lower.
+        inference: Ops that have an in-place variant write into an input that dies at that
+            node (valid only without autograd).
+        checkpoint_layers: Emit each encoder layer as its own function, run under activation
+            checkpointing while autograd records (memory traded for recomputation).
+    """
+    env: dict[str, Any] = {"CHECKPOINT": _checkpoint}
+    emit = _Emitter(graph, env, inference)
+    param_index = {id(v): i for i, v in enumerate(graph.params.values())}
+    names: dict[int, str] = {id(v): f"p{i}" for v, i in
+                             ((v, param_index[id(v)]) for v in graph.params.values())}
+    names.update({id(v): v.name for v in graph.inputs})
+    keep = {id(v) for v in graph.outputs.values()}
+    segments = _segments(graph) if checkpoint_layers else [(None, list(graph.nodes))]
+    # values each segment reads from outside it, and values read after it
+    reads_after: list[set[int]] = []
+    later: set[int] = set(keep)
+    for _, nodes in reversed(segments):
+        reads_after.append(set(later))
+        later |= {id(v) for n in nodes for v in n.inputs if v is not None}
+    reads_after.reverse()
+
+    functions: list[str] = []
+    main: list[str] = []
+    if graph.params:
+        main.append(f"    ({', '.join(f'p{i}' for i in range(len(graph.params)))},) = params")
+    for (layer, nodes), after in zip(segments, reads_after):
+        if layer is None:
+            main += emit.body(nodes, names, live_out=after)
+            continue
+        produced = {id(n.output) for n in nodes}
+        needed = list(dict.fromkeys(
+            v for n in nodes for v in n.inputs
+            if v is not None and id(v) not in produced and v.kind is not ValueKind.PARAM))
+        outs = [n.output for n in nodes if id(n.output) in after]
+        local = {k: v for k, v in names.items() if k in param_index}
+        local.update({id(v): names[id(v)] for v in needed})
+        fn = f"layer_{layer}"
+        functions.append(f"def {fn}(params, training, {', '.join(local[id(v)] for v in needed)}):")
+        used = sorted({param_index[id(v)] for n in nodes for v in n.inputs
+                       if v is not None and id(v) in param_index})
+        functions += [f"    p{i} = params[{i}]" for i in used]
+        functions += emit.body(nodes, local, live_out={id(v) for v in outs})
+        functions.append(f"    return ({''.join(local[id(v)] + ', ' for v in outs)})")
+        functions.append("")
+        for v in outs:
+            names[id(v)] = local[id(v)]
+        args = ", ".join(names[id(v)] for v in needed)
+        main.append(f"    ({''.join(names[id(v)] + ', ' for v in outs)}) = "
+                    f"CHECKPOINT({fn}, params, training, {args})")
+        dead = sorted({names[id(v)] for v in needed
+                       if v.kind is ValueKind.NODE and id(v) not in after})
+        if dead:
+            main.append(f"    del {', '.join(dead)}")
     outputs = ", ".join(f"{key!r}: {names[id(v)]}" for key, v in graph.outputs.items())
-    lines.append(f"    return {{{outputs}}}")
-    source = "\n".join(lines) + "\n"
+    main.append(f"    return {{{outputs}}}")
+    header = ("def forward(params, training, input_ids, attention_mask, token_type_ids, "
+              "masked_positions):")
+    source = "\n".join(functions + [header] + main) + "\n"
     code = compile(source, f"<bertrt forward: {graph.name}>", "exec")
     exec(code, env)  # generated code only, built from the registry's names above
     return source, env["forward"]
@@ -351,10 +438,14 @@ def _owns_storage(v: Value, last_use: dict[int, int], index: int) -> bool:
         v = source
 
 
-def lower(graph: Graph, weights: Mapping[str, torch.Tensor]) -> LoweredModule:
-    """Lower `graph` to an `nn.Module` over `weights` (a dict updated in place to Parameters)."""
+def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
+          checkpoint_layers: bool = False) -> LoweredModule:
+    """Lower `graph` to an `nn.Module` over `weights` (a dict updated in place to Parameters).
+
+    With `checkpoint_layers`, each encoder layer's activations are recomputed in the backward
+    pass instead of kept."""
     unknown = [v.name for v in graph.values() if v.kind is ValueKind.INPUT and v.name not in (
         "input_ids", "attention_mask", "token_type_ids", "masked_positions")]
     if unknown:
         raise NotImplementedError(f"graph inputs {unknown} are not supported by the torch forward")
-    return LoweredModule(graph, weights)  # type: ignore[arg-type]
+    return LoweredModule(graph, weights, checkpoint_layers)  # type: ignore[arg-type]
