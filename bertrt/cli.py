@@ -72,7 +72,10 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
     else:
         path = Path(target)  # type: ignore[arg-type]
         if path.suffix == ".onnx":
-            raise BertrtError(f"{path}: inspecting .onnx files arrives with the ONNX export")
+            from bertrt.serve.cli import inspect_onnx
+
+            click.echo(inspect_onnx(path))
+            return
         model = Model.load(path, head=head)
         config, graph = model.config, model.graph
         title = f"{path} ({model.head} head)"
@@ -108,9 +111,12 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
                                            "token-classification"]),
               default=None, help="Head to export (default: the model's own).")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.")
+@click.option("--any-padding", is_flag=True,
+              help="Exact for left padding and masks with holes (ort flavour reads the raw "
+                   "mask; default assumes right padding, as the tokenizer pads, and is faster).")
 @_user_errors
 def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: bool,
-           head: str | None, opset: int | None) -> None:
+           head: str | None, opset: int | None, any_padding: bool) -> None:
     """Export a model dir to OUTPUT (.onnx) for ONNX Runtime or any ONNX runtime."""
     from bertrt.model import Model
 
@@ -118,7 +124,7 @@ def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: boo
         raise BertrtError(f"{output}: folder {output.parent} does not exist")
     model = Model.load(model_dir)
     path = model.export_onnx(output, flavour=flavour, fp16=fp16, opset=opset, head=head,
-                             fuse=not no_fuse)
+                             fuse=not no_fuse, padding="any" if any_padding else "right")
     size = path.stat().st_size / 1e6
     click.echo(f"wrote {path} ({size:.1f} MB, flavour {flavour}"
                f"{', fp16' if fp16 else ''}, head {head or model.head})")
@@ -148,9 +154,11 @@ def vocab(corpus: tuple[Path, ...], output: Path, size: int, cased: bool,
 
 def _register_subcommands() -> None:
     """Commands whose code lives with its layer: training and serving."""
+    from bertrt.serve.cli import serve_bench
     from bertrt.train.cli import train
 
     main.add_command(train)
+    main.add_command(serve_bench)
 
 
 _register_subcommands()

@@ -166,6 +166,7 @@ class Model:
         opset: int | None = None,
         head: str | None = None,
         fuse: bool = True,
+        padding: str = "right",
     ) -> Path:
         """Write the model as ONNX for inference; see `bertrt.lower.to_onnx.export`.
 
@@ -176,6 +177,8 @@ class Model:
             opset: The ONNX opset (default: the lowering's).
             head: Export another head than the model's own ("none": encoder + pooler).
             fuse: Apply the fusion pipeline to a copy of the graph first.
+            padding: "right" (as the tokenizer pads; fastest ONNX Runtime attention) or
+                "any" (left padding and masks with holes are exact too).
         """
         from bertrt.graph.passes import fused_copy
         from bertrt.lower.to_onnx import export
@@ -190,8 +193,9 @@ class Model:
         metadata = {"config": self.config.to_dict(), "head": graph.metadata.get("head")}
         if self.has_tokenizer:
             metadata["vocab"] = self.tokenizer.vocab
+        metadata["padding"] = padding
         return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
-                      metadata=metadata)
+                      metadata=metadata, padding=padding)
 
     # ------------------------------------------------------------------ saving
     def save(self, model_dir: str | os.PathLike[str]) -> Path:

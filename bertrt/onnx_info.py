@@ -217,12 +217,11 @@ def _embedding_rows(model: Any) -> int | None:
     """Rows of the table that `input_ids` indexes (Gather or EmbedLayerNormalization)."""
     init = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in init:
-            if "input_ids" in node.input[1]:
-                return int(init[node.input[0]].dims[0])
-        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2:
-            if node.input[2] in init:
-                return int(init[node.input[2]].dims[0])
+        ins = list(node.input)
+        if node.op_type == "Gather" and len(ins) == 2 and ins[0] in init and "input_ids" in ins[1]:
+            return int(init[ins[0]].dims[0])
+        if node.op_type == "EmbedLayerNormalization" and len(ins) > 2 and ins[2] in init:
+            return int(init[ins[2]].dims[0])
     return None
 
 
@@ -279,6 +278,62 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Metadata keys bertrt's exporter writes, with other spellings read too (first found wins).
+_META_KEYS: dict[str, tuple[str, ...]] = {
+    "head": ("head",),
+    "flavour": ("flavour", "flavor"),
+    "fp16": ("fp16",),
+    "opset": ("opset",),
+    "bertrt": ("bertrt_version", "version"),
+    "vocab": ("vocab_sha256", "vocab_checksum", "vocab_md5"),
+    "vocab_size": ("vocab_size",),
+    "id2label": ("id2label",),
+    "fusions": ("fusions", "fusion_counts", "fused"),
+}
+
+
+def metadata_lines(info: OnnxInfo) -> list[tuple[str, str]]:
+    """(label, text) rows for the metadata: config summary, head, flavour, vocab checksum,
+    id2label, fusion counts, then any other key as written. Malformed values are shown raw."""
+    rows: list[tuple[str, str]] = []
+    used: set[str] = set()
+    raw_config = info.metadata.get("config")
+    if raw_config is not None:
+        used.add("config")
+        cfg = info.config
+        rows.append(("config", _config_summary(cfg) if cfg else _short(raw_config)))
+    found: dict[str, Any] = {}
+    for label, keys in _META_KEYS.items():
+        key = next((k for k in keys if k in info.decoded), None)
+        if key is not None:
+            used.add(key)
+            found[label] = info.decoded[key]
+    if "head" in found:
+        rows.append(("head", _short(found["head"])))
+    if "flavour" in found:
+        extras = [f"opset {found['opset']}"] if "opset" in found else []
+        if str(found.get("fp16", "")).lower() == "true" or found.get("fp16") is True:
+            extras.append("fp16")
+        rows.append(("flavour", _short(found["flavour"]) + (f" ({', '.join(extras)})"
+                                                            if extras else "")))
+    if "bertrt" in found:
+        rows.append(("bertrt", _short(found["bertrt"])))
+    if "vocab" in found:
+        size = f" ({found['vocab_size']} tokens)" if "vocab_size" in found else ""
+        rows.append(("vocab", f"sha256 {_short(found['vocab'])}{size}"))
+    if "id2label" in found:
+        rows.append(("id2label", _short(found["id2label"])))
+    if "fusions" in found:
+        fus = found["fusions"]
+        text = (", ".join(f"{k} {v}" for k, v in fus.items()) if isinstance(fus, dict)
+                else _short(fus))
+        rows.append(("fusions", text))
+    for key in info.metadata:
+        if key not in used and key not in ("opset", "fp16", "vocab_size"):
+            rows.append((key, _short(info.metadata[key])))
+    return rows
+
+
 def format_info(info: OnnxInfo) -> str:
     """The text `bertrt inspect model.onnx` prints."""
     lines = [f"{info.path}: ONNX model, {_human_bytes(info.file_size)}"
@@ -287,29 +342,11 @@ def format_info(info: OnnxInfo) -> str:
              f"{info.num_nodes} nodes"]
     lines.append(f"  ir_version {info.ir_version}"
                  + (f", producer {info.producer}" if info.producer else ""))
-    lines.append("  opsets: " + ", ".join(f"{d} {v}" for d, v in sorted(info.opset_imports.items())))
+    opsets = sorted(info.opset_imports.items())
+    lines.append("  opsets: " + ", ".join(f"{d} {v}" for d, v in opsets))
 
-    decoded = info.decoded
-    cfg = info.config
-    head = _find(decoded, ("head",))
-    flavour = _find(decoded, ("flavour", "flavor"))
-    version = _find(decoded, ("bertrt_version", "version"))
-    checksum = _find(decoded, ("vocab_checksum", "vocab_sha256", "checksum", "vocab"))
-    id2label = _find(decoded, ("id2label",))
-    fusions = _find(decoded, ("fusion", "fused"))
     lines.append("metadata:")
-    if cfg:
-        lines.append(f"  config     {_config_summary(cfg)}")
-    for label, value in (("head", head), ("flavour", flavour), ("bertrt", version),
-                         ("vocab", checksum), ("id2label", id2label), ("fusions", fusions)):
-        if value not in (None, "", {}):
-            lines.append(f"  {label:<10} {_short(value)}")
-    shown = {"config"}
-    other = [k for k in info.metadata if k not in shown and not any(
-        w in k.lower() for w in ("head", "flavour", "flavor", "version", "vocab", "checksum",
-                                 "id2label", "fusion", "fused", "config"))]
-    for key in other:
-        lines.append(f"  {key:<10} {_short(info.metadata[key])}")
+    lines.extend(f"  {label:<10} {text}" for label, text in metadata_lines(info))
     if not info.metadata:
         lines.append("  (none)")
 

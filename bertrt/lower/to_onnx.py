@@ -69,8 +69,10 @@ class Emitter:
     where types meet (fp16 activations, fp32 mask bias and softmax)."""
 
     def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], flavour: str,
-                 opset: int, fp16: bool) -> None:
+                 opset: int, fp16: bool, padding: str = "right") -> None:
         self.graph = graph
+        #: "right": masks are right padding (sequence lengths suffice); "any": any 0/1 mask.
+        self.padding = padding
         self.weights = weights
         self.flavour = flavour
         self.opset = opset
@@ -166,6 +168,12 @@ class Emitter:
         self.dtypes[out] = dtype if dtype is not None else self.dtypes[next(n for n in names
                                                                             if n)]
         return out
+
+    def cached(self, key: tuple[Any, ...]) -> str | None:
+        return self._cache.get(key)
+
+    def set_cached(self, key: tuple[Any, ...], name: str) -> None:
+        self._cache[key] = name
 
     def cast(self, name: str, to: int) -> str:
         """`name` as element type `to` (one Cast per tensor and type)."""
@@ -454,13 +462,33 @@ def _ort_embed_layer_norm(ctx: Emitter, node: Node) -> str:
     ids, types, word, position, token_type, weight, bias = ctx.inputs(node)
     if types is None:  # the contrib op reads segment ids or no segment table at all
         return _embed_layer_norm(ctx, node)
-    return ctx.node(
-        "EmbedLayerNormalization",
-        [ctx.cast(ids, _INT32), ctx.cast(types, _INT32), word, position, token_type, weight,
-         bias],
-        domain=MS_DOMAIN, dtype=ctx.dtypes[word], epsilon=float(node.attrs["eps"]),
-        mask_index_type=0,  # no mask_index output: Attention reads the raw mask itself
-    )
+    inputs = [ctx.cast(ids, _INT32), ctx.cast(types, _INT32), word, position, token_type,
+              weight, bias]
+    mask = _raw_mask(ctx)
+    if ctx.padding != "right" or mask is None:
+        return ctx.node("EmbedLayerNormalization", inputs, domain=MS_DOMAIN,
+                        dtype=ctx.dtypes[word], epsilon=float(node.attrs["eps"]),
+                        mask_index_type=0)  # no mask_index: Attention reads the raw mask
+    # Right padding: the op also reduces the mask to per-row lengths (its mask_index output),
+    # which every Attention reads, as ONNX Runtime's own optimizer wires it (a faster path
+    # than each Attention reading the (B, S) mask).
+    out = ctx.fresh(f"{node.name}/EmbedLayerNormalization")
+    lengths = ctx.fresh(f"{node.name}/mask_index")
+    ctx.nodes.append(helper.make_node(
+        "EmbedLayerNormalization", inputs + [ctx.cast(mask, _INT32)], [out, lengths],
+        name=out, domain=MS_DOMAIN, epsilon=float(node.attrs["eps"])))
+    ctx.dtypes[out], ctx.dtypes[lengths] = ctx.dtypes[word], _INT32
+    ctx.set_cached(("mask_index", mask), lengths)
+    return out
+
+
+def _raw_mask(ctx: Emitter) -> str | None:
+    """The ONNX name of the (B, S) attention_mask input when attention reads it, else None."""
+    for value in ctx.graph.inputs:
+        if value.name == "attention_mask" and any(
+                user.op == "ATTENTION_MASK" for user, _ in value.users):
+            return ctx.value(value)
+    return None
 
 
 def _ort_attention(ctx: Emitter, node: Node) -> str:
@@ -470,8 +498,10 @@ def _ort_attention(ctx: Emitter, node: Node) -> str:
         maker = source.producer
         if maker is None or maker.op != "ATTENTION_MASK" or maker.inputs[0] is None:
             return _attention(ctx, node)  # some other bias: the core form handles any
-        # the raw (B, S) 1/0 mask as int32: exact for right- and left-padded batches
-        mask_index = ctx.cast(ctx.value(maker.inputs[0]), _INT32)
+        raw = ctx.value(maker.inputs[0])
+        # per-row lengths from EmbedLayerNormalization (right padding), or the raw (B, S)
+        # 1/0 mask as int32, exact for any padding
+        mask_index = ctx.cached(("mask_index", raw)) or ctx.cast(raw, _INT32)
     w, b = _packed_qkv(ctx, node)
     return ctx.node("Attention", [ctx.value(node.inputs[0]), w, b, mask_index],
                     domain=MS_DOMAIN, num_heads=int(node.attrs["heads"]),
@@ -529,6 +559,7 @@ def export(
     fp16: bool = False,
     opset: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    padding: str = "right",
 ) -> Path:
     """Write `graph` with `weights` as an ONNX inference model at `path`.
 
@@ -544,6 +575,9 @@ def export(
         metadata: `config` (the config.json dict), `head`, `vocab` (tokens in id order, or a
             token -> id mapping; only its size and sha256 are stored), and any other entries,
             stored as strings (JSON for non-strings).
+        padding: "right" (the default, as tokenizers pad): ONNX Runtime's Attention reads
+            per-row lengths, its fastest path; "any": it reads the raw 0/1 mask, so left
+            padding and masks with holes are exact too. The standard flavour handles any mask.
 
     Returns:
         The path written.
@@ -553,6 +587,8 @@ def export(
             output folder that is missing or not writable.
     """
     path = Path(path)
+    if padding not in ("right", "any"):
+        raise BertrtError(f"padding: {padding!r} is unknown; expected 'right' or 'any'")
     if flavour not in FLAVOURS:
         raise BertrtError(f"flavour: {flavour!r} is unknown; expected one of "
                           f"{', '.join(FLAVOURS)}")
@@ -560,7 +596,7 @@ def export(
     _check_destination(path)
     _check_weights(graph, weights)
     graph = _inference_graph(graph)
-    ctx = Emitter(graph, weights, flavour, opset, bool(fp16))
+    ctx = Emitter(graph, weights, flavour, opset, bool(fp16), padding)
     for value in graph.inputs:
         ctx.names[id(value)] = value.name
         ctx.dtypes[value.name] = _ELEM[value.dtype]

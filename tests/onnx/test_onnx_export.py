@@ -93,17 +93,31 @@ def test_tanh_gelu_becomes_fast_gelu(random_model, export):
                   "FastGelu": 2}
 
 
-def test_attention_reads_the_raw_mask_as_int32(minilm, export):
+def test_attention_reads_lengths_from_embed_layer_norm(minilm, export):
+    """Default (right padding): EmbedLayerNormalization reduces the int32 mask to per-row
+    lengths (its second output), which every Attention reads."""
     model = onnx.load(export(minilm, "ort", True), load_external_data=False)
+    casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    (embed,) = [n for n in model.graph.node if n.op_type == "EmbedLayerNormalization"]
+    assert casts[embed.input[7]].input[0] == "attention_mask"
+    assert casts[embed.input[7]].attribute[0].i == onnx.TensorProto.INT32
+    masks = {n.input[3] for n in model.graph.node if n.op_type == "Attention"}
+    assert masks == {embed.output[1]}
+    weights = {t.name: t for t in model.graph.initializer}
+    qkv = weights[next(n for n in model.graph.node if n.op_type == "Attention").input[1]]
+    assert list(qkv.dims) == [384, 3 * 384]
+
+
+def test_any_padding_reads_the_raw_mask_as_int32(minilm, tmp_path):
+    model = onnx.load(minilm.export_onnx(tmp_path / "any.onnx", padding="any"),
+                      load_external_data=False)
     casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
     masks = {n.input[3] for n in model.graph.node if n.op_type == "Attention"}
     assert len(masks) == 1  # one Cast shared by every layer
     (mask,) = masks
     assert casts[mask].input[0] == "attention_mask"
-    assert casts[mask].attribute[0].i == onnx.TensorProto.INT32
-    weights = {t.name: t for t in model.graph.initializer}
-    qkv = weights[next(n for n in model.graph.node if n.op_type == "Attention").input[1]]
-    assert list(qkv.dims) == [384, 3 * 384]
+    (embed,) = [n for n in model.graph.node if n.op_type == "EmbedLayerNormalization"]
+    assert len(embed.output) == 1
 
 
 # --------------------------------------------------------------------------- inputs, outputs

@@ -88,9 +88,11 @@ def test_other_opsets(random_model, export, ort_session, reference, opset):
                 compare(run(sess, batch), ref, batch["attention_mask"])
 
 
-def test_left_padding_and_holes(random_model, export, ort_session):
-    """The contrib Attention reads the raw 0/1 mask, so any mask works, not only right
-    padding: compare with the torch lowering on a left-padded row and a row with holes."""
+def test_left_padding_and_holes(random_model, ort_session, tmp_path):
+    """With padding="any" the contrib Attention reads the raw 0/1 mask, so any mask works:
+    compare with the torch lowering on a left-padded row and a row with holes. The default
+    (right padding: per-row lengths) must differ on the left-padded row, or this test would
+    not see which mask form was written."""
     import torch
 
     model = random_model("h32-n4-l2-gelu_new", "none")
@@ -103,8 +105,14 @@ def test_left_padding_and_holes(random_model, export, ort_session):
     with torch.no_grad():
         out = model.to_torch().eval()(**{k: torch.from_numpy(v) for k, v in batch.items()})
     ref = {k: v.numpy() for k, v in out.items()}
-    for flavour, fuse in VARIANTS:
-        compare(run(ort_session(export(model, flavour, fuse)), batch), ref, mask)
+    for i, (flavour, fuse) in enumerate(VARIANTS):
+        path = model.export_onnx(tmp_path / f"any{i}.onnx", flavour=flavour, fuse=fuse,
+                                 padding="any")
+        compare(run(ort_session(path), batch), ref, mask)
+    lengths = run(ort_session(model.export_onnx(tmp_path / "right.onnx")), batch)
+    row = mask[0].astype(bool)
+    diff = np.abs(lengths["last_hidden_state"][0][row] - ref["last_hidden_state"][0][row]).max()
+    assert diff > 1e-3
 
 
 @pytest.mark.parametrize("flavour", ["ort", "standard"])

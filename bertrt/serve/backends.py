@@ -1,0 +1,216 @@
+"""Backends: one interface over the runtimes serve-bench compares.
+
+A backend has a `name`, a one-line `description`, `run(batch) -> outputs` (numpy in, numpy out:
+the (B, S) int64 inputs of a `Batch`, the model's named outputs back on the host) and `close()`.
+
+- `OrtBackend`: ONNX Runtime, CPU execution provider, a fixed number of intra-op threads.
+- `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs copied to
+  the device once per batch, outputs bound on the device and copied back once).
+- `TorchBackend`: bertrt's torch lowering, eager, under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bertrt.errors import BertrtError
+
+if TYPE_CHECKING:
+    from bertrt.model import Model
+
+#: Backend names serve-bench accepts.
+BACKENDS: tuple[str, ...] = ("ort", "ort-cuda", "torch")
+#: Those that run an .onnx file.
+ONNX_BACKENDS = frozenset({"ort", "ort-cuda"})
+
+INSTALL_HINT = "install bertrt[cpu] (or bertrt[gpu] for CUDA)"
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run on this machine (e.g. no CUDA); serve-bench skips it."""
+
+
+def import_onnxruntime() -> Any:
+    """`onnxruntime`, or a one-line `BertrtError` saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BertrtError(f"onnxruntime is not installed; {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+class Backend:
+    """The interface every backend implements."""
+
+    name: str = "backend"
+    description: str = ""
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs (e.g. `last_hidden_state`, `pooler_output`) for a batch of (B, S) inputs."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_NP_OF_ORT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime on the CPU execution provider.
+
+    Args:
+        path: The `.onnx` file.
+        threads: Intra-op threads (None: ONNX Runtime's default, one per core).
+        spinning: Let idle pool threads spin (faster alone; set False when other runtimes
+            share the cores in the same process).
+    """
+
+    name = "ort"
+    providers: list[Any] = ["CPUExecutionProvider"]
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 spinning: bool = True) -> None:
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        self._check_provider(ort)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or 0)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the report is the output
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise BertrtError(f"{self.path}: onnxruntime cannot load it ({line.strip()[:300]})"
+                              ) from None
+        self.input_types = {i.name: _NP_OF_ORT.get(i.type, np.int64)
+                            for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.threads = threads
+        self.description = (f"onnxruntime {ort.__version__} "
+                            f"{self.session.get_providers()[0]}, "
+                            f"{threads or 'default'} intra-op threads")
+
+    def _check_provider(self, ort: Any) -> None:
+        pass
+
+    def feeds(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's arrays the model takes, in the dtypes it declares."""
+        missing = [name for name in self.input_types if name not in batch]
+        if missing:
+            raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
+                              "serve-bench does not provide")
+        return {name: np.ascontiguousarray(batch[name], dtype=dtype)
+                for name, dtype in self.input_types.items()}
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, self.feeds(batch))
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+class OrtCudaBackend(OrtBackend):
+    """ONNX Runtime on the CUDA execution provider, with IO binding.
+
+    Raises:
+        BackendUnavailable: this onnxruntime build has no `CUDAExecutionProvider`, or the
+            session fell back to the CPU (no usable GPU).
+    """
+
+    name = "ort-cuda"
+    providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 spinning: bool = True) -> None:
+        super().__init__(path, threads, spinning)
+        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendUnavailable("onnxruntime could not start its CUDA execution provider "
+                                     "(no usable GPU?)")
+
+    def _check_provider(self, ort: Any) -> None:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "this onnxruntime has no CUDAExecutionProvider (install bertrt[gpu] on a "
+                "machine with CUDA)")
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in self.feeds(batch).items():
+            binding.bind_cpu_input(name, array)  # one host-to-device copy per input
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)  # stays on the device until copied below
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+class TorchBackend(Backend):
+    """bertrt's torch lowering of a model, eager, CPU, under `torch.inference_mode`.
+
+    Args:
+        model: The model (its own head).
+        threads: torch intra-op threads (process-wide; restored by `close`).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: Model, threads: int | None = None) -> None:
+        import torch
+
+        self._torch = torch
+        self._old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.module = model.to_torch().eval()
+        self.module.check_inputs = False  # ids are valid by construction; skip the reductions
+        self.description = (f"bertrt torch lowering, torch {torch.__version__}, eager, "
+                            f"{torch.get_num_threads()} threads")
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(batch["input_ids"]),
+                              torch.from_numpy(batch["attention_mask"]),
+                              torch.from_numpy(batch["token_type_ids"]))
+        return {name: value.numpy() for name, value in out.items()}
+
+    def close(self) -> None:
+        self._torch.set_num_threads(self._old_threads)
+
+
+def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
+                 threads: int | None, spinning: bool = True) -> Backend:
+    """A backend by name.
+
+    Raises:
+        BertrtError: unknown name, or what it needs is missing (an ONNX file, a model dir).
+        BackendUnavailable: the machine cannot run it (serve-bench skips it).
+    """
+    if name not in BACKENDS:
+        raise BertrtError(f"backend {name!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    if name in ONNX_BACKENDS:
+        if onnx_path is None:
+            raise BertrtError(f"backend {name}: no ONNX model to run")
+        cls = OrtCudaBackend if name == "ort-cuda" else OrtBackend
+        return cls(onnx_path, threads=threads, spinning=spinning)
+    if model is None:
+        raise BertrtError("backend torch needs the model's weights: give a model dir as MODEL "
+                          "(or --model-dir DIR beside an .onnx file)")
+    return TorchBackend(model, threads=threads)
