@@ -6,30 +6,13 @@ code 2; no traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-from bertrt.config import PRESETS, atomic_write_text
-from bertrt.errors import BertrtError
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn `BertrtError` (and missing files) into a one-line message and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BertrtError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from bertrt.config import PRESETS
+from bertrt.errors import BertrtError, user_errors
+from bertrt.fileio import atomic_write_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +32,7 @@ def main() -> None:
 @click.option("--listing", is_flag=True, help="Print the full graph listing too.")
 @click.option("--dot", "dot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the graph as Graphviz DOT to this file.")
-@_user_errors
+@user_errors
 def inspect(target: str | None, preset: str | None, head: str | None, batch: int, seq: int,
             fused: bool, listing: bool, dot_path: Path | None) -> None:
     """Show a model's graph: per-node shapes, parameters, FLOPs and bytes, with totals.
@@ -114,7 +97,7 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 @click.option("--any-padding", is_flag=True,
               help="Exact for left padding and masks with holes (ort flavour reads the raw "
                    "mask; default assumes right padding, as the tokenizer pads, and is faster).")
-@_user_errors
+@user_errors
 def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: bool,
            head: str | None, opset: int | None, any_padding: bool) -> None:
     """Export a model dir to OUTPUT (.onnx) for ONNX Runtime or any ONNX runtime."""
@@ -139,7 +122,7 @@ def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: boo
               help="Vocabulary size, specials included.")
 @click.option("--cased", is_flag=True, help="Keep case and accents (default: lower-case).")
 @click.option("--min-frequency", default=2, show_default=True, type=click.IntRange(min=1))
-@_user_errors
+@user_errors
 def vocab(corpus: tuple[Path, ...], output: Path, size: int, cased: bool,
           min_frequency: int) -> None:
     """Train a WordPiece vocabulary on text files (one sentence or document per line)."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bertrt.errors import ConfigError
+from bertrt.fileio import atomic_write_text
 
 #: hidden_act values and what they compute. The tanh forms are one function written three ways.
 ACTIVATIONS: dict[str, str] = {
@@ -230,15 +230,3 @@ class BertConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

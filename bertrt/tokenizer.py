@@ -22,10 +22,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, proces
 from tokenizers.models import WordPiece
 
 from bertrt.errors import BertrtError
+from bertrt.fileio import atomic_write_text
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "train_vocab"]
 
@@ -58,22 +57,6 @@ _TRAIN_BATCH_LINES = 1000
 
 class TokenizerError(BertrtError):
     """A tokenizer file or argument is unusable; one line naming what and why (a ValueError)."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_vocab_file(path: Path) -> list[str]:
@@ -607,7 +590,7 @@ class Tokenizer:
         if path.is_dir():
             raise TokenizerError(f"{path}: is a directory (expected the vocab.txt file to write)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, "".join(t + "\n" for t in self._tokens))
+        atomic_write_text(path, "".join(t + "\n" for t in self._tokens))
         return path
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -631,7 +614,7 @@ class Tokenizer:
             "unk_token": UNK, "sep_token": SEP, "pad_token": PAD,
             "cls_token": CLS, "mask_token": MASK,
         }
-        _atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def _pair_lengths(n1: int, n2: int, budget: int) -> tuple[int, int]:

@@ -8,17 +8,14 @@ with code 2, as everywhere in bertrt.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bertrt.errors import BertrtError
+from bertrt.errors import BertrtError, user_errors
 
 DEFAULT_SEQ_LENS = "32,128"
 #: Untimed pause before each timed batch when several backends interleave (tools/bench_onnx.py
@@ -26,18 +23,6 @@ DEFAULT_SEQ_LENS = "32,128"
 INTERLEAVE_GAP_S = 0.01
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`BertrtError` -> one line on stderr, exit code 2 (bertrt's CLI convention)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BertrtError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def inspect_onnx(path: str | os.PathLike[str]) -> str:
@@ -136,7 +121,7 @@ def _vocab_tokens(tokenizer: Any) -> list[str]:
                    "pools steal the cores of the other backends].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [when stderr is a terminal].")
-@_user_errors
+@user_errors
 def serve_bench(model: str, backends: tuple[str, ...], batch_sizes: str, seq_lens: str | None,
                 texts_path: str | None, vocab_path: str | None, model_dir: str | None,
                 max_length: int | None, flavour: str, warmup: int, iters: int | None,
@@ -148,7 +133,7 @@ def serve_bench(model: str, backends: tuple[str, ...], batch_sizes: str, seq_len
     backend, interleaved; the report gives p50/p90/p99 latency per batch, sequences/s and
     tokens/s. For a model dir, a temporary ONNX file is exported for the ONNX backends.
     """
-    from bertrt.config import atomic_write_text
+    from bertrt.fileio import atomic_write_text
 
     # ---- arguments (checked before anything slow)
     bsizes = _int_list(batch_sizes, "--batch-sizes")

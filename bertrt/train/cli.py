@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from bertrt.config import PRESETS
-from bertrt.errors import BertrtError
+from bertrt.errors import user_errors
 from bertrt.train.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASKS, TrainConfig
 
 _PATH = click.Path(path_type=str)
@@ -71,6 +71,7 @@ _PATH = click.Path(path_type=str)
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's outputs in --out.")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes on this machine (launches torchrun; data parallel).")
+@user_errors
 def train(model_dir: str | None, **options: object) -> None:
     """Pre-train (MLM + NSP) or fine-tune a BERT model.
 
@@ -79,15 +80,10 @@ def train(model_dir: str | None, **options: object) -> None:
     """
     from bertrt.train import loop
 
-    try:
-        cfg = TrainConfig(model=model_dir, **options)  # type: ignore[arg-type]
-        if cfg.nproc > 1 and not loop.is_distributed_launch():
-            sys.exit(_launch(cfg))
-        loop.train(cfg)
-    except BertrtError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per rank
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    cfg = TrainConfig(model=model_dir, **options)  # type: ignore[arg-type]
+    if cfg.nproc > 1 and not loop.is_distributed_launch():
+        sys.exit(_launch(cfg))
+    loop.train(cfg)
 
 
 def _launch(cfg: TrainConfig) -> int:

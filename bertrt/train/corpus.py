@@ -19,15 +19,14 @@ library, gathered by parsing its source files with ``ast`` (no module is importe
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from bertrt.errors import BertrtError
+from bertrt.fileio import atomic_write_text
 
 __all__ = [
     "DataError", "docstring_sentences", "embedded_corpus", "iter_lines", "read_documents",
@@ -319,15 +318,5 @@ def embedded_corpus(out_dir: Path, max_bytes: int = 3_000_000) -> Path:
         raise DataError(f"{root}: no docstrings found (are the standard library's .py sources "
                         f"installed?); pass --data with a corpus instead")
     path = out_dir / CORPUS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CORPUS_FILE}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(parts))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import bertrt
-from bertrt.config import BertConfig, atomic_write_text
+from bertrt.config import BertConfig
 from bertrt.errors import BertrtError
+from bertrt.fileio import atomic_write_text
 from bertrt.model import Model
 from bertrt.tokenizer import Tokenizer, train_vocab
 from bertrt.train import checkpoint as ckpt
