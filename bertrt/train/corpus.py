@@ -22,7 +22,7 @@ import ast
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bertrt.errors import BertrtError
@@ -169,23 +169,35 @@ def read_documents(path: Path) -> Iterator[list[str]]:
                 yield sentences
 
 
-def _read_jsonl(path: Path) -> Iterator[list[str]]:
+def iter_json_objects(path: Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """Stream `(line number, object)` from a JSON-lines file; blank lines are skipped.
+
+    Raises:
+        DataError: a line that is not a JSON object, or lacks a `required` field.
+    """
     for lineno, line in iter_lines(path):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = " (a .json corpus must be JSON lines, not one array)" if (
+            hint = " (a .json file must be JSON lines, not one array)" if (
                 lineno == 1 and line.lstrip().startswith("[")) else ""
             raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column "
                             f"{e.colno}){hint}") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}: line {lineno}: expected a JSON object with a \"text\" "
-                            f"field, got {type(obj).__name__}")
-        if "text" not in obj:
-            raise DataError(f"{path}: line {lineno}: no \"text\" field "
-                            f"(fields: {', '.join(sorted(obj)) or 'none'})")
+            raise DataError(f"{path}: line {lineno}: expected a JSON object with "
+                            f"{', '.join(repr(k) for k in required) or 'fields'}, got "
+                            f"{type(obj).__name__}")
+        for key in required:
+            if key not in obj:
+                raise DataError(f"{path}: line {lineno}: no {key!r} field "
+                                f"(fields: {', '.join(sorted(obj)) or 'none'})")
+        yield lineno, obj
+
+
+def _read_jsonl(path: Path) -> Iterator[list[str]]:
+    for lineno, obj in iter_json_objects(path, ("text",)):
         text = obj["text"]
         if not isinstance(text, str):
             raise DataError(f"{path}: line {lineno}: \"text\" must be a string, got "

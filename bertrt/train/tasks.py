@@ -14,7 +14,6 @@ column.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from bertrt.tokenizer import Tokenizer
-from bertrt.train.corpus import DataError, iter_lines
+from bertrt.train.corpus import DataError, iter_json_objects, iter_lines
 from bertrt.train.data import IGNORE_INDEX, Example, PackedSource
 
 __all__ = [
@@ -97,21 +96,7 @@ def _rows_table(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column "
-                            f"{e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}: line {lineno}: expected a JSON object, got "
-                            f"{type(obj).__name__}")
-        for key in ("text", "label"):
-            if key not in obj:
-                raise DataError(f"{path}: line {lineno}: no {key!r} field")
-        yield lineno, obj
+    return iter_json_objects(path, ("text", "label"))
 
 
 def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]]:

@@ -228,7 +228,7 @@ def test_jsonl_input(tok: Tokenizer, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, message", [
     ("[1, 2]", "line 2: expected a JSON object"),
-    ('{"txt": "a"}', 'line 2: no "text" field'),
+    ('{"txt": "a"}', "line 2: no 'text' field"),
     ('{"text": 3}', 'line 2: "text" must be a string'),
     ("{oops", "line 2: invalid JSON"),
 ])
