@@ -3,8 +3,7 @@
 Every op has a pure-torch reference (`<op>/reference.py`, forward and backward by autograd) and
 one public function that dispatches: a CUDA tensor with CuPy present runs the CuPy kernel
 (`<op>/<op>.cu`), anything else runs the reference. CuPy is imported lazily, never on CPU.
-Until the CUDA kernels land, every public function runs its reference, except attention, whose
-CPU path packs the three projections into one product (checked against its reference).
+Until the CUDA kernels land, every public function runs its reference.
 """
 
 from bertrt.kernels.attention import attention

@@ -44,3 +44,22 @@ def test_values_alive_through_an_alias_are_not_overwritten():
         y = net(ids)["y"]
     expected = 3 * weights["table"][ids]
     assert torch.allclose(y, expected)
+
+
+def test_no_grad_forward_sees_weights_updated_behind_autograd():
+    """Optimizers may update parameters through `.data` or fused kernels, which bump no
+    version counter: nothing in the forward may cache a function of the weights."""
+    model = Model.from_config(BertConfig.preset("tiny", vocab_size=60), seed=1)
+    net = model.to_torch().eval()
+    ids = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(ids)["last_hidden_state"].clone()
+    for name, p in net.named_parameters():
+        if "attention.self" in name:
+            p.data.mul_(1.5)  # not seen by the version counter
+    with torch.no_grad():
+        after = net(ids)["last_hidden_state"]
+    with torch.enable_grad():
+        reference = net(ids)["last_hidden_state"].detach()
+    assert torch.equal(after, reference)
+    assert not torch.allclose(after, before, atol=1e-3)

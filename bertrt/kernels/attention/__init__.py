@@ -1,10 +1,11 @@
 """Fused multi-head self-attention: QKV projections, scaled dot product, mask, softmax, context.
 
-`attention` is the public entry: on CPU (and until the CUDA kernel lands, everywhere) it runs
-the packed-QKV path, which `tests/kernels` checks against `reference.attention`.
+On CPU the reference is also the fast path: torch's fused scaled-dot-product kernel does the
+attention, and three projections cost the same as one packed product at BERT's sizes (packing
+per call costs a copy; caching a packed weight would go stale when an optimizer updates the
+parameters through `.data` or a fused kernel, which no version counter sees).
 """
 
-from bertrt.kernels.attention.packed import packed_attention as attention
-from bertrt.kernels.attention.reference import attention as reference
+from bertrt.kernels.attention.reference import attention
 
-__all__ = ["attention", "reference"]
+__all__ = ["attention"]
