@@ -22,7 +22,6 @@ ARCHITECTURES = {
     "token-classification": "BertForTokenClassification",
 }
 
-_NORMAL = ("normal",)  # std filled in from config.initializer_range
 _ONES = ("ones",)
 _ZEROS = ("zeros",)
 
