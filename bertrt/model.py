@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -300,8 +300,3 @@ def load(model_dir: str | os.PathLike[str], head: str | None = None) -> Model:
             checkpoint lacks is initialised fresh, with a warning naming its parameters.
     """
     return Model.load(model_dir, head=head)
-
-
-def describe(model: Model) -> dict[str, Any]:
-    """A short dict for logs and metadata."""
-    return {"head": model.head, "params": model.num_parameters(), **model.config.to_dict()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -528,14 +528,3 @@ class _OwnedValues:
         if value.kind is ValueKind.PARAM:
             return self.graph.params.get(value.name) is value
         return any(v is value for v in self.graph.inputs)
-
-
-def topo_check(nodes: Iterable[Node]) -> bool:
-    """True if every node reads only values defined before it."""
-    defined: set[int] = set()
-    for node in nodes:
-        for v in node.inputs:
-            if v is not None and v.producer is not None and id(v.producer) not in defined:
-                return False
-        defined.add(id(node))
-    return True

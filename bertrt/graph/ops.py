@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertrt.graph.ir import DType, GraphError, Shape, SymbolicDim, TensorType
+from bertrt.graph.ir import DType, GraphError, Shape, TensorType
 
 Types = Sequence[TensorType | None]
 ShapeRule = Callable[[Types, Mapping[str, Any]], list[TensorType]]
@@ -386,7 +386,3 @@ register(OpDef(
     "softmax(Q K^T * scale + mask_bias) V with Q, K, V projected from x; lowerings may pack "
     "the three projections into one (B, S, 3H) product.",
 ))
-
-
-def symbolic_dims(shape: Shape) -> list[SymbolicDim]:
-    return [d for d in shape if isinstance(d, SymbolicDim)]
