@@ -299,6 +299,9 @@ class Graph:
         from bertrt.graph.ops import get_op
 
         opdef = get_op(op)
+        if len(inputs) > len(opdef.inputs):
+            raise GraphError(f"{op}: takes at most {len(opdef.inputs)} inputs "
+                             f"({', '.join(opdef.inputs)}), got {len(inputs)}")
         full_attrs = opdef.bind_attrs(attrs or {})
         for value in inputs:
             if value is not None and value not in self._owned_values():

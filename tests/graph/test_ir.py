@@ -64,6 +64,8 @@ def test_shape_rules_reject_bad_inputs():
         g.op("CONV", x)
     with pytest.raises(GraphError, match="unknown attribute"):
         g.op("RELU", x, slope=0.1)
+    with pytest.raises(GraphError, match="RELU: takes at most 1 inputs"):
+        g.op("RELU", x, x)
 
 
 def test_names_are_single_assignment():
