@@ -28,6 +28,9 @@ _PATH = click.Path(path_type=str)
                    "documents) or JSONL with 'text'; none = the embedded corpus. Classify: "
                    ".csv/.tsv/.jsonl (text, text_pair, label). Tag: CoNLL.")
 @click.option("--eval-data", multiple=True, type=_PATH, help="Held-out file(s) to evaluate.")
+@click.option("--eval-split", type=float,
+              help="Pretrain: hold out this fraction of the documents (by --seed) to evaluate, "
+                   "in [0, 0.5) [default: 0.02 for the embedded corpus, else 0].")
 @click.option("--model", "model_dir", type=_PATH,
               help="Start from this Hugging Face-layout BERT dir (missing heads start fresh).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),

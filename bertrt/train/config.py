@@ -27,9 +27,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 #: Fields that decide what a run computes; a resumed run must agree on every one of them.
 TRAJECTORY_FIELDS = (
-    "task", "data", "eval_data", "model", "preset", "vocab", "vocab_size", "batch_size",
-    "seq_len", "max_steps", "lr", "weight_decay", "warmup", "schedule", "optimizer", "precision",
-    "grad_accum", "clip", "seed", "mask_prob", "whole_word_mask",
+    "task", "data", "eval_data", "eval_split", "model", "preset", "vocab", "vocab_size",
+    "batch_size", "seq_len", "max_steps", "lr", "weight_decay", "warmup", "schedule",
+    "optimizer", "precision", "grad_accum", "clip", "seed", "mask_prob", "whole_word_mask",
 )
 
 
@@ -41,6 +41,9 @@ class TrainConfig:
         task: pretrain (MLM + NSP), classify (sequence classification) or tag (token tagging).
         data: Training files; none for `pretrain` means the embedded stdlib-docstrings corpus.
         eval_data: Held-out files evaluated every `eval_every` steps.
+        eval_split: Pretrain: the fraction of the corpus's documents held out (chosen from
+            `seed`) and evaluated instead of `eval_data`; default 0.02 for the embedded corpus
+            (no `data`, no `eval_data`), else 0.
         model: A Hugging Face-layout BERT dir to start from (missing heads start fresh).
         preset: A fresh model of this size (default `tiny` when no `model` is given).
         vocab: A `vocab.txt`; default the model's, else one trained on the data.
@@ -75,6 +78,7 @@ class TrainConfig:
     task: str = "pretrain"
     data: tuple[str, ...] = ()
     eval_data: tuple[str, ...] = ()
+    eval_split: float | None = None
     model: str | None = None
     preset: str | None = None
     vocab: str | None = None
@@ -112,6 +116,9 @@ class TrainConfig:
             self.lr = 1e-3 if self.task == "pretrain" else 1e-4
         if self.eval_every is None:
             self.eval_every = self.save_every
+        if self.eval_split is None:
+            embedded = self.task == "pretrain" and not self.data and not self.eval_data
+            self.eval_split = 0.02 if embedded else 0.0
         self.validate()
 
     def validate(self) -> None:
@@ -138,6 +145,14 @@ class TrainConfig:
             raise BertrtError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.clip < 0:
             raise BertrtError(f"--clip must be >= 0 (0 disables it), got {self.clip}")
+        if not 0.0 <= self.eval_split < 0.5:  # type: ignore[operator]
+            raise BertrtError(f"--eval-split is a fraction of the documents in [0, 0.5), "
+                              f"got {self.eval_split}")
+        if self.eval_split and self.eval_data:
+            raise BertrtError("give --eval-data FILE or --eval-split F, not both")
+        if self.eval_split and self.task != "pretrain":
+            raise BertrtError(f"--eval-split holds out pre-training documents; --task "
+                              f"{self.task} takes --eval-data")
         if not 0.0 < self.mask_prob < 1.0:
             raise BertrtError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
         if self.model is not None and self.preset is not None:
@@ -157,6 +172,9 @@ class TrainConfig:
     def trajectory(self, world_size: int) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint (JSON types only)."""
         values = {name: _jsonable(getattr(self, name)) for name in TRAJECTORY_FIELDS}
+        for name, absent in _ABSENT.items():  # so checkpoints from before the flag match
+            if values[name] == absent:
+                del values[name]
         values["world_size"] = world_size
         return values
 
@@ -192,13 +210,17 @@ def config_hash(trajectory: dict[str, Any]) -> str:
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raise `BertrtError` naming the first setting in which `current` differs from `saved`."""
     for name in sorted(set(saved) | set(current)):
-        if saved.get(name) != current.get(name):
+        was, now = saved.get(name, _ABSENT.get(name)), current.get(name, _ABSENT.get(name))
+        if was != now:
             flag = "the number of processes" if name == "world_size" else _flag(name)
             raise BertrtError(
-                f"--resume: {where} was trained with {flag} {_show(saved.get(name))}, this run "
-                f"has {_show(current.get(name))}; resume with the same settings, or start a "
-                f"new --out"
+                f"--resume: {where} was trained with {flag} {_show(was)}, this run "
+                f"has {_show(now)}; resume with the same settings, or start a new --out"
             )
+
+
+#: Trajectory fields left out when they have this value (added after the first checkpoints).
+_ABSENT: dict[str, Any] = {"eval_split": 0.0}
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -32,13 +32,13 @@ from bertrt.train.corpus import DataError, read_documents
 __all__ = [
     "IGNORE_INDEX", "CorpusIndex", "Example", "ExampleSource", "PackedSource",
     "PretrainingSource", "batch_indices", "collate_pretraining", "create_instances",
-    "epoch_permutation", "index_corpus", "iter_step_indices", "mask_example",
-    "pretraining_source",
+    "epoch_permutation", "holdout_documents", "index_corpus", "iter_step_indices",
+    "mask_example", "pretraining_source", "pretraining_sources",
 ]
 
 IGNORE_INDEX = -100
 # Stream tags: independent random streams drawn from one user seed.
-_TAG_INSTANCES, _TAG_SHUFFLE, _TAG_MASK = 0x1257, 0x5AFF, 0x3A5C
+_TAG_INSTANCES, _TAG_SHUFFLE, _TAG_MASK, _TAG_HOLDOUT = 0x1257, 0x5AFF, 0x3A5C, 0x40D0
 _ENCODE_BATCH = 2048  # sentences per tokenizer call
 
 
@@ -188,6 +188,55 @@ class CorpusIndex:
     def num_documents(self) -> int:
         """D."""
         return len(self.document_starts) - 1
+
+    def select(self, documents: Sequence[int] | np.ndarray) -> CorpusIndex:
+        """A compact index of the given documents only (in the order given)."""
+        docs = np.asarray(documents, dtype=np.int64)
+        if len(docs) == 0:
+            raise DataError("select: no document given")
+        if docs.min() < 0 or docs.max() >= self.num_documents:
+            raise DataError(f"select: document index out of range [0, {self.num_documents})")
+        tok_parts: list[np.ndarray] = []
+        sent_lens: list[np.ndarray] = []
+        doc_sizes = np.empty(len(docs), dtype=np.int64)
+        for k, d in enumerate(docs):
+            s0, s1 = int(self.document_starts[d]), int(self.document_starts[d + 1])
+            starts = self.sentence_starts[s0:s1 + 1]
+            tok_parts.append(self.tokens[int(starts[0]):int(starts[-1])])
+            sent_lens.append(np.diff(starts))
+            doc_sizes[k] = s1 - s0
+        lens = np.concatenate(sent_lens)
+        sentence_starts = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=sentence_starts[1:])
+        document_starts = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(doc_sizes, out=document_starts[1:])
+        return CorpusIndex(np.concatenate(tok_parts), sentence_starts, document_starts)
+
+
+def holdout_documents(num_documents: int, fraction: float, seed: int) -> np.ndarray:
+    """The documents held out for evaluation: ``round(fraction * D)`` of them (at least 1 and
+    at most ``D - 1`` when ``fraction > 0``), the head of a permutation drawn from ``seed``.
+
+    A pure function of ``(num_documents, fraction, seed)``: the same in every process.
+
+    Returns:
+        (E,) int64 sorted document indices (empty when ``fraction == 0``).
+
+    Raises:
+        DataError: ``fraction`` is outside ``[0, 1)``, or it is > 0 with fewer than 2
+            documents.
+    """
+    seed = _check_seed(seed)
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"the held-out fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0.0:
+        return np.zeros(0, dtype=np.int64)
+    if num_documents < 2:
+        raise DataError(f"holding out documents for evaluation needs at least 2 documents, "
+                        f"the corpus has {num_documents}")
+    count = min(max(1, round(fraction * num_documents)), num_documents - 1)
+    perm = np.random.default_rng([seed, _TAG_HOLDOUT]).permutation(num_documents)
+    return np.sort(perm[:count]).astype(np.int64)
 
 
 def index_corpus(paths: Sequence[Path], tokenizer: Tokenizer) -> CorpusIndex:
@@ -351,11 +400,15 @@ class PretrainingSource:
         index: the tokenized corpus.
         instances: (N, 5) int64 ``a_start, a_stop, b_start, b_stop, nsp_label``.
         seq_len: the length every example fits in.
+        documents: the corpus document indices it holds (``pretraining_sources``), or None
+            for all of them.
     """
 
     def __init__(self, index: CorpusIndex, instances: np.ndarray, tokenizer: Tokenizer,
                  seq_len: int, seed: int) -> None:
         self.index, self.instances, self.seq_len = index, instances, seq_len
+        #: The corpus documents this source was built from (None: all of them).
+        self.documents: np.ndarray | None = None
         self._cls, self._sep = tokenizer.cls_id, tokenizer.sep_id
         # (V,) bool: wordpiece continues a word ("##…"), for whole-word masking.
         self._continues = np.fromiter((tokenizer.id_to_token(i).startswith("##")
@@ -420,6 +473,47 @@ def pretraining_source(paths: Sequence[Path], tokenizer: Tokenizer, seq_len: int
         DataError: a file is missing or malformed, the corpus is empty, or an argument is out
             of range.
     """
+    seed = _check_pretraining_args(seed, seq_len, short_seq_prob, dupe_factor)
+    paths = [Path(p) for p in paths]
+    index = index_corpus(paths, tokenizer)
+    return _source_of(index, paths, tokenizer, seq_len, seed, short_seq_prob, dupe_factor)
+
+
+def pretraining_sources(paths: Sequence[Path], tokenizer: Tokenizer, seq_len: int, seed: int,
+                        eval_fraction: float, short_seq_prob: float = 0.1,
+                        dupe_factor: int = 1) -> tuple[PretrainingSource, PretrainingSource]:
+    """A training and an evaluation source from one corpus, split by documents.
+
+    The documents ``holdout_documents(D, eval_fraction, seed)`` make the evaluation source,
+    the others the training source; each is built as ``pretraining_source`` builds one (the
+    random B segments of NSP pairs come from the source's own documents), so no text is in
+    both. The split depends on the corpus and ``seed`` only.
+
+    Returns:
+        ``(train, eval)``; ``source.documents`` are the corpus document indices each holds.
+
+    Raises:
+        DataError: as ``pretraining_source``; also ``eval_fraction`` outside ``(0, 1)``, fewer
+            than 2 documents, or a side too small to make a sentence pair.
+    """
+    seed = _check_pretraining_args(seed, seq_len, short_seq_prob, dupe_factor)
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+    paths = [Path(p) for p in paths]
+    index = index_corpus(paths, tokenizer)
+    held = holdout_documents(index.num_documents, eval_fraction, seed)
+    kept = np.setdiff1d(np.arange(index.num_documents, dtype=np.int64), held)
+    sources = []
+    for docs, what in ((kept, "training"), (held, "held-out")):
+        source = _source_of(index.select(docs), paths, tokenizer, seq_len, seed,
+                            short_seq_prob, dupe_factor, what=f" ({what} documents)")
+        source.documents = docs
+        sources.append(source)
+    return sources[0], sources[1]
+
+
+def _check_pretraining_args(seed: int, seq_len: int, short_seq_prob: float,
+                            dupe_factor: int) -> int:
     seed = _check_seed(seed)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 5:
         raise DataError(f"seq_len must be an int >= 5 for sentence pairs, got {seq_len!r}")
@@ -427,12 +521,16 @@ def pretraining_source(paths: Sequence[Path], tokenizer: Tokenizer, seq_len: int
         raise DataError(f"short_seq_prob must be in [0, 1], got {short_seq_prob!r}")
     if isinstance(dupe_factor, bool) or not isinstance(dupe_factor, int) or dupe_factor < 1:
         raise DataError(f"dupe_factor must be an int >= 1, got {dupe_factor!r}")
-    paths = [Path(p) for p in paths]
-    index = index_corpus(paths, tokenizer)
+    return seed
+
+
+def _source_of(index: CorpusIndex, paths: Sequence[Path], tokenizer: Tokenizer, seq_len: int,
+               seed: int, short_seq_prob: float, dupe_factor: int,
+               what: str = "") -> PretrainingSource:
     instances = create_instances(index, seq_len, seed, short_seq_prob, dupe_factor)
     if len(instances) == 0:
-        raise DataError(f"{', '.join(map(str, paths))}: the corpus is too small to make a "
-                        "sentence pair (one document of one token)")
+        raise DataError(f"{', '.join(map(str, paths))}{what}: the corpus is too small to make "
+                        "a sentence pair (one document of one token)")
     return PretrainingSource(index, instances, tokenizer, seq_len, seed)
 
 

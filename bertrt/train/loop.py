@@ -210,6 +210,7 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
                "model": {"head": model.head, "parameters": model.num_parameters(),
                          "config": model.config.to_dict()},
                "data": [str(p) for p in data_paths], "train_examples": len(task.source),
+               "eval_examples": None if task.eval_source is None else len(task.eval_source),
                "versions": {"bertrt": bertrt.__version__, "torch": torch.__version__}}
         atomic_write_text(out / RUN, json.dumps(run, indent=2) + "\n")
         say(f"training {model!r} on {len(task.source):,} examples/epoch; {env.world} "
@@ -376,15 +377,23 @@ def _build_task(cfg: TrainConfig, tokenizer: Tokenizer, data_paths: list[Path],
                 resume_from: tuple[int, Path] | None, say: _Say) -> Task:
     common = dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
     if cfg.task == "pretrain":
-        from bertrt.train.data import collate_pretraining, pretraining_source
+        from bertrt.train import data
 
         def collate(examples: list, indices: list[int]) -> dict[str, torch.Tensor]:
-            return collate_pretraining(examples, indices, tokenizer, cfg.seed,
-                                       mask_prob=cfg.mask_prob, whole_word=cfg.whole_word_mask)
+            return data.collate_pretraining(examples, indices, tokenizer, cfg.seed,
+                                            mask_prob=cfg.mask_prob, whole_word=cfg.whole_word_mask)
 
-        source = pretraining_source(data_paths, tokenizer, cfg.seq_len, cfg.seed)
-        eval_source = (pretraining_source([Path(p) for p in cfg.eval_data], tokenizer,
-                                          cfg.seq_len, cfg.seed) if cfg.eval_data else None)
+        if cfg.eval_split:  # held-out documents of the corpus itself (a function of the seed)
+            source, eval_source = data.pretraining_sources(
+                data_paths, tokenizer, cfg.seq_len, cfg.seed, cfg.eval_split)
+            say(f"holding out {len(eval_source.documents):,} of "
+                f"{len(source.documents) + len(eval_source.documents):,} documents "
+                f"(--eval-split {cfg.eval_split}) for evaluation: {len(eval_source):,} examples")
+        else:
+            source = data.pretraining_source(data_paths, tokenizer, cfg.seq_len, cfg.seed)
+            eval_source = (data.pretraining_source([Path(p) for p in cfg.eval_data], tokenizer,
+                                                   cfg.seq_len, cfg.seed)
+                           if cfg.eval_data else None)
         return Task("pretrain", source, eval_source, collate, losses.pretraining_counts,
                     losses.pretraining_loss, losses.PRETRAINING_STATS, None, **common)
 

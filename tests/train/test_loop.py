@@ -303,3 +303,63 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world,
     bertrt.load(kept[-1][1])  # a complete, loadable model dir
     steps = [r["step"] for r in metrics(out)]
     assert steps == sorted(set(steps)) and max(steps) <= kept[-1][0] + 1
+
+
+# ---------------------------------------------------------------------- --eval-split
+def test_eval_split_holds_out_disjoint_documents_chosen_by_the_seed(world) -> None:
+    import numpy as np
+
+    from bertrt.train.data import index_corpus, pretraining_sources
+
+    corpus, _ = world
+    tok = word_tokenizer(corpus)
+    train_src, eval_src = pretraining_sources([corpus], tok, 32, seed=3, eval_fraction=0.2)
+    n_docs = index_corpus([corpus], tok).num_documents
+    held, kept = set(eval_src.documents.tolist()), set(train_src.documents.tolist())
+    assert not held & kept and held | kept == set(range(n_docs))
+    assert len(held) == round(0.2 * n_docs)
+    assert len(eval_src) > 0 and eval_src.index.num_documents == len(held)
+    # every instance's text lies inside its own source's documents
+    assert len(train_src.index.tokens) + len(eval_src.index.tokens) == len(
+        index_corpus([corpus], tok).tokens)
+    again, _ = pretraining_sources([corpus], tok, 32, seed=3, eval_fraction=0.2)[::-1]
+    assert np.array_equal(again.documents, eval_src.documents)
+    assert np.array_equal(again.instances, eval_src.instances)
+    other = pretraining_sources([corpus], tok, 32, seed=4, eval_fraction=0.2)[1]
+    assert not np.array_equal(other.documents, eval_src.documents)
+
+
+def test_pretraining_evaluates_an_eval_split(world, tmp_path: Path) -> None:
+    corpus, model = world
+    out = tmp_path / "out"
+    result = run("--data", corpus, "--eval-split", 0.2, "--model", model, "--out", out,
+                 "--batch-size", 8, "--seq-len", 32, "--max-steps", 6, "--eval-every", 3,
+                 "--log-every", 5, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 3, 5, 6]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert {"eval_mlm_acc", "eval_nsp_acc", "eval_mlm_loss"} <= evals[0].keys()
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["settings"]["eval_split"] == 0.2 and run_json["eval_examples"] > 0
+    # a resume with another split is refused, naming the flag
+    result = run("--data", corpus, "--eval-split", 0.1, "--model", model, "--out", out,
+                 "--batch-size", 8, "--seq-len", 32, "--max-steps", 6, "--eval-every", 3,
+                 "--log-every", 5, "--threads", 1, "--resume")
+    assert result.exit_code == 2 and "--eval-split 0.2" in result.output, result.output
+
+
+def test_eval_split_defaults_and_errors(world, tmp_path: Path) -> None:
+    assert TrainConfig().eval_split == 0.02  # the embedded corpus
+    assert TrainConfig(data=("c.txt",)).eval_split == 0.0
+    assert TrainConfig(eval_data=("e.txt",)).eval_split == 0.0
+    assert "eval_split" not in TrainConfig(data=("c.txt",)).trajectory(1)
+    corpus, model = world
+    result = run("--data", corpus, "--eval-data", corpus, "--eval-split", 0.1, "--model", model,
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: give --eval-data FILE or --eval-split F, not both"]
+    result = run("--data", corpus, "--eval-split", 0.5, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--eval-split" in result.output
