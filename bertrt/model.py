@@ -7,9 +7,10 @@ the model and `save()` writes the trained values.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,10 +46,12 @@ class Model:
         head: str | None,
         weights: dict[str, torch.Tensor],
         tokenizer: Tokenizer | None = None,
+        graph: Graph | None = None,
     ) -> None:
         self.config = config
         self.head = canonical_head(head)
-        self.graph: Graph = build_bert(config, self.head)
+        #: `graph` may be passed when the caller already built it for this config and head.
+        self.graph: Graph = graph if graph is not None else build_bert(config, self.head)
         missing = [n for n in self.graph.params if n not in weights]
         if missing:
             raise WeightsError(f"no weights for parameter(s) {missing[:5]}")
@@ -72,7 +75,7 @@ class Model:
         The same seed gives the same weights."""
         graph = build_bert(config, canonical_head(head))
         weights = init_weights(graph, config, seed)
-        return cls(config, head, weights, tokenizer)
+        return cls(config, head, weights, tokenizer, graph=graph)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], head: str | None = None) -> Model:
@@ -95,21 +98,15 @@ class Model:
             more = f" (and {len(encoder_missing) - 5} more)" if len(encoder_missing) > 5 else ""
             raise WeightsError(f"{model_dir}: missing tensor(s) {shapes}{more}")
         if report.missing:
-            fresh = init_weights(graph, config, seed=0)
-            for name in report.missing:
-                weights[name] = fresh[name]
+            weights.update(init_weights(graph, config, seed=0, names=report.missing))
             warnings.warn(
                 f"{model_dir}: the checkpoint has no weights for the {head} head; initialised "
                 f"fresh: {', '.join(report.missing)}",
                 stacklevel=2,
             )
         tokenizer = _load_tokenizer(model_dir)
-        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-            raise ConfigError(
-                f"{model_dir / 'vocab.txt'}: {tokenizer.vocab_size} tokens, more than "
-                f"vocab_size={config.vocab_size} in config.json"
-            )
-        model = cls(config, head, weights, tokenizer)
+        _check_vocab(tokenizer, config, f"{model_dir / 'vocab.txt'}")
+        model = cls(config, head, weights, tokenizer, graph=graph)
         model.fresh_params = list(report.missing)
         return model
 
@@ -124,9 +121,7 @@ class Model:
 
     @tokenizer.setter
     def tokenizer(self, tokenizer: Tokenizer | None) -> None:
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than "
-                              f"vocab_size={self.config.vocab_size}")
+        _check_vocab(tokenizer, self.config, "tokenizer")
         self._tokenizer = tokenizer
 
     @property
@@ -206,13 +201,9 @@ class Model:
             model_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BertrtError(f"{model_dir}: cannot create directory ({exc.strerror})") from None
-        config = self.config
-        extra = dict(config.extra)
-        extra["architectures"] = [ARCHITECTURES[self.head]]
-        if self.head in ("classification", "token-classification"):
-            extra.setdefault("id2label", {str(i): v for i, v in config.id2label.items()})
-            extra.setdefault("label2id", {v: i for i, v in config.id2label.items()})
-        config = BertConfig.from_dict({**config.to_dict(), **extra})
+        # to_dict() writes id2label/label2id itself; only the class name depends on the head
+        config = dataclasses.replace(
+            self.config, extra={**self.config.extra, "architectures": [ARCHITECTURES[self.head]]})
         write_safetensors(self.weights, model_dir / SAFETENSORS)
         config.save(model_dir)
         if self._tokenizer is not None:
@@ -240,30 +231,38 @@ class Model:
 
 
 def _graph_for_head(model: Model, head: str) -> tuple[Graph, dict[str, torch.Tensor]]:
-    """The graph of `model`'s encoder under another head, and its weights by graph name."""
+    """The graph of `model`'s encoder under another head, and its weights by graph name
+    (mapped as at load time: the `bert.` prefix added or dropped, other heads' tensors unused)."""
     graph = build_bert(model.config, head)
-    renamed: dict[str, torch.Tensor] = {}
-    for name in graph.params:
-        bare = name.removeprefix("bert.")
-        for candidate in (name, bare, "bert." + bare):
-            if candidate in model.weights:
-                renamed[name] = model.weights[candidate]
-                break
-        else:
-            raise WeightsError(f"cannot export head {head!r}: the model has no weights for "
-                               f"{name} (it holds the {model.head} head)")
-    return graph, renamed
+    report = match_tensors(graph, model.weights, f"the {model.head} model")
+    if report.missing:
+        raise WeightsError(f"cannot export head {head!r}: the model has no weights for "
+                           f"{report.missing[0]} (it holds the {model.head} head)")
+    return graph, report.matched
+
+
+def _check_vocab(tokenizer: Tokenizer | None, config: BertConfig, source: str) -> None:
+    """More tokens than vocab_size is an error (fewer is legal: checkpoints pad the table)."""
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"{source}: {tokenizer.vocab_size} tokens, more than "
+                          f"vocab_size={config.vocab_size} in config.json")
 
 
 def _is_head_param(name: str) -> bool:
     return name.startswith(HEAD_PREFIXES)
 
 
-def init_weights(graph: Graph, config: BertConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic BERT initialisation of every graph parameter, in graph order."""
+def init_weights(graph: Graph, config: BertConfig, seed: int,
+                 names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Deterministic BERT initialisation of the graph's parameters, drawn in graph order from
+    the seed; with `names`, only those are drawn (say, a head a checkpoint lacks), so a large
+    table that is not wanted costs nothing."""
     gen = torch.Generator().manual_seed(int(seed))
+    wanted = set(graph.params) if names is None else set(names)
     weights: dict[str, torch.Tensor] = {}
     for name, value in graph.params.items():
+        if name not in wanted:
+            continue
         kind, *args = value.init
         shape = tuple(int(d) for d in value.shape)
         if kind == "normal":

@@ -37,6 +37,10 @@ class TorchOp:
     inplace: Callable[..., Any] | None = None
 
 
+def _gather(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return F.embedding(indices, table)
+
+
 def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device)
 
@@ -87,7 +91,7 @@ def _dropout(x: torch.Tensor, *, p: float, training: bool) -> torch.Tensor:
 
 
 TORCH_OPS: dict[str, TorchOp] = {
-    "GATHER": TorchOp(F.embedding),  # F.embedding(ids, table): arguments swapped in codegen
+    "GATHER": TorchOp(_gather),
     "POSITION_IDS": TorchOp(_position_ids),
     "ADD": TorchOp(_add, inplace=_add_),
     "SCALE": TorchOp(lambda x, *, factor: x * factor),
@@ -110,10 +114,6 @@ TORCH_OPS: dict[str, TorchOp] = {
     "BIAS_GELU": TorchOp(kernels.bias_gelu),
     "ATTENTION": TorchOp(kernels.attention, training=True),
 }
-
-#: Ops whose torch function takes its inputs in another order than the IR's.
-_ARG_ORDER: dict[str, tuple[int, ...]] = {"GATHER": (1, 0)}
-
 
 class LoweredModule(nn.Module):
     """A BERT graph as an `nn.Module`.
@@ -142,15 +142,15 @@ class LoweredModule(nn.Module):
         self.graph_name = graph.name
         self.output_names = tuple(graph.outputs)
         self.input_names = tuple(v.name for v in graph.inputs)
-        max_pos = [p.shape[0] for n, p in zip(graph.params, params)
-                   if n.endswith("embeddings.position_embeddings.weight")]
-        type_vocab = [p.shape[0] for n, p in zip(graph.params, params)
-                      if n.endswith("embeddings.token_type_embeddings.weight")]
-        vocab = [p.shape[0] for n, p in zip(graph.params, params)
-                 if n.endswith("embeddings.word_embeddings.weight")]
-        self.max_positions = max_pos[0] if max_pos else None
-        self.type_vocab_size = type_vocab[0] if type_vocab else None
-        self.vocab_size = vocab[0] if vocab else None
+
+        def rows(table: str) -> int | None:  # the size of an embedding table, for input checks
+            sizes = [int(v.shape[0]) for n, v in graph.params.items()
+                     if n.endswith(f"embeddings.{table}.weight")]
+            return sizes[0] if sizes else None
+
+        self.max_positions = rows("position_embeddings")
+        self.type_vocab_size = rows("token_type_embeddings")
+        self.vocab_size = rows("word_embeddings")
         #: Check token ids against the tables (costs a reduction per call; off for speed).
         self.check_inputs = True
         self.source, self._forward = generate_forward(graph,
@@ -323,9 +323,6 @@ class _Emitter:
                 inputs.insert(0, inputs.pop(target))  # in-place ops here are commutative
         self.env[fn_name] = fn
         args = [names[id(v)] if v is not None else "None" for v in inputs]
-        order = _ARG_ORDER.get(node.op)
-        if order is not None:
-            args = [args[k] for k in order]
         kwargs = [f"{k}={_literal(v)}" for k, v in node.attrs.items()]
         if entry.training:
             kwargs.append("training=training")
@@ -352,8 +349,7 @@ def generate_forward(
     env: dict[str, Any] = {"CHECKPOINT": _checkpoint}
     emit = _Emitter(graph, env, inference)
     param_index = {id(v): i for i, v in enumerate(graph.params.values())}
-    names: dict[int, str] = {id(v): f"p{i}" for v, i in
-                             ((v, param_index[id(v)]) for v in graph.params.values())}
+    names: dict[int, str] = {key: f"p{i}" for key, i in param_index.items()}
     names.update({id(v): v.name for v in graph.inputs})
     keep = {id(v) for v in graph.outputs.values()}
     segments = _segments(graph) if checkpoint_layers else [(None, list(graph.nodes))]
@@ -444,7 +440,7 @@ def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
 
     With `checkpoint_layers`, each encoder layer's activations are recomputed in the backward
     pass instead of kept."""
-    unknown = [v.name for v in graph.values() if v.kind is ValueKind.INPUT and v.name not in (
+    unknown = [v.name for v in graph.inputs if v.name not in (
         "input_ids", "attention_mask", "token_type_ids", "masked_positions")]
     if unknown:
         raise NotImplementedError(f"graph inputs {unknown} are not supported by the torch forward")
