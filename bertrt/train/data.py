@@ -18,7 +18,7 @@ Pre-training instances follow BERT's ``create_pretraining_data.py`` (see
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -32,7 +32,7 @@ from bertrt.train.corpus import DataError, read_documents
 __all__ = [
     "IGNORE_INDEX", "CorpusIndex", "Example", "ExampleSource", "PackedSource",
     "PretrainingSource", "batch_indices", "collate_pretraining", "create_instances",
-    "epoch_permutation", "holdout_documents", "index_corpus", "iter_step_indices",
+    "epoch_permutation", "holdout_documents", "index_corpus",
     "mask_example", "pretraining_source", "pretraining_sources",
 ]
 
@@ -162,10 +162,6 @@ class PackedSource:
             tags=None if self._tags is None else self._tags[lo:hi].tolist(),
             words=None if self._words is None else self._words[lo:hi].tolist(),
         )
-
-    def lengths(self) -> np.ndarray:
-        """(N,) the unpadded length of each example, in file order."""
-        return np.diff(self._offsets)
 
 
 # ------------------------------------------------------------------------- pre-training
@@ -715,10 +711,4 @@ def batch_indices(step: int, micro_step: int, batch_size: int, grad_accum: int, 
     start = step * global_batch + (micro_step * world_size + rank) * batch_size
     return list(range(start, start + batch_size))
 
-
-def iter_step_indices(step: int, batch_size: int, grad_accum: int, rank: int,
-                      world_size: int) -> Iterator[list[int]]:
-    """``batch_indices`` for each micro-step of ``step``, in order."""
-    for m in range(grad_accum):
-        yield batch_indices(step, m, batch_size, grad_accum, rank, world_size)
 

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -51,6 +50,7 @@ from bertrt.train import checkpoint as ckpt
 from bertrt.train import losses
 from bertrt.train.config import BEST_METRIC, TrainConfig, check_same_run, config_hash
 from bertrt.train.optim import build_optimizer, build_scheduler
+from bertrt.weights import HEAD_PREFIXES
 
 KILL_HOOK = "BERTRT_TEST_KILL_AT_STEP"
 METRICS = "metrics.jsonl"
@@ -230,9 +230,10 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
             t0 = time.perf_counter()
             # The step's micro-batches first: the loss denominators count all of them.
             batches = [task.batch(step, micro, env) for micro in range(cfg.grad_accum)]
-            counts = env.all_sum(sum(task.counts(b) for b in batches))
-            denominators = (counts / env.world).to(env.device)  # DDP averages over ranks
-            stats = torch.zeros(len(task.stat_names) + 1, dtype=torch.float64)
+            counts = sum(task.counts(b) for b in batches).to(env.device)
+            denominators = env.all_sum(counts) / env.world  # DDP averages over ranks
+            # summed on the device: one host sync per step (below), not one per micro-step
+            stats = torch.zeros(len(task.stat_names) + 1, dtype=torch.float64, device=env.device)
             for micro, batch in enumerate(batches):
                 last_micro = micro == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not env.enabled else (
@@ -242,9 +243,9 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
                         outputs = module(**task.inputs(batch, env.device))
                         loss, micro_stats = task.loss(outputs, batch, denominators)
                     scaler.scale(loss).backward()
-                stats[:-1] += micro_stats.cpu()
+                stats[:-1] += micro_stats
                 stats[-1] += batch["input_ids"].numel()  # token positions, padding included
-            env.all_sum(stats)
+            stats = env.all_sum(stats).cpu()
             step_metrics = task.summarize(stats[:-1])  # the step's, over all ranks
             if not math.isfinite(step_metrics["loss"]):
                 raise _non_finite(f"the loss is {step_metrics['loss']}", step + 1, out)
@@ -618,7 +619,7 @@ def _model(cfg: TrainConfig, tokenizer: Tokenizer, labels: list[str] | None, bas
     with torch.no_grad():
         for name, tensor in model.weights.items():
             source = _find_weight(base.weights, name)
-            head_param = not re.match(r"^(bert\.)?(embeddings|encoder|pooler)\.", name)
+            head_param = name.startswith(HEAD_PREFIXES)
             if source is not None and source.shape == tensor.shape and (
                     same_head or not head_param):
                 tensor.copy_(source)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from bertrt.train.data import IGNORE_INDEX as IGNORE
 
 PRETRAINING_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count",
                      "nsp_loss_sum", "nsp_correct", "nsp_count")
-CLASSIFICATION_STATS = ("loss_sum", "correct", "count")
-TAGGING_STATS = CLASSIFICATION_STATS
+CLASSIFICATION_STATS = ("loss_sum", "correct", "count")  # tagging uses these too
 
 
 def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,5 +86,3 @@ def classification_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch
                              keep.sum().double()])
     return loss, stats
 
-
-tagging_loss = classification_loss

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bertrt.tokenizer import Tokenizer
-from bertrt.train.corpus import DataError, iter_json_objects, iter_lines
+from bertrt.train.corpus import JSON_SUFFIXES, DataError, iter_json_objects, iter_lines
 from bertrt.train.data import IGNORE_INDEX, Example, PackedSource
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-JSONL_SUFFIXES = (".jsonl", ".json")
 DOCSTART = "-DOCSTART-"
 _INT = re.compile(r"[+-]?\d+")
 
@@ -110,7 +109,7 @@ def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         rows: Iterator[tuple[int, dict[str, Any]]] = _rows_table(path, TABLE_SUFFIXES[suffix])
-    elif suffix in JSONL_SUFFIXES:
+    elif suffix in JSON_SUFFIXES:
         rows = _rows_jsonl(path)
     else:
         raise DataError(f"{path}: unknown format {suffix!r} (expected .csv, .tsv or .jsonl)")
