@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -185,10 +185,9 @@ class Model:
             graph, _ = fused_copy(graph, "all")
         weights = {name: tensors[name].detach().to("cpu", torch.float32).numpy()
                    for name in graph.params}
-        metadata = {"config": self.config.to_dict(), "head": graph.metadata.get("head")}
+        metadata: dict[str, Any] = {"config": self.config.to_dict()}
         if self.has_tokenizer:
             metadata["vocab"] = self.tokenizer.vocab
-        metadata["padding"] = padding
         return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
                       metadata=metadata, padding=padding)
 

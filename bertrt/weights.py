@@ -10,8 +10,6 @@ the `bert.` prefix added or removed, tied decoder weights dropped, buffers such 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bertrt.errors import WeightsError
+from bertrt.fileio import atomic_path
 from bertrt.graph.ir import Graph
 
 SAFETENSORS = "model.safetensors"
@@ -168,13 +167,6 @@ def match_tensors(graph: Graph, tensors: Mapping[str, torch.Tensor], source: str
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "pt", **(metadata or {})})

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bertrt.errors import BertrtError
+from bertrt.fileio import atomic_write_bytes
 from bertrt.graph.ir import DType, Graph, Node, SymbolicDim, Value, ValueKind
 from bertrt.graph.ops import REGISTRY
 from bertrt.graph.passes import shape_inference
@@ -52,8 +52,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 DROPPED_INPUTS = ("masked_positions",)
 
 _FLOAT32_MIN = float(np.finfo(np.float32).min)
-_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
-          TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_}
 _ELEM = {DType.FLOAT32: TensorProto.FLOAT, DType.FLOAT16: TensorProto.FLOAT16,
          DType.BFLOAT16: TensorProto.BFLOAT16, DType.INT64: TensorProto.INT64,
          DType.INT32: TensorProto.INT32, DType.BOOL: TensorProto.BOOL}
@@ -130,7 +128,7 @@ class Emitter:
 
     def const(self, value: Any, dtype: int) -> str:
         """A small constant initializer: a scalar for a number, a vector for a list."""
-        arr = np.asarray(value, dtype=_NUMPY[dtype])
+        arr = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
         key = ("const", dtype, arr.shape, arr.tobytes())
         if key not in self._cache:
             name = self.fresh(f"const_{helper.tensor_dtype_to_np_dtype(dtype).name}")
@@ -146,7 +144,7 @@ class Emitter:
                     float(np.abs(arr).max()) > float(np.finfo(np.float16).max)):
                 raise BertrtError(f"weights: {name} holds values beyond the fp16 range "
                                   "(|x| > 65504); export it with fp16=False")
-            arr = arr.astype(_NUMPY[self.float_type])
+            arr = arr.astype(helper.tensor_dtype_to_np_dtype(self.float_type))
             dtype = self.float_type
         else:
             dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
@@ -484,11 +482,12 @@ def _ort_embed_layer_norm(ctx: Emitter, node: Node) -> str:
 
 def _raw_mask(ctx: Emitter) -> str | None:
     """The ONNX name of the (B, S) attention_mask input when attention reads it, else None."""
-    for value in ctx.graph.inputs:
-        if value.name == "attention_mask" and any(
-                user.op == "ATTENTION_MASK" for user, _ in value.users):
-            return ctx.value(value)
-    return None
+    try:
+        value = ctx.graph.input("attention_mask")
+    except KeyError:
+        return None
+    reads = any(user.op == "ATTENTION_MASK" for user, _ in value.users)
+    return ctx.value(value) if reads else None
 
 
 def _ort_attention(ctx: Emitter, node: Node) -> str:
@@ -647,7 +646,10 @@ def _check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
 
 
 def _inference_graph(graph: Graph) -> Graph:
-    """A copy without the dropped inputs (their readers see them absent), shapes re-inferred."""
+    """The graph without the dropped inputs (their readers see them absent): a copy with shapes
+    re-inferred when there is one to drop, else the graph itself (its shapes already hold)."""
+    if not any(v.name in DROPPED_INPUTS for v in graph.inputs):
+        return graph
     copy = graph.copy()
     for value in [v for v in copy.inputs if v.name in DROPPED_INPUTS]:
         for node, index in value.users:
@@ -704,7 +706,7 @@ def _assemble(ctx: Emitter, graph: Graph, metadata: dict[str, Any], fp16: bool) 
         ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
         doc_string=f"bertrt {graph.name} ({ctx.flavour} flavour{', fp16' if fp16 else ''})",
     )
-    props = _metadata(graph, metadata, ctx.flavour, ctx.opset, fp16, version)
+    props = _metadata(graph, metadata, ctx.flavour, ctx.opset, fp16, version, ctx.padding)
     helper.set_model_props(model, props)
     return model
 
@@ -721,28 +723,24 @@ def _prune(nodes: list[NodeProto], outputs: set[str]) -> list[NodeProto]:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from bertrt import __version__  # torch-free: bertrt imports its model layer lazily
 
-    try:
-        return version("bertrt")
-    except PackageNotFoundError:  # a source checkout: the package already imported says
-        return str(getattr(sys.modules.get("bertrt"), "__version__", "0.1.0"))
+    return __version__
 
 
 def _metadata(graph: Graph, given: dict[str, Any], flavour: str, opset: int, fp16: bool,
-              version: str) -> dict[str, str]:
+              version: str, padding: str) -> dict[str, str]:
     config = given.pop("config", None) or {}
     head = given.pop("head", None) or graph.metadata.get("head", "none")
     vocab = given.pop("vocab", None)
-    counts = {name: 0 for name, op in REGISTRY.items() if op.fused}
-    for node in graph.nodes:
-        if node.op in counts:
-            counts[node.op] += 1
+    present = graph.op_counts()
+    counts = {name: present.get(name, 0) for name, op in REGISTRY.items() if op.fused}
     props = {
         "bertrt_version": version,
         "flavour": flavour,
         "fp16": "true" if fp16 else "false",
         "opset": str(opset),
+        "padding": padding,
         "head": str(head),
         "config": json.dumps(config, sort_keys=True),
         "fusions": json.dumps(counts, sort_keys=True),
@@ -774,14 +772,7 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
         if size <= EXTERNAL_DATA_THRESHOLD:
             data = model.SerializeToString()
             onnx.checker.check_model(data, full_check=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(path, data)
             return
         # Over protobuf's 2 GiB: tensors in `<name>.data`; the checker reads it by path.
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

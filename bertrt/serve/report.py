@@ -80,7 +80,8 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
         if x.shape != y.shape:
             diffs[name] = float("inf")
             continue
-        if x.ndim >= 2 and x.shape[:2] == keep.shape:
+        # per-token outputs are (B, S, ...); a (B, H) pooler output with H == S is not one
+        if x.ndim >= 3 and x.shape[:2] == keep.shape:
             x, y = x[keep], y[keep]
         diffs[name] = float(np.max(np.abs(x - y))) if x.size else 0.0
     return diffs

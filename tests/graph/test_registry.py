@@ -41,3 +41,15 @@ def test_every_op_is_documented_and_has_well_formed_inputs():
         # optional inputs come last, except the fused embedding's token types slot
         if name != "EMBED_LAYER_NORM":
             assert optional == sorted(optional), name
+
+
+def test_ir_and_onnx_lowering_load_no_torch():
+    """DESIGN's layers: the IR imports neither torch nor onnx, and the ONNX lowering does not
+    load torch, not even through `bertrt/__init__.py` (checked in a fresh interpreter)."""
+    import subprocess
+
+    code = ("import sys, bertrt.graph, bertrt.graph.passes, bertrt.graph.inspect; "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'IR'; "
+            "import bertrt.lower.to_onnx; assert 'torch' not in sys.modules, 'to_onnx'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

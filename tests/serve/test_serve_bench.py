@@ -289,3 +289,15 @@ def test_onnx_backend_feeds_only_declared_inputs_in_declared_types(tiny_onnx):
     assert set(feeds) == declared
     out = backend.run(batch)
     assert out["last_hidden_state"].shape == (1, 3, 128)
+
+
+def test_max_abs_diff_masks_only_per_token_outputs():
+    """A (B, H) pooler output whose H happens to equal S must be compared whole."""
+    from bertrt.serve.report import max_abs_diff
+
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    a = {"pooler_output": np.zeros((2, 4)), "last_hidden_state": np.zeros((2, 4, 3))}
+    b = {"pooler_output": np.zeros((2, 4)), "last_hidden_state": np.zeros((2, 4, 3))}
+    b["pooler_output"][0, 3] = 0.5  # column 3 is no position: it must count
+    b["last_hidden_state"][0, 3] = 9.0  # a padded position: it must not
+    assert max_abs_diff(a, b, mask) == {"pooler_output": 0.5, "last_hidden_state": 0.0}
