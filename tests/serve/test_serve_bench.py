@@ -212,7 +212,9 @@ def test_batcher_pads_to_the_longest_and_masks_real_lengths():
     it = iter(requests)
     for batch in batches:
         mask = batch.inputs["attention_mask"]
-        np.testing.assert_array_equal(mask.sum(axis=1), batch.lengths)
+        np.testing.assert_array_equal(mask.sum(axis=1), lengths[:batch.size])
+        np.testing.assert_array_equal(batch.lengths, lengths[:batch.size])
+        lengths = lengths[batch.size:]
         assert batch.tokens == int(mask.sum()) and batch.positions == mask.size
         for row in range(batch.size):
             req = next(it)
