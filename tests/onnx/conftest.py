@@ -17,24 +17,6 @@ import torch
 
 import bertrt
 
-#: Small configurations, one per GELU form and one without GELU (relu, a single type id).
-RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "h24-n2-l2-gelu": dict(
-        vocab_size=64, hidden_size=24, num_attention_heads=2, num_hidden_layers=2,
-        intermediate_size=40, type_vocab_size=4, hidden_act="gelu", layer_norm_eps=1e-3,
-        max_position_embeddings=20,
-    ),
-    "h32-n4-l2-gelu_new": dict(
-        vocab_size=101, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-        intermediate_size=64, type_vocab_size=3, hidden_act="gelu_new", layer_norm_eps=1e-5,
-        max_position_embeddings=24,
-    ),
-    "h48-n3-l1-relu": dict(
-        vocab_size=77, hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
-        intermediate_size=80, type_vocab_size=1, hidden_act="relu", layer_norm_eps=1e-7,
-        max_position_embeddings=16,
-    ),
-}
 LABELS = ["neg", "neu", "pos"]
 
 
@@ -61,13 +43,13 @@ def minilm(minilm_dir: Path) -> bertrt.Model:
 
 
 @pytest.fixture(scope="session")
-def random_model() -> Callable[[str, str], bertrt.Model]:
+def random_model(random_configs: dict[str, dict[str, Any]]) -> Callable[[str, str], bertrt.Model]:
     """`random_model(config_name, head)`: a seeded model with perturbed weights (cached)."""
     cache: dict[tuple[str, str], bertrt.Model] = {}
 
     def make(config: str, head: str) -> bertrt.Model:
         if (config, head) not in cache:
-            cfg = bertrt.BertConfig(**RANDOM_CONFIGS[config]).with_labels(LABELS)
+            cfg = bertrt.BertConfig(**random_configs[config]).with_labels(LABELS)
             model = bertrt.Model.from_config(cfg, head=head, seed=len(cache))
             cache[(config, head)] = perturb_(model, seed=len(cache))
         return cache[(config, head)]

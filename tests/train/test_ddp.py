@@ -16,7 +16,6 @@ import torch
 from click.testing import CliRunner
 
 import bertrt
-from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from bertrt.train.checkpoint import STATE_FILE, list_checkpoints
 from bertrt.train.cli import train
 
@@ -24,14 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 5
 
 
-def word_tokenizer(*texts: Path) -> Tokenizer:
-    """A vocabulary of exactly the words of `texts` (deterministic, unlike a trained one)."""
-    words = {w for path in texts for w in path.read_text().split()}
-    return Tokenizer([*SPECIAL_TOKENS, *sorted(words)])
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     rng = random.Random(2)
     words = ("north south east west over under inside outside quick slow bright dark loud "

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 import bertrt
-from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from bertrt.train.cli import train
 
 FILLER = ("the a of to and in on with for from by at some many few old new small large red "
@@ -45,14 +44,8 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def word_tokenizer(*texts: Path) -> Tokenizer:
-    """A vocabulary of exactly the words of `texts` (deterministic, unlike a trained one)."""
-    words = {w for path in texts for w in path.read_text().split()}
-    return Tokenizer([*SPECIAL_TOKENS, *sorted(words)])
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("finetune")
     train_csv = write_csv(root / "train.csv", keyword_order_rows(800, seed=0))
     eval_csv = write_csv(root / "eval.csv", keyword_order_rows(200, seed=1))
@@ -97,7 +90,7 @@ def test_classification_reaches_90_percent_and_keeps_the_best(world, tmp_path: P
     assert bertrt.load(out / "best").config.id2label == final.config.id2label
 
 
-def test_tagging_reports_entity_f1(tmp_path: Path) -> None:
+def test_tagging_reports_entity_f1(word_tokenizer, tmp_path: Path) -> None:
     rng = random.Random(0)
     people, cities = ["anna", "omar", "li", "sara"], ["paris", "lima", "oslo", "rome"]
     other = "went to visit met saw in the and from".split()

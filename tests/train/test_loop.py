@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import bertrt
-from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from bertrt.train import losses
 from bertrt.train.checkpoint import list_checkpoints
 from bertrt.train.cli import train
@@ -49,8 +48,7 @@ def write_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
     return path
 
 
-def write_model(path: Path, corpus: Path, dropout: float = 0.0, hidden: int = 32) -> Path:
-    tok = word_tokenizer(corpus)
+def write_model(tok: bertrt.Tokenizer, path: Path, dropout: float = 0.0, hidden: int = 32) -> Path:
     config = bertrt.BertConfig(
         vocab_size=tok.vocab_size, hidden_size=hidden, num_attention_heads=2,
         num_hidden_layers=2, intermediate_size=2 * hidden, max_position_embeddings=64,
@@ -59,17 +57,11 @@ def write_model(path: Path, corpus: Path, dropout: float = 0.0, hidden: int = 32
     return path
 
 
-def word_tokenizer(*texts: Path) -> Tokenizer:
-    """A vocabulary of exactly the words of `texts` (deterministic, unlike a trained one)."""
-    words = {w for path in texts for w in path.read_text().split()}
-    return Tokenizer([*SPECIAL_TOKENS, *sorted(words)])
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, word_tokenizer) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("loop")
     corpus = write_corpus(root / "corpus.txt")
-    return corpus, write_model(root / "model", corpus)
+    return corpus, write_model(word_tokenizer(corpus), root / "model")
 
 
 def run(*args: str):
@@ -306,7 +298,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world,
 
 
 # ---------------------------------------------------------------------- --eval-split
-def test_eval_split_holds_out_disjoint_documents_chosen_by_the_seed(world) -> None:
+def test_eval_split_holds_out_disjoint_documents_chosen_by_the_seed(word_tokenizer, world) -> None:
     import numpy as np
 
     from bertrt.train.data import index_corpus, pretraining_sources

@@ -20,19 +20,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import bertrt
-from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from bertrt.train import loop
 from bertrt.train.checkpoint import STATE_FILE, list_checkpoints
 from bertrt.train.cli import train
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
-
-
-def word_tokenizer(*texts: Path) -> Tokenizer:
-    """A vocabulary of exactly the words of `texts` (deterministic, unlike a trained one)."""
-    words = {w for path in texts for w in path.read_text().split()}
-    return Tokenizer([*SPECIAL_TOKENS, *sorted(words)])
 
 
 def write_corpus(path: Path, docs: int = 200) -> Path:
@@ -46,7 +39,7 @@ def write_corpus(path: Path, docs: int = 200) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("resume")
     corpus = write_corpus(root / "corpus.txt")
     tok = word_tokenizer(corpus)
