@@ -115,9 +115,8 @@ def _vocab_to_list(vocab: Mapping[str, int] | Sequence[str], source: str) -> lis
     return out
 
 
-def _build_backend(tokens: list[str], lowercase: bool, strip_accents: bool | None,
+def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None,
                    tokenize_chinese_chars: bool) -> tokenizers.Tokenizer:
-    vocab = {t: i for i, t in enumerate(tokens)}
     tok = tokenizers.Tokenizer(
         WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
     )
@@ -175,7 +174,6 @@ class Tokenizer:
                  strip_accents: bool | None = None, tokenize_chinese_chars: bool = True,
                  model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, _source: str = "vocab"):
         self._tokens = _vocab_to_list(vocab, _source)
-        self._vocab = {t: i for i, t in enumerate(self._tokens)}
         self._lowercase = _check_bool(lowercase, "lowercase")
         self._strip_accents = _check_bool(strip_accents, "strip_accents", allow_none=True)
         self._tokenize_chinese_chars = _check_bool(tokenize_chinese_chars,
@@ -184,7 +182,8 @@ class Tokenizer:
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._backend = _build_backend(self._tokens, self._lowercase, self._strip_accents,
+        self._vocab = {t: i for i, t in enumerate(self._tokens)}
+        self._backend = _build_backend(self._vocab, self._lowercase, self._strip_accents,
                                        self._tokenize_chinese_chars)
         self._special_ids = frozenset(self._vocab[t] for t in SPECIAL_TOKENS)
 
@@ -196,7 +195,6 @@ class Tokenizer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._tokens = state["tokens"]
-        self._vocab = {t: i for i, t in enumerate(self._tokens)}
         self._lowercase = state["lowercase"]
         self._strip_accents = state["strip_accents"]
         self._tokenize_chinese_chars = state["tokenize_chinese_chars"]
@@ -284,13 +282,13 @@ class Tokenizer:
         if not isinstance(tok.model, WordPiece):
             raise TokenizerError(f"{_source}: expected a WordPiece model, got "
                                  f"{type(tok.model).__name__}")
-        norm = (json.loads(tok.to_str()).get("normalizer") or {})
-        if norm.get("type") == "BertNormalizer":
+        norm = tok.normalizer  # its settings, without serialising the whole tokenizer
+        if isinstance(norm, normalizers.BertNormalizer):
             if lowercase is None:
-                lowercase = bool(norm.get("lowercase", True))
-                strip_accents = norm.get("strip_accents")
+                lowercase = bool(norm.lowercase)
+                strip_accents = norm.strip_accents
             if tokenize_chinese_chars is None:
-                tokenize_chinese_chars = bool(norm.get("handle_chinese_chars", True))
+                tokenize_chinese_chars = bool(norm.handle_chinese_chars)
         vocab = tok.get_vocab(with_added_tokens=False)
         return cls(vocab, lowercase=True if lowercase is None else lowercase,
                    strip_accents=strip_accents,
@@ -589,7 +587,6 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             raise TokenizerError(f"{path}: is a directory (expected the vocab.txt file to write)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "".join(t + "\n" for t in self._tokens))
         return path
 
@@ -603,7 +600,6 @@ class Tokenizer:
             path: the directory.
         """
         d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
         self.save_vocab(d / VOCAB_FILE)
         config = {
             "tokenizer_class": "BertTokenizer",
@@ -626,7 +622,7 @@ def _pair_lengths(n1: int, n2: int, budget: int) -> tuple[int, int]:
     """
     if n1 + n2 <= budget:
         return n1, n2
-    short, long_ = (n1, n2) if n1 <= n2 else (n2, n1)
+    short = min(n1, n2)
     if short <= budget // 2:
         cut = (short, budget - short)
     else:
@@ -810,8 +806,6 @@ def train_vocab(files: Iterable[str | os.PathLike[str]] | None = None, *,
     counter = [0]
     try:
         tok.train_from_iterator(_iter_corpus(paths, texts, counter), trainer=trainer)
-    except TokenizerError:
-        raise
     except Exception as e:
         # The Rust side re-raises an error of the iterator as its own exception type; recover
         # our one-line message when it is ours.
