@@ -35,6 +35,9 @@ class TorchOp:
     #: Same result written into the first input; used only outside autograd, and only when
     #: that input is an intermediate read by nobody after this node, of the output's type.
     inplace: Callable[..., Any] | None = None
+    #: `fn` may return its first input or a view of it (so writing into the result would
+    #: write into that input).
+    aliases: bool = False
 
 
 def _gather(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -101,14 +104,14 @@ TORCH_OPS: dict[str, TorchOp] = {
     "RELU": TorchOp(F.relu),
     "SILU": TorchOp(F.silu),
     "TANH": TorchOp(torch.tanh),
-    "DROPOUT": TorchOp(_dropout, training=True),
+    "DROPOUT": TorchOp(_dropout, training=True, aliases=True),
     "SOFTMAX": TorchOp(lambda x, *, axis: torch.softmax(x, axis)),
     "ATTENTION_MASK": TorchOp(_attention_mask),
-    "SPLIT_HEADS": TorchOp(_split_heads),
-    "MERGE_HEADS": TorchOp(_merge_heads),
+    "SPLIT_HEADS": TorchOp(_split_heads, aliases=True),
+    "MERGE_HEADS": TorchOp(_merge_heads, aliases=True),
     "MATMUL": TorchOp(_matmul),
-    "SELECT_TOKEN": TorchOp(lambda x, *, index: x[:, index]),
-    "GATHER_ROWS": TorchOp(_gather_rows),
+    "SELECT_TOKEN": TorchOp(lambda x, *, index: x[:, index], aliases=True),
+    "GATHER_ROWS": TorchOp(_gather_rows, aliases=True),
     "EMBED_LAYER_NORM": TorchOp(kernels.embed_layer_norm, training=True),
     "SKIP_LAYER_NORM": TorchOp(kernels.skip_layer_norm, training=True),
     "BIAS_GELU": TorchOp(kernels.bias_gelu),
@@ -403,10 +406,6 @@ def generate_forward(
     return source, env["forward"]
 
 
-#: Ops whose torch function may return its first input or a view of it.
-_ALIASING = frozenset({"DROPOUT", "SELECT_TOKEN", "SPLIT_HEADS", "MERGE_HEADS", "GATHER_ROWS"})
-
-
 def _inplace_target(node: Node, last_use: dict[int, int], index: int) -> int | None:
     """Which input (0 or 1) a commutative in-place op may overwrite, if any: one that dies at
     this node, has the output's type, and aliases no value that is still live (or is an
@@ -426,7 +425,7 @@ def _owns_storage(v: Value, last_use: dict[int, int], index: int) -> bool:
         if v.kind is not ValueKind.NODE or last_use.get(id(v), index + 1) > index:
             return False
         assert v.producer is not None
-        if v.producer.op not in _ALIASING:
+        if not TORCH_OPS[v.producer.op].aliases:
             return True
         source = v.producer.inputs[0]
         if source is None:
