@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrt.errors import BertrtError
+from bertrt.units import human
 
 #: The name `op_counts` uses for ONNX's default domain ("" or "ai.onnx" in a file).
 DEFAULT_DOMAIN = "ai.onnx"
@@ -126,11 +127,14 @@ def read_model(path: str | os.PathLike[str], check: bool = True) -> Any:
         raise BertrtError(f"{path}: no such file")
     if not path.is_file():
         raise BertrtError(f"{path}: not a file (expected an .onnx model)")
-    size = path.stat().st_size
-    if size == 0:
+    try:
+        data = path.read_bytes()  # read once: parsed here, and checked from these bytes
+    except OSError as exc:
+        raise BertrtError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not data:
         raise BertrtError(f"{path}: empty file (expected an .onnx model)")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(data)  # external data stays unloaded
     except Exception as exc:  # protobuf raises DecodeError/RuntimeError; both mean corrupt
         raise BertrtError(f"{path}: not a readable ONNX model, truncated or corrupt "
                           f"({_first_line(exc)})") from None
@@ -138,9 +142,12 @@ def read_model(path: str | os.PathLike[str], check: bool = True) -> Any:
         raise BertrtError(f"{path}: not a readable ONNX model, truncated or corrupt "
                           "(no graph or an empty graph)")
     if check:
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                       for t in model.graph.initializer)
         try:
-            # the path form also checks models with external data (and > 2 GB)
-            onnx.checker.check_model(str(path))
+            # external tensors are found relative to the file, so that form needs the path
+            # (the file then holds no weights: reading it again is cheap)
+            onnx.checker.check_model(str(path) if external else data)
         except Exception as exc:
             raise BertrtError(f"{path}: fails the ONNX checker, truncated or corrupt "
                               f"({_first_line(exc)})") from None
@@ -257,14 +264,6 @@ def describe(path: str | os.PathLike[str], check: bool = True) -> OnnxInfo:
     )
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def _config_summary(cfg: dict[str, Any]) -> str:
     keys = (("num_hidden_layers", "layers"), ("hidden_size", "hidden"),
             ("num_attention_heads", "heads"), ("intermediate_size", "intermediate"),
@@ -336,7 +335,7 @@ def metadata_lines(info: OnnxInfo) -> list[tuple[str, str]]:
 
 def format_info(info: OnnxInfo) -> str:
     """The text `bertrt inspect model.onnx` prints."""
-    lines = [f"{info.path}: ONNX model, {_human_bytes(info.file_size)}"
+    lines = [f"{info.path}: ONNX model, {human(info.file_size, 'B')}"
              f"{' + external data' if info.external_data else ''}, "
              f"{info.param_count:,} parameters in {info.num_initializers} initializers, "
              f"{info.num_nodes} nodes"]

@@ -137,3 +137,27 @@ def test_other_unreadable_files(exported, tmp_path):
         with pytest.raises(BertrtError, match=message) as err:
             read_model(path)
         assert "\n" not in str(err.value)
+
+
+def test_header_gives_the_file_size_in_decimal_units(exported):
+    path = exported["ort"]
+    size = path.stat().st_size
+    assert 1e5 < size < 1e7  # the tiny model: between 100 KB and 10 MB
+    expected = f"{size / 1e3:.2f}KB" if size < 1e6 else f"{size / 1e6:.2f}MB"
+    first = inspect_onnx(path).splitlines()[0]
+    assert first.startswith(f"{path}: ONNX model, {expected}, ")
+
+
+def test_external_data_is_checked_beside_the_file(exported, tmp_path):
+    proto = onnx.load(str(exported["standard"]))
+    path = tmp_path / "external.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, location="external.data",
+                    size_threshold=0)
+    info = describe(path)
+    assert info.external_data
+    assert info.param_count == sum(math.prod(t.dims) for t in proto.graph.initializer)
+    assert "+ external data" in inspect_onnx(path)
+    (tmp_path / "external.data").unlink()  # the weights the checker must find are gone
+    with pytest.raises(BertrtError, match="fails the ONNX checker") as err:
+        read_model(path)
+    assert "\n" not in str(err.value)
