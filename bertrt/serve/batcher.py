@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bertrt.padding import length_mask, pad_rows
 from bertrt.serve.workload import Request
 
 
@@ -53,15 +54,9 @@ def pad_batch(requests: Sequence[Request], pad_id: int = 0) -> Batch:
     if not requests:
         raise ValueError("pad_batch: no requests")
     lengths = np.array([r.length for r in requests], dtype=np.int64)
-    seq = int(lengths.max())
-    mask = np.arange(seq)[None, :] < lengths[:, None]  # (B, S) bool
-    ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    types = np.zeros(mask.shape, dtype=np.int64)
-    for row, req in enumerate(requests):
-        ids[row, : req.length] = req.input_ids
-        types[row, : req.length] = req.token_type_ids
-    inputs = {"input_ids": ids, "attention_mask": mask.astype(np.int64),
-              "token_type_ids": types}
+    inputs = {"input_ids": pad_rows([r.input_ids for r in requests], fill=pad_id),
+              "attention_mask": length_mask(lengths).astype(np.int64),
+              "token_type_ids": pad_rows([r.token_type_ids for r in requests])}
     return Batch(inputs, lengths)
 
 

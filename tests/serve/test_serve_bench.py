@@ -207,7 +207,7 @@ def test_batcher_pads_to_the_longest_and_masks_real_lengths():
     rng = np.random.default_rng(0)
     lengths = [3, 5, 2, 4, 1]
     requests = [Request(rng.integers(5, 50, n), np.ones(n, dtype=np.int64)) for n in lengths]
-    batches = list(FixedBatcher(2, pad_id=0).batches(requests))
+    batches = list(FixedBatcher(2, pad_id=1).batches(requests))  # not 0: the fill must be it
     assert [b.inputs["input_ids"].shape for b in batches] == [(2, 5), (2, 4), (1, 1)]
     it = iter(requests)
     for batch in batches:
@@ -222,7 +222,7 @@ def test_batcher_pads_to_the_longest_and_masks_real_lengths():
             np.testing.assert_array_equal(batch.inputs["input_ids"][row, :n], req.input_ids)
             np.testing.assert_array_equal(batch.inputs["token_type_ids"][row, :n],
                                           req.token_type_ids)
-            assert (batch.inputs["input_ids"][row, n:] == 0).all()
+            assert (batch.inputs["input_ids"][row, n:] == 1).all()
             assert (batch.inputs["token_type_ids"][row, n:] == 0).all()
             assert (mask[row, n:] == 0).all() and (mask[row, :n] == 1).all()
     with pytest.raises(ValueError):
