@@ -6,6 +6,6 @@ per call costs a copy; caching a packed weight would go stale when an optimizer 
 parameters through `.data` or a fused kernel, which no version counter sees).
 """
 
-from bertrt.kernels.attention.reference import attention
+from bertrt.kernels.attention.reference import attention, key_mask_bias
 
-__all__ = ["attention"]
+__all__ = ["attention", "key_mask_bias"]
