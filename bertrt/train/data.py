@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from bertrt.padding import length_mask, pad_rows
 from bertrt.tokenizer import Tokenizer
 from bertrt.train.corpus import DataError, read_documents
 
@@ -612,14 +613,6 @@ def mask_example(ids: np.ndarray, index: int, seed: int, tokenizer: Tokenizer,
     return out, positions
 
 
-def _pad(rows: Sequence[Sequence[int]], seq: int, fill: int) -> np.ndarray:
-    """Right-pad ragged rows into (B, seq) int64."""
-    out = np.full((len(rows), seq), fill, dtype=np.int64)
-    for b, row in enumerate(rows):
-        out[b, :len(row)] = row
-    return out
-
-
 def _padded_length(examples: Sequence[Example], pad_to: int | None) -> int:
     longest = max(len(e.input_ids) for e in examples)
     if pad_to is None:
@@ -661,8 +654,7 @@ def collate_pretraining(examples: Sequence[Example], indices: Sequence[int],
         raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob!r}")
     seed = _check_seed(seed)
     seq = _padded_length(examples, pad_to)
-    input_ids = np.full((len(examples), seq), tokenizer.pad_id, dtype=np.int64)  # (B, S)
-    attention = np.zeros((len(examples), seq), dtype=np.int64)
+    rows: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     for b, (ex, index) in enumerate(zip(examples, indices)):
@@ -670,14 +662,15 @@ def collate_pretraining(examples: Sequence[Example], indices: Sequence[int],
         words = None if ex.words is None else np.asarray(ex.words, dtype=np.int64)
         masked, pos = mask_example(ids, _check_index(index), seed, tokenizer, mask_prob,
                                    whole_word, words)
-        input_ids[b, :len(ids)] = masked
-        attention[b, :len(ids)] = 1
+        rows.append(masked)
         positions.append(b * seq + pos)  # (M_b,) flat, sorted since pos is
         labels.append(ids[pos])
+    lengths = [len(e.input_ids) for e in examples]
     return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "token_type_ids": torch.from_numpy(_pad([e.token_type_ids for e in examples], seq, 0)),
+        "input_ids": torch.from_numpy(pad_rows(rows, tokenizer.pad_id, seq)),  # (B, S)
+        "attention_mask": torch.from_numpy(length_mask(lengths, seq).astype(np.int64)),
+        "token_type_ids": torch.from_numpy(pad_rows([e.token_type_ids for e in examples], 0,
+                                                    seq)),
         "masked_positions": torch.from_numpy(np.concatenate(positions).astype(np.int64)),
         "mlm_labels": torch.from_numpy(np.concatenate(labels).astype(np.int64)),
         "nsp_labels": torch.tensor([e.label for e in examples], dtype=torch.int64),

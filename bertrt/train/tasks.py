@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertrt.padding import length_mask, pad_rows
 from bertrt.tokenizer import Tokenizer
 from bertrt.train.corpus import JSON_SUFFIXES, DataError, iter_json_objects, iter_lines
 from bertrt.train.data import IGNORE_INDEX, Example, PackedSource
@@ -308,16 +309,12 @@ def tagging_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: int,
 def _pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     if len(examples) == 0:
         raise ValueError("collate: empty batch")
-    seq = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), seq), pad_id, dtype=torch.int64)  # (B, S)
-    types = torch.zeros((len(examples), seq), dtype=torch.int64)
-    attention = torch.zeros((len(examples), seq), dtype=torch.int64)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.int64)
-        types[b, :n] = torch.tensor(e.token_type_ids, dtype=torch.int64)
-        attention[b, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": types}
+    lengths = [len(e.input_ids) for e in examples]
+    return {  # (B, S) each
+        "input_ids": torch.from_numpy(pad_rows([e.input_ids for e in examples], pad_id)),
+        "attention_mask": torch.from_numpy(length_mask(lengths).astype(np.int64)),
+        "token_type_ids": torch.from_numpy(pad_rows([e.token_type_ids for e in examples], 0)),
+    }
 
 
 def collate_classification(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -339,12 +336,12 @@ def collate_tagging(examples: Sequence[Example], pad_id: int) -> dict[str, torch
         tag ids, -100 at specials, non-first pieces and padding.
     """
     out = _pad_batch(examples, pad_id)
-    labels = torch.full(out["input_ids"].shape, IGNORE_INDEX, dtype=torch.int64)  # (B, S)
     for b, e in enumerate(examples):
         if e.tags is None:
             raise ValueError(f"collate_tagging: example {b} has no tags")
-        labels[b, :len(e.tags)] = torch.tensor(e.tags, dtype=torch.int64)
-    out["labels"] = labels
+    seq = out["input_ids"].shape[1]
+    out["labels"] = torch.from_numpy(pad_rows([e.tags for e in examples],  # type: ignore[misc]
+                                              IGNORE_INDEX, seq))
     return out
 
 
