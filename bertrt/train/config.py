@@ -10,15 +10,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from bertrt.config import PRESETS
 from bertrt.errors import BertrtError
 
-TASKS = ("pretrain", "classify", "tag")
-#: The model head each task trains.
-TASK_HEADS = {"pretrain": "pretraining", "classify": "classification",
-              "tag": "token-classification"}
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What the settings need to know of a `--task` (how it trains: `bertrt.train.task`)."""
+
+    head: str  #: the model head it trains
+    lr: float  #: its default peak learning rate
+    corpus: bool  #: it reads documents: the embedded corpus without --data, and --eval-split
+
+
+TASK_KINDS = {
+    "pretrain": TaskKind("pretraining", 1e-3, corpus=True),
+    "classify": TaskKind("classification", 1e-4, corpus=False),
+    "tag": TaskKind("token-classification", 1e-4, corpus=False),
+}
+TASKS = tuple(TASK_KINDS)
 #: The eval metric that picks the best checkpoint of a fine-tuning run.
 BEST_METRIC = {"classify": "macro_f1", "tag": "f1"}
 SCHEDULES = ("linear", "poly")
@@ -33,91 +47,87 @@ TRAJECTORY_FIELDS = (
 )
 
 
+def _setting(default: Any, help: str, **option: Any) -> Any:
+    """A field and its `bertrt train` option: a one-line `help`, and for the option `min` (an
+    integer's least value) or `choices` (a string's values); `bertrt.train.cli` builds the
+    option from the field's type, default and these."""
+    return field(default=default, metadata={"help": help, **option})
+
+
 @dataclass
 class TrainConfig:
-    """Settings of `bertrt train` (the CLI flags, one field each).
+    """Settings of `bertrt train`: one field per flag, its help text in the field's metadata
+    (`dataclasses.fields(TrainConfig)[i].metadata["help"]`, shown by `bertrt train --help`).
 
-    Args:
-        task: pretrain (MLM + NSP), classify (sequence classification) or tag (token tagging).
-        data: Training files; none for `pretrain` means the embedded stdlib-docstrings corpus.
-        eval_data: Held-out files evaluated every `eval_every` steps.
-        eval_split: Pretrain: the fraction of the corpus's documents held out (chosen from
-            `seed`) and evaluated instead of `eval_data`; default 0.02 for the embedded corpus
-            (no `data`, no `eval_data`), else 0.
-        model: A Hugging Face-layout BERT dir to start from (missing heads start fresh).
-        preset: A fresh model of this size (default `tiny` when no `model` is given).
-        vocab: A `vocab.txt`; default the model's, else one trained on the data.
-        vocab_size: Size of a freshly trained vocabulary.
-        out: The output dir: checkpoints, metrics, and at the end the final model.
-        batch_size: Examples per micro-batch, per process.
-        seq_len: Longest sequence in tokens (specials included).
-        max_steps: Optimizer steps.
-        lr: Peak learning rate (default 1e-3 for pretrain, 1e-4 for fine-tuning).
-        weight_decay: Decoupled weight decay (none on biases and LayerNorm weights).
-        warmup: Linear warm-up, as a fraction of `max_steps`.
-        schedule: Decay after warm-up: linear, or poly (quadratic) to zero.
-        optimizer: adamw or lamb.
-        precision: fp32, bf16 (autocast) or fp16 (autocast + gradient scaling).
-        grad_accum: Micro-batches per optimizer step.
-        clip: Max global gradient norm (0 disables clipping).
-        save_every: Checkpoint every this many steps (and at the end).
-        keep: Checkpoints kept (the newest).
-        log_every: Log to `metrics.jsonl` every this many steps (and the first and last).
-        eval_every: Evaluate every this many steps (default `save_every`), with `eval_data`.
-        seed: Seeds the model, the data order, the masking and dropout.
-        threads: Torch intra-op threads per process (default: the checkpoint's, else all
-            cores divided among local processes).
-        checkpoint_activations: Recompute each encoder layer in the backward pass.
-        mask_prob: Fraction of tokens masked for MLM.
-        whole_word_mask: Mask all pieces of a word together.
-        resume: Continue from the newest complete checkpoint in `out`.
-        overwrite: Replace what an earlier run wrote in `out`.
-        nproc: Processes to launch through torchrun (data parallel).
+    A field left `None` is filled in by `__post_init__` from the others (`lr` from the task,
+    `eval_every` from `save_every`, `eval_split` from whether the embedded corpus is used).
     """
 
-    task: str = "pretrain"
-    data: tuple[str, ...] = ()
-    eval_data: tuple[str, ...] = ()
-    eval_split: float | None = None
-    model: str | None = None
-    preset: str | None = None
-    vocab: str | None = None
-    vocab_size: int = 8000
-    out: str = "bertrt-out"
-    batch_size: int = 32
-    seq_len: int = 128
-    max_steps: int = 800
-    lr: float | None = None
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    schedule: str = "linear"
-    optimizer: str = "adamw"
-    precision: str = "fp32"
-    grad_accum: int = 1
-    clip: float = 1.0
-    save_every: int = 200
-    keep: int = 3
-    log_every: int = 10
-    eval_every: int | None = None
-    seed: int = 0
-    threads: int | None = None
-    checkpoint_activations: bool = False
-    mask_prob: float = 0.15
-    whole_word_mask: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    nproc: int = 1
+    task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels) or tag "
+                         "(token labels).", choices=TASKS)
+    data: tuple[str, ...] = _setting(
+        (), "Training file(s). Pretrain: text (a sentence per line, blank line between "
+        "documents) or JSONL with 'text'; none = the embedded corpus. Classify: "
+        ".csv/.tsv/.jsonl (text, text_pair, label). Tag: CoNLL.")
+    eval_data: tuple[str, ...] = _setting(
+        (), "Held-out file(s), evaluated every --eval-every steps and at the end.")
+    eval_split: float | None = _setting(
+        None, "Pretrain: hold out this fraction of the documents (by --seed) to evaluate, in "
+        "[0, 0.5) [default: 0.02 for the embedded corpus, else 0].")
+    model: str | None = _setting(
+        None, "Start from this Hugging Face-layout BERT dir (missing heads start fresh).")
+    preset: str | None = _setting(None, "Start from a fresh model of this size [default: tiny].",
+                                  choices=tuple(sorted(PRESETS)))
+    vocab: str | None = _setting(None, "vocab.txt (default: the model's, else trained).")
+    vocab_size: int = _setting(8000, "Size of a freshly trained vocabulary.", min=10)
+    out: str = _setting("bertrt-out", "Output dir: checkpoints/, metrics.jsonl, run.json; at "
+                        "the end the model.")
+    batch_size: int = _setting(32, "Examples per micro-batch, per process.", min=1)
+    seq_len: int = _setting(128, "Longest sequence in tokens, special tokens included.", min=8)
+    max_steps: int = _setting(800, "Optimizer steps.", min=1)
+    lr: float | None = _setting(None, "Peak learning rate [default: 1e-3 pretrain, 1e-4 "
+                                "fine-tuning].")
+    weight_decay: float = _setting(0.01, "AdamW/LAMB weight decay (never on biases and "
+                                   "LayerNorm).")
+    warmup: float = _setting(0.1, "Linear warm-up, as a fraction of --max-steps.")
+    schedule: str = _setting("linear", "Decay after warm-up: linear, or poly (quadratic).",
+                             choices=SCHEDULES)
+    optimizer: str = _setting("adamw", "adamw, or lamb (Adam with a per-tensor trust ratio).",
+                              choices=OPTIMIZERS)
+    precision: str = _setting("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient "
+                              "scaling).", choices=PRECISIONS)
+    grad_accum: int = _setting(1, "Micro-batches per optimizer step.", min=1)
+    clip: float = _setting(1.0, "Gradient-norm clipping (0: off).")
+    save_every: int = _setting(200, "Checkpoint every this many steps (and at the end).", min=1)
+    keep: int = _setting(3, "Checkpoints kept (the newest).", min=1)
+    log_every: int = _setting(10, "A metrics.jsonl line every this many steps (and the first, "
+                              "the last and eval steps).", min=1)
+    eval_every: int | None = _setting(None, "Evaluate every this many steps [default: "
+                                      "--save-every].", min=1)
+    seed: int = _setting(0, "Seeds the model, the data order, the masking and dropout.", min=0)
+    threads: int | None = _setting(None, "Torch threads per process [default: the "
+                                   "checkpoint's, else cores/procs].", min=1)
+    checkpoint_activations: bool = _setting(
+        False, "Recompute encoder layers in the backward pass (less memory).")
+    mask_prob: float = _setting(0.15, "Fraction of the tokens masked for MLM, in (0, 1).")
+    whole_word_mask: bool = _setting(False, "Mask whole words.")
+    resume: bool = _setting(False, "Continue from the newest checkpoint in --out.")
+    overwrite: bool = _setting(False, "Replace an earlier run's outputs in --out.")
+    nproc: int = _setting(1, "Processes on this machine (launches torchrun; data parallel).",
+                          min=1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data = tuple(str(p) for p in self.data)
         self.eval_data = tuple(str(p) for p in self.eval_data)
+        _choice("--task", self.task, TASKS)
+        kind = TASK_KINDS[self.task]
         if self.lr is None:
-            self.lr = 1e-3 if self.task == "pretrain" else 1e-4
+            self.lr = kind.lr
         if self.eval_every is None:
             self.eval_every = self.save_every
         if self.eval_split is None:
-            embedded = self.task == "pretrain" and not self.data and not self.eval_data
+            embedded = kind.corpus and not self.data and not self.eval_data
             self.eval_split = 0.02 if embedded else 0.0
         self.validate()
 
@@ -127,15 +137,9 @@ class TrainConfig:
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _choice("--precision", self.precision, PRECISIONS)
-        for name in ("batch_size", "seq_len", "max_steps", "grad_accum", "save_every", "keep",
-                     "log_every", "eval_every", "nproc", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BertrtError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        if self.threads is not None and self.threads < 1:
-            raise BertrtError(f"--threads must be a positive integer, got {self.threads}")
-        if self.seq_len < 8:
-            raise BertrtError(f"--seq-len must be at least 8, got {self.seq_len}")
+        for f in dataclasses.fields(self):
+            if "min" in f.metadata and getattr(self, f.name) is not None:
+                check_int(_flag(f.name), getattr(self, f.name), f.metadata["min"])
         if not self.lr > 0:  # type: ignore[operator]
             raise BertrtError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
@@ -150,14 +154,15 @@ class TrainConfig:
                               f"got {self.eval_split}")
         if self.eval_split and self.eval_data:
             raise BertrtError("give --eval-data FILE or --eval-split F, not both")
-        if self.eval_split and self.task != "pretrain":
+        kind = TASK_KINDS[self.task]
+        if self.eval_split and not kind.corpus:
             raise BertrtError(f"--eval-split holds out pre-training documents; --task "
                               f"{self.task} takes --eval-data")
         if not 0.0 < self.mask_prob < 1.0:
             raise BertrtError(f"--mask-prob must be in (0, 1), got {self.mask_prob}")
         if self.model is not None and self.preset is not None:
             raise BertrtError("give --model DIR or --preset NAME, not both")
-        if self.task != "pretrain" and not self.data:
+        if not kind.corpus and not self.data:
             raise BertrtError(f"--task {self.task} needs --data (a training file)")
         if self.resume and self.overwrite:
             raise BertrtError("--resume continues what is in --out; --overwrite replaces it: "
@@ -167,7 +172,7 @@ class TrainConfig:
     @property
     def head(self) -> str:
         """The model head the task trains."""
-        return TASK_HEADS[self.task]
+        return TASK_KINDS[self.task].head
 
     def trajectory(self, world_size: int) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint (JSON types only)."""
@@ -221,6 +226,14 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -
 
 #: Trajectory fields left out when they have this value (added after the first checkpoints).
 _ABSENT: dict[str, Any] = {"eval_split": 0.0}
+
+
+def check_int(what: str, value: Any, least: int) -> int:
+    """`value` as an int, or `BertrtError` unless it is an integer (not a bool) >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise BertrtError(f"{what} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

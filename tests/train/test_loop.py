@@ -234,15 +234,9 @@ def test_options_train(world, tmp_path: Path, flags: tuple[str, ...]) -> None:
 def test_config_round_trips_through_argv() -> None:
     cfg = TrainConfig(task="classify", data=("a.csv",), eval_data=("b.csv",), lr=2e-4,
                       checkpoint_activations=True, nproc=2)
-    again = TrainConfig(**{**_parse(cfg.to_argv()), "nproc": 2})  # nproc is the launcher's
+    parsed = train.make_context("train", cfg.to_argv()).params
+    again = TrainConfig(**{**parsed, "nproc": 2})  # nproc is the launcher's
     assert again.to_dict() == cfg.to_dict()
-
-
-def _parse(argv: list[str]) -> dict:
-    ctx = train.make_context("train", list(argv))
-    params = dict(ctx.params)
-    params["model"] = params.pop("model_dir")
-    return params
 
 
 # ---------------------------------------------------------------------- bad input
