@@ -1,11 +1,15 @@
 """Backends: one interface over the runtimes serve-bench compares.
 
-A backend has a `name`, a one-line `description`, `run(batch) -> outputs` (numpy in, numpy out:
-the (B, S) int64 inputs of a `Batch`, the model's named outputs back on the host) and `close()`.
+A backend has a `name`, a one-line `description`, and runs a batch in two steps:
+`prepare(batch)` turns the (B, S) int64 inputs of a `Batch` into what its runtime takes (feed
+dicts in the declared dtypes, an IO binding, tensors), untimed; `execute(prepared) -> outputs`
+is the call serve-bench times, and returns the model's named outputs as numpy arrays on the
+host. `run(batch)` does both; `close()` releases the runtime. A new backend implements
+`execute` (and `prepare` when it has inputs to convert).
 
 - `OrtBackend`: ONNX Runtime, CPU execution provider, a fixed number of intra-op threads.
-- `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs copied to
-  the device once per batch, outputs bound on the device and copied back once).
+- `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs bound, and
+  so copied to the device, in `prepare`; outputs bound on the device and copied back once).
 - `TorchBackend`: bertrt's torch lowering, eager, under `torch.inference_mode`.
 """
 
@@ -48,10 +52,22 @@ class Backend:
 
     name: str = "backend"
     description: str = ""
+    #: Computes float32 with fewer mantissa bits (fp16 weights, or TF32 matrix products):
+    #: the cross-check then holds it to a relative bound instead of the fp32 absolute one.
+    reduced_precision: bool = False
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> Any:
+        """What `execute` takes for a batch of (B, S) inputs (untimed); the batch itself here."""
+        return batch
+
+    def execute(self, prepared: Any) -> dict[str, np.ndarray]:
+        """Outputs (e.g. `last_hidden_state`, `pooler_output`) of a prepared batch: the timed
+        call."""
+        raise NotImplementedError
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs (e.g. `last_hidden_state`, `pooler_output`) for a batch of (B, S) inputs."""
-        raise NotImplementedError
+        """Outputs for a batch of (B, S) inputs: `execute(prepare(batch))`."""
+        return self.execute(self.prepare(batch))
 
     def close(self) -> None:
         """Release the runtime's resources."""
@@ -102,6 +118,7 @@ class OrtBackend(Backend):
         self.input_types = {i.name: _NP_OF_ORT.get(i.type, np.int64)
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.reduced_precision = self.reduced_precision or self._computes_fp16()
         self.threads = threads
         self.description = (f"onnxruntime {ort.__version__} "
                             f"{self.session.get_providers()[0]}, "
@@ -109,6 +126,14 @@ class OrtBackend(Backend):
 
     def _check_provider(self, ort: Any) -> None:
         pass
+
+    def _computes_fp16(self) -> bool:
+        """Whether the model computes in float16 (an `--fp16` export: its outputs are)."""
+        return any(o.type == "tensor(float16)" for o in self.session.get_outputs())
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feed dict (see `feeds`)."""
+        return self.feeds(batch)
 
     def feeds(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's arrays the model takes, in the dtypes it declares."""
@@ -119,8 +144,8 @@ class OrtBackend(Backend):
         return {name: np.ascontiguousarray(batch[name], dtype=dtype)
                 for name, dtype in self.input_types.items()}
 
-    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.output_names, self.feeds(batch))
+    def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, prepared)
         return dict(zip(self.output_names, values))
 
     def close(self) -> None:
@@ -137,6 +162,8 @@ class OrtCudaBackend(OrtBackend):
 
     name = "ort-cuda"
     providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    #: ONNX Runtime's CUDA provider allows TF32 matrix products by default (`use_tf32`).
+    reduced_precision = True
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True) -> None:
@@ -151,12 +178,18 @@ class OrtCudaBackend(OrtBackend):
                 "this onnxruntime has no CUDAExecutionProvider (install bertrt[gpu] on a "
                 "machine with CUDA)")
 
-    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, batch: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
+        """An IO binding of the batch (and the host arrays it was bound from, kept alive)."""
+        feeds = self.feeds(batch)
         binding = self.session.io_binding()
-        for name, array in self.feeds(batch).items():
+        for name, array in feeds.items():
             binding.bind_cpu_input(name, array)  # one host-to-device copy per input
         for name in self.output_names:
-            binding.bind_output(name, "cuda", 0)  # stays on the device until copied below
+            binding.bind_output(name, "cuda", 0)  # stays on the device until copied back
+        return binding, feeds
+
+    def execute(self, prepared: tuple[Any, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        binding, _ = prepared
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
@@ -183,12 +216,15 @@ class TorchBackend(Backend):
         self.description = (f"bertrt torch lowering, torch {torch.__version__}, eager, "
                             f"{torch.get_num_threads()} threads")
 
-    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(batch["input_ids"]),
-                              torch.from_numpy(batch["attention_mask"]),
-                              torch.from_numpy(batch["token_type_ids"]))
+    def prepare(self, batch: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+        """The three inputs as tensors sharing the arrays' memory (no copies)."""
+        from_numpy = self._torch.from_numpy
+        return (from_numpy(batch["input_ids"]), from_numpy(batch["attention_mask"]),
+                from_numpy(batch["token_type_ids"]))
+
+    def execute(self, prepared: tuple[Any, Any, Any]) -> dict[str, np.ndarray]:
+        with self._torch.inference_mode():
+            out = self.module(*prepared)
         return {name: value.numpy() for name, value in out.items()}
 
     def close(self) -> None:

@@ -1,11 +1,13 @@
 """Measuring backends over a workload, and the report: a table and JSON.
 
 `run_benchmark` drives workload → batcher → backends: per shape, one untimed batch through
-every backend (its outputs are cross-checked once, on the first shape), `warmup` untimed
-batches, then timed batches — backends interleaved on the same batch (A B C A B C ...), so
-drift on a shared machine hits all of them alike. Latency is the wall time of one batch
-through `Backend.run` (numpy in, numpy out; batching and padding not included; no queueing in
-this first, fixed-batch version).
+every backend (on the first shape, before anything is timed, their outputs are cross-checked
+(`bertrt.serve.crosscheck`) and the run stops with `BackendsDisagree` when they differ beyond
+the bound), `warmup` untimed batches, then timed batches — backends interleaved on the same
+batch (A B C A B C ...), so drift on a shared machine hits all of them alike. Latency is the
+wall time of one `Backend.execute` (numpy outputs back on the host; the batch's inputs are
+prepared (converted, bound) before the clock starts; batching and padding not included; no
+queueing in this first, fixed-batch version).
 
 Throughput is counted two ways: `tokens_per_s` counts real (non-padding) tokens,
 `positions_per_s` counts padded positions (batch × padded length). They are equal when
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,16 @@ import numpy as np
 
 from bertrt.serve.backends import Backend
 from bertrt.serve.batcher import Batch, FixedBatcher
+from bertrt.serve.crosscheck import (
+    BackendsDisagree,
+    cross_check,
+    disagreeing,
+    format_cross_check,
+    max_abs_diff,
+)
 from bertrt.serve.workload import Shape, Workload
+
+__all__ = ["Measurement", "Report", "max_abs_diff", "run_benchmark"]
 
 PERCENTILES = (50, 90, 99)
 
@@ -64,27 +75,6 @@ class Measurement:
             "sequences_per_s": self.sequences * rate, "tokens_per_s": self.tokens * rate,
             "positions_per_s": self.positions * rate,
         }
-
-
-def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
-                 attention_mask: np.ndarray) -> dict[str, float]:
-    """Per common output, the max |a - b| over real positions (padded ones are unspecified:
-    outputs shaped (B, S, ...) are compared where `attention_mask` is 1)."""
-    keep = attention_mask.astype(bool)
-    diffs: dict[str, float] = {}
-    for name in a:
-        if name not in b:
-            continue
-        x = np.asarray(a[name], dtype=np.float64)
-        y = np.asarray(b[name], dtype=np.float64)
-        if x.shape != y.shape:
-            diffs[name] = float("inf")
-            continue
-        # per-token outputs are (B, S, ...); a (B, H) pooler output with H == S is not one
-        if x.ndim >= 3 and x.shape[:2] == keep.shape:
-            x, y = x[keep], y[keep]
-        diffs[name] = float(np.max(np.abs(x - y))) if x.size else 0.0
-    return diffs
 
 
 @dataclass
@@ -134,17 +124,6 @@ class Report:
         return "\n".join(lines)
 
 
-def format_cross_check(check: dict[str, Any]) -> str:
-    if not check.get("results"):
-        return "cross-check: one backend, nothing to compare"
-    parts = []
-    for name, res in check["results"].items():
-        per = ", ".join(f"{k} {v:.2e}" for k, v in res["per_output"].items())
-        parts.append(f"{name} vs {check['reference']}: max abs diff {res['max_abs_diff']:.2e} "
-                     f"({per})")
-    return f"cross-check on the first batch ({check['shape']}): " + "; ".join(parts)
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
@@ -163,6 +142,7 @@ def run_benchmark(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     gap: float = 0.0,
+    stop_on_mismatch: bool = True,
 ) -> Report:
     """Time every backend on every shape of the workload; see the module docstring.
 
@@ -180,6 +160,12 @@ def run_benchmark(
         gap: Pause (untimed) before every timed batch, seconds: lets the previous backend's
             idle threads (OpenMP or ONNX Runtime spinning) go to sleep, so they do not steal
             the cores of the next one when several backends share a small machine.
+        stop_on_mismatch: Raise when the cross-check fails (False: time anyway and keep the
+            failure in the report's `cross_check`).
+
+    Raises:
+        BackendsDisagree: the backends' outputs on the first batch differ beyond the bound
+            (`bertrt.serve.crosscheck`); raised before any batch is timed.
     """
     from tqdm import tqdm
 
@@ -202,39 +188,20 @@ def run_benchmark(
         for index, shape in enumerate(shapes):
             stream = FixedBatcher(shape.batch_size, pad_id).batches(workload.requests(shape))
             first = next(stream)
-            outputs = {}
-            for backend in backends:
-                bar.set_postfix_str(f"{shape.label} {backend.name} check", refresh=False)
-                outputs[backend.name] = backend.run(first.inputs)
-                _tick(bar, unit, None)
+            bar.set_postfix_str(f"{shape.label} check", refresh=False)
+            outputs = _untimed(backends, first, lambda: _tick(bar, unit, None))
             if index == 0:
-                cross = _cross_check(outputs, names, first, shape)
+                cross = cross_check(outputs, backends, first.inputs["attention_mask"],
+                                    shape.label)
                 if log is not None:
                     log(format_cross_check(cross))
+                if stop_on_mismatch and disagreeing(cross):
+                    raise BackendsDisagree(cross)
             for _ in range(warmup):
-                batch = next(stream)
-                for backend in backends:
-                    backend.run(batch.inputs)
-                    _tick(bar, unit, None)
-            per = {b.name: Measurement(b.name, shape) for b in backends}
+                _untimed(backends, next(stream), lambda: _tick(bar, unit, None))
             bar.set_postfix_str(shape.label, refresh=False)
-            start, rounds = time.perf_counter(), 0
-            while True:
-                batch = next(stream)
-                for backend in backends:
-                    if gap:
-                        time.sleep(gap)
-                    t0 = time.perf_counter()
-                    backend.run(batch.inputs)
-                    dt = time.perf_counter() - t0
-                    per[backend.name].add(dt, batch)
-                    _tick(bar, unit, dt)
-                rounds += 1
-                if duration is None:
-                    if rounds >= int(iters or 1):
-                        break
-                elif time.perf_counter() - start >= duration:
-                    break
+            per = _time_shape(backends, shape, stream, iters, duration, gap,
+                              lambda dt: _tick(bar, unit, dt))
             measurements.extend(per[n] for n in names)
     finally:
         bar.close()
@@ -248,6 +215,41 @@ def run_benchmark(
     return Report([m.row() for m in measurements], cross, meta)
 
 
+def _untimed(backends: Sequence[Backend], batch: Batch,
+             tick: Callable[[], None]) -> dict[str, dict[str, np.ndarray]]:
+    """One batch through every backend, not timed; their outputs by backend name."""
+    outputs = {}
+    for backend in backends:
+        outputs[backend.name] = backend.run(batch.inputs)
+        tick()
+    return outputs
+
+
+def _time_shape(backends: Sequence[Backend], shape: Shape, stream: Iterator[Batch],
+                iters: int | None, duration: float | None, gap: float,
+                tick: Callable[[float], None]) -> dict[str, Measurement]:
+    """The timed rounds of one shape: each round one new batch through every backend."""
+    per = {b.name: Measurement(b.name, shape) for b in backends}
+    start, rounds = time.perf_counter(), 0
+    while True:
+        batch = next(stream)
+        for backend in backends:
+            prepared = backend.prepare(batch.inputs)  # feeds, bindings: not timed
+            if gap:
+                time.sleep(gap)
+            t0 = time.perf_counter()
+            backend.execute(prepared)
+            dt = time.perf_counter() - t0
+            per[backend.name].add(dt, batch)
+            tick(dt)
+        rounds += 1
+        if duration is None:
+            if rounds >= int(iters or 1):
+                return per
+        elif time.perf_counter() - start >= duration:
+            return per
+
+
 def _tick(bar: Any, unit: str, timed_s: float | None) -> None:
     """Advance the bar: one batch, or (duration mode) the seconds of a timed batch."""
     if unit == "s":
@@ -255,14 +257,3 @@ def _tick(bar: Any, unit: str, timed_s: float | None) -> None:
             bar.update(timed_s)
     else:
         bar.update(1)
-
-
-def _cross_check(outputs: dict[str, dict[str, np.ndarray]], names: list[str], batch: Batch,
-                 shape: Shape) -> dict[str, Any]:
-    ref = outputs[names[0]]
-    results = {}
-    for name in names[1:]:
-        per = max_abs_diff(ref, outputs[name], batch.inputs["attention_mask"])
-        results[name] = {"max_abs_diff": max(per.values(), default=float("nan")),
-                         "per_output": per}
-    return {"reference": names[0], "shape": shape.label, "results": results}

@@ -10,6 +10,7 @@ import itertools
 import json
 import string
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from click.testing import CliRunner
 from bertrt import BertConfig, Model, Tokenizer
 from bertrt.errors import BertrtError
 from bertrt.serve import (
+    Backend,
+    BackendsDisagree,
+    BenchOptions,
     FixedBatcher,
     OrtBackend,
     Request,
@@ -27,8 +31,10 @@ from bertrt.serve import (
     SyntheticWorkload,
     TextWorkload,
     TorchBackend,
+    benchmark_model,
     pad_batch,
     read_texts,
+    resolve_target,
     run_benchmark,
 )
 from bertrt.serve.cli import serve_bench
@@ -303,3 +309,117 @@ def test_max_abs_diff_masks_only_per_token_outputs():
     b["pooler_output"][0, 3] = 0.5  # column 3 is no position: it must count
     b["last_hidden_state"][0, 3] = 9.0  # a padded position: it must not
     assert max_abs_diff(a, b, mask) == {"pooler_output": 0.5, "last_hidden_state": 0.0}
+
+
+# ------------------------------------------------------------------------- the cross-check
+class FakeBackend(Backend):
+    """Numpy only: outputs are a fixed function of the ids, plus `offset` on the hidden states;
+    counts its calls."""
+
+    def __init__(self, name: str, offset: float = 0.0, reduced_precision: bool = False,
+                 prepare_s: float = 0.0) -> None:
+        self.name, self.offset, self.prepare_s = name, offset, prepare_s
+        self.reduced_precision = reduced_precision
+        self.prepared = self.executed = 0
+
+    def prepare(self, batch):
+        self.prepared += 1
+        time.sleep(self.prepare_s)
+        return batch
+
+    def execute(self, prepared):
+        self.executed += 1
+        ids = prepared["input_ids"].astype(np.float32)
+        hidden = np.stack([ids, -ids], axis=-1) + self.offset  # (B, S, 2), |x| up to 40
+        return {"last_hidden_state": hidden, "pooler_output": hidden[:, 0]}
+
+
+def fake_run(*backends: Backend, **kwargs: object):
+    workload = SyntheticWorkload([2], [6], vocab_size=40, seed=0)
+    return run_benchmark(workload, list(backends), warmup=1, iters=2, progress=False, **kwargs)
+
+
+def test_backends_that_disagree_stop_the_run_before_any_timing():
+    ref, off = FakeBackend("ref"), FakeBackend("off", offset=1e-3)
+    with pytest.raises(BackendsDisagree) as err:
+        fake_run(ref, off)
+    # the check batch ran, nothing after it: no warm-up, no timed batch
+    assert (ref.executed, off.executed) == (1, 1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "off vs ref" in message and "last_hidden_state 1.00e-03" in message
+    assert "pooler_output 1.00e-03" in message and "nothing timed" in message
+    assert err.value.check["results"]["off"]["failing"] == ["last_hidden_state",
+                                                            "pooler_output"]
+    # within the bound: timed as before
+    report = fake_run(FakeBackend("ref"), FakeBackend("near", offset=5e-5))
+    assert report.cross_check["results"]["near"]["failing"] == []
+    assert [r["batches"] for r in report.rows] == [2, 2]
+
+
+def test_a_mismatch_can_be_timed_anyway_and_is_kept_in_the_report():
+    report = fake_run(FakeBackend("ref"), FakeBackend("off", offset=1.0), stop_on_mismatch=False)
+    result = report.cross_check["results"]["off"]
+    assert result["failing"] == ["last_hidden_state", "pooler_output"]
+    assert result["max_abs_diff"] == pytest.approx(1.0)
+    assert [r["batches"] for r in report.rows] == [2, 2]
+
+
+def test_reduced_precision_is_held_to_a_relative_bound():
+    # hidden states reach |39| (ids below 40): 1e-2 relative allows about 0.39 there
+    report = fake_run(FakeBackend("ref"), FakeBackend("fp16", 0.1, reduced_precision=True))
+    result = report.cross_check["results"]["fp16"]
+    assert result["relative"] and result["bound"] == 1e-2 and result["failing"] == []
+    with pytest.raises(BackendsDisagree, match=r"bound 0\.01 x max \|ref\|"):
+        fake_run(FakeBackend("ref"), FakeBackend("fp16", 1.0, reduced_precision=True))
+    with pytest.raises(BackendsDisagree):  # the same 0.1 between two fp32 backends is too much
+        fake_run(FakeBackend("ref"), FakeBackend("fp32", 0.1))
+
+
+def test_preparing_a_batch_is_not_timed():
+    slow = FakeBackend("slow", prepare_s=0.05)
+    report = fake_run(slow)
+    assert slow.prepared == slow.executed == 4  # check batch, 1 warm-up, 2 timed
+    assert report.rows[0]["max_ms"] < 25  # execute is instant; the 50 ms prepare is outside
+
+
+def test_cli_stops_with_exit_2_when_the_onnx_file_is_another_model(tiny_dir, tmp_path):
+    other = Model.from_config(BertConfig.from_pretrained(tiny_dir), seed=1,
+                              tokenizer=Tokenizer.from_dir(tiny_dir))
+    onnx_path = other.export_onnx(tmp_path / "other.onnx")  # same vocab, other weights
+    out = tmp_path / "report.json"
+    result = invoke(onnx_path, "--model-dir", tiny_dir, "--backend", "ort,torch",
+                    "--batch-sizes", "2", "--seq-lens", "8", "--iters", "1", "--warmup", "0",
+                    "--threads", "1", "--json", out, "--no-progress")
+    line = one_error_line(result)
+    assert "backends disagree on the first batch (2x8), nothing timed: torch vs ort:" in line
+    assert "last_hidden_state" in line and "pooler_output" in line and "bound 0.0001" in line
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------- the Python API
+def test_resolve_target_of_an_onnx_file_with_its_model_dir(tiny_dir, tiny_onnx):
+    target = resolve_target(tiny_onnx, BenchOptions(model_dir=tiny_dir, backends=["ort,torch"]))
+    assert target.backends == ["ort", "torch"] and not target.is_dir
+    assert target.model is not None and target.tokenizer is not None
+    assert target.tokenizer.vocab == Tokenizer.from_dir(tiny_dir).vocab
+    assert target.pad_id == target.tokenizer.pad_id
+    # the default lengths (32, 128) capped at the model's 64 positions
+    assert [s.label for s in target.workload.shapes()] == [
+        f"{b}x{s}" for b in (1, 8, 32) for s in (32, 64)]
+    alone = resolve_target(tiny_onnx)  # no tokenizer: ids below the metadata's vocab size
+    assert alone.backends == ["ort"] and alone.tokenizer is None and alone.model is None
+    assert alone.workload.vocab_size == len(VOCAB)
+
+
+def test_benchmark_model_is_what_the_command_runs(tiny_dir):
+    notes: list[str] = []
+    report = benchmark_model(tiny_dir, BenchOptions(batch_sizes=[2], seq_lens=[8]),
+                             iters=2, warmup=0, threads=1, progress=False, log=notes.append)
+    assert [(r["shape"], r["backend"], r["batches"]) for r in report.rows] == [
+        ("2x8", "ort", 2), ("2x8", "torch", 2)]
+    assert report.meta["onnx_flavour"] == "ort" and report.meta["threads"] == 1
+    assert report.meta["gap_s"] == 0.01  # two backends interleave
+    assert any(n.startswith("exporting ") for n in notes)
+    with pytest.raises(BertrtError, match="not both"):
+        benchmark_model(tiny_dir, iters=2, duration=1.0)
