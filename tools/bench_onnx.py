@@ -155,18 +155,6 @@ def make_inputs(batch: int, seq: int, vocab: int, seed: int,
             "token_type_ids": np.zeros_like(ids)}
 
 
-def max_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray],
-             mask: np.ndarray) -> float:
-    keep = mask.astype(bool)
-    worst = 0.0
-    for name in OUTPUTS:
-        x, y = ref[name], out[name]
-        if name == "last_hidden_state":
-            x, y = x[keep], y[keep]
-        worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))
-    return worst
-
-
 def time_interleaved(systems: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int,
                      warmup: int, gap: float = 0.0) -> dict[str, list[float]]:
     for _ in range(warmup):
@@ -214,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import bertrt
     from bertrt.onnx_info import describe
+    from bertrt.serve import max_abs_diff
 
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or minilm_dir()
@@ -270,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       lengths=[seq, seq // 2, 5])))
         for label, feeds in checks:
             ref = systems["a"](feeds)
-            diffs = {k: max_diff(ref, systems[k](feeds), feeds["attention_mask"])
-                     for k in "bcd"}
+            diffs = {k: max(max_abs_diff(ref, systems[k](feeds), feeds["attention_mask"])
+                            .values()) for k in "bcd"}
             padded = label.startswith("padded")
             line = ", ".join(f"({k}) {v:.1e}" for k, v in diffs.items())
             print(f"  check {label}: max abs diff vs (a): {line}")
