@@ -32,6 +32,7 @@ from bertrt.serve import (
     TextWorkload,
     TorchBackend,
     benchmark_model,
+    max_abs_diff,
     pad_batch,
     read_texts,
     resolve_target,
@@ -291,24 +292,29 @@ def test_run_benchmark_api_and_duration_mode(tiny_dir, tiny_onnx):
 
 def test_onnx_backend_feeds_only_declared_inputs_in_declared_types(tiny_onnx):
     backend = OrtBackend(tiny_onnx, threads=1)
-    declared = {i.name for i in onnx.load(str(tiny_onnx)).graph.input}
+    declared = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                for i in onnx.load(str(tiny_onnx)).graph.input}
     batch = pad_batch([Request(np.array([2, 7, 3]), np.zeros(3, dtype=np.int64))]).inputs
-    feeds = backend.feeds({**batch, "extra": np.zeros(1)})
-    assert set(feeds) == declared
-    out = backend.run(batch)
+    as_int32 = {k: v.astype(np.int32) for k, v in batch.items()}  # not what the file declares
+    feeds = backend.feeds({**as_int32, "extra": np.zeros(1)})
+    assert {k: v.dtype for k, v in feeds.items()} == declared
+    assert all(np.array_equal(feeds[k], batch[k]) for k in declared)
+    out = backend.run(as_int32)
     assert out["last_hidden_state"].shape == (1, 3, 128)
 
 
 def test_max_abs_diff_masks_only_per_token_outputs():
-    """A (B, H) pooler output whose H happens to equal S must be compared whole."""
-    from bertrt.serve.report import max_abs_diff
-
+    """A (B, H) pooler output whose H happens to equal S must be compared whole; outputs
+    only one side has are left out, and outputs of different shapes differ infinitely."""
     mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
     a = {"pooler_output": np.zeros((2, 4)), "last_hidden_state": np.zeros((2, 4, 3))}
     b = {"pooler_output": np.zeros((2, 4)), "last_hidden_state": np.zeros((2, 4, 3))}
     b["pooler_output"][0, 3] = 0.5  # column 3 is no position: it must count
     b["last_hidden_state"][0, 3] = 9.0  # a padded position: it must not
     assert max_abs_diff(a, b, mask) == {"pooler_output": 0.5, "last_hidden_state": 0.0}
+    b["logits"] = np.zeros((2, 2))
+    b["pooler_output"] = np.zeros((2, 5))
+    assert max_abs_diff(a, b, mask) == {"pooler_output": float("inf"), "last_hidden_state": 0.0}
 
 
 # ------------------------------------------------------------------------- the cross-check
