@@ -429,3 +429,18 @@ def test_benchmark_model_is_what_the_command_runs(tiny_dir):
     assert any(n.startswith("exporting ") for n in notes)
     with pytest.raises(BertrtError, match="not both"):
         benchmark_model(tiny_dir, iters=2, duration=1.0)
+
+
+def test_an_fp16_export_is_held_to_the_relative_bound(tiny_dir, tiny_onnx, tmp_path):
+    import bertrt
+
+    fp16 = bertrt.load(tiny_dir).export_onnx(tmp_path / "fp16.onnx", fp16=True)
+    assert OrtBackend(fp16, threads=1).reduced_precision
+    assert not OrtBackend(tiny_onnx, threads=1).reduced_precision
+    result = invoke(fp16, "--model-dir", tiny_dir, "--backend", "torch,ort", "--batch-sizes",
+                    "2", "--seq-lens", "8", "--iters", "1", "--warmup", "0", "--threads", "1",
+                    "--json", "-", "--no-progress")
+    assert result.exit_code == 0, result.output
+    check = json.loads(result.stdout)["cross_check"]["results"]["ort"]
+    assert check["relative"] and check["failing"] == []
+    assert check["max_abs_diff"] > 1e-4  # over the fp32 bound: fp16 needs the relative one
