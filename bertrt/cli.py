@@ -28,16 +28,19 @@ def main() -> None:
               help="none | pretraining | classification | token-classification.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--fused", is_flag=True, help="Show the graph after the fusion pipeline.")
+@click.option("--fused", "pipeline", is_flag=False, flag_value="all", default=None,
+              type=click.Choice(["all", "ort", "torch"]),
+              help="Show the graph after a fusion pipeline (default when given: all), and "
+                   "every near-match a fusion refused, one line each: the node and why.")
 @click.option("--listing", is_flag=True, help="Print the full graph listing too.")
 @click.option("--dot", "dot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the graph as Graphviz DOT to this file.")
 @user_errors
 def inspect(target: str | None, preset: str | None, head: str | None, batch: int, seq: int,
-            fused: bool, listing: bool, dot_path: Path | None) -> None:
+            pipeline: str | None, listing: bool, dot_path: Path | None) -> None:
     """Show a model's graph: per-node shapes, parameters, FLOPs and bytes, with totals.
 
-    TARGET is a Hugging Face-layout model dir; or use --preset NAME.
+    TARGET is a Hugging Face-layout model dir or an exported .onnx file; or use --preset NAME.
     """
     from bertrt.config import BertConfig
     from bertrt.graph.bert import build_bert
@@ -65,16 +68,20 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
     if config.max_position_embeddings < seq:
         raise BertrtError(f"--seq {seq} exceeds max_position_embeddings="
                           f"{config.max_position_embeddings}")
-    if fused:
-        graph, result = fused_copy(graph, "all")
+    refused: list[str] = []
+    if pipeline is not None:
+        graph, result = fused_copy(graph, pipeline)
         counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
-        title += f", fused: {counts}"
+        title += f", {pipeline} pipeline: {counts}"
+        refused = result.refused
     click.echo(f"{title}: layers={config.num_hidden_layers} hidden={config.hidden_size} "
                f"heads={config.num_attention_heads} intermediate={config.intermediate_size} "
                f"vocab={config.vocab_size} act={config.hidden_act}")
     if listing:
         click.echo(str(graph))
     click.echo(graph.summary(batch=batch, seq=seq))
+    if pipeline is not None:
+        click.echo(f"refused: {len(refused)}" + "".join(f"\n  {line}" for line in refused))
     if dot_path is not None:
         atomic_write_text(dot_path, graph.to_dot())
         click.echo(f"wrote {dot_path}")

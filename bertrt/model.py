@@ -19,9 +19,8 @@ import torch
 from bertrt.config import BertConfig
 from bertrt.errors import BertrtError, ConfigError, WeightsError
 from bertrt.graph.bert import ARCHITECTURES, build_bert, canonical_head
-from bertrt.graph.ir import Graph
+from bertrt.graph.ir import HEAD, Graph, Role
 from bertrt.weights import (
-    HEAD_PREFIXES,
     SAFETENSORS,
     detect_head,
     match_tensors,
@@ -92,7 +91,8 @@ class Model:
         graph = build_bert(config, head)
         report = match_tensors(graph, tensors, str(model_dir))
         weights = dict(report.matched)
-        encoder_missing = [n for n in report.missing if not _is_head_param(n)]
+        encoder_missing = [n for n in report.missing
+                           if graph.scope_of(graph.params[n]) != HEAD]
         if encoder_missing:
             shapes = ", ".join(f"{n} {list(graph.params[n].shape)}" for n in encoder_missing[:5])
             more = f" (and {len(encoder_missing) - 5} more)" if len(encoder_missing) > 5 else ""
@@ -133,25 +133,30 @@ class Model:
 
     # ------------------------------------------------------------------ lowerings
     def to_torch(self, fuse: bool | str = True, checkpoint_layers: bool = False) -> LoweredModule:
-        """An `nn.Module` over this model's weights (shared storage, not a copy).
+        """An `nn.Module` over this model's weights (shared storage, not a copy), in eval mode
+        as `transformers` returns models (training code calls `.train()`).
 
         `forward(input_ids, attention_mask=None, token_type_ids=None, masked_positions=None)`
         returns a dict: `last_hidden_state`, `pooler_output`, and the head's logits.
 
         Args:
-            fuse: True applies the torch fusion pipeline to a copy of the graph (`model.graph`
-                stays as built); False lowers the graph as built; a pipeline name
-                ("torch", "all") picks the fusions.
+            fuse: A pipeline of `bertrt.graph.passes.PIPELINES` ("none", "torch", "all",
+                "ort") applied to a copy of the graph (`model.graph` stays as built); True is
+                the torch default ("torch"), False is "none".
             checkpoint_layers: Recompute each encoder layer's activations in the backward
                 pass instead of keeping them (activation checkpointing).
         """
-        from bertrt.graph.passes import fused_copy
+        from bertrt.graph.passes import fused_copy, pipeline
         from bertrt.lower.to_torch import lower
 
-        graph = self.graph
-        if fuse:
-            graph, _ = fused_copy(graph, "torch" if fuse is True else fuse)
-        return lower(graph, self.weights, checkpoint_layers=checkpoint_layers)
+        passes = pipeline(fuse, "torch")
+        graph, _ = fused_copy(self.graph, passes)
+        masked = None
+        if self.head == "pretraining":  # the MLM head on the masked rows only
+            masked, _ = fused_copy(build_bert(self.config, self.head, masked_lm=True), passes)
+        net = lower(graph, self.weights, checkpoint_layers=checkpoint_layers,
+                    masked_graph=masked)
+        return net.eval()
 
     def export_onnx(
         self,
@@ -171,18 +176,28 @@ class Model:
             fp16: fp16 weights and compute (LayerNorm and softmax accumulate accurately).
             opset: The ONNX opset (default: the lowering's).
             head: Export another head than the model's own ("none": encoder + pooler).
-            fuse: Apply the fusion pipeline to a copy of the graph first.
+            fuse: A pipeline of `bertrt.graph.passes.PIPELINES` applied to a copy of the graph
+                first; True is the flavour's default ("ort": every fusion, plus per-row
+                lengths for attention when `padding="right"`; "standard": "all"), False is
+                "none".
             padding: "right" (as the tokenizer pads; fastest ONNX Runtime attention) or
                 "any" (left padding and masks with holes are exact too).
         """
-        from bertrt.graph.passes import fused_copy
+        from bertrt.graph.passes import REWRITES, fused_copy, pipeline
         from bertrt.lower.to_onnx import export
 
         graph, tensors = self.graph, self.weights
         if head is not None and canonical_head(head) != self.head:
             graph, tensors = _graph_for_head(self, canonical_head(head))
-        if fuse:
-            graph, _ = fused_copy(graph, "all")
+        passes = pipeline(fuse, f"onnx-{flavour}" if flavour in ("ort", "standard") else
+                          "onnx-standard")
+        if padding != "right":
+            if fuse is True:
+                passes = tuple(p for p in passes if p not in REWRITES)
+            elif "mask_index" in passes:
+                raise BertrtError("fuse: the mask_index pass assumes right padding; "
+                                  f"padding={padding!r} needs a pipeline without it ('all')")
+        graph, _ = fused_copy(graph, passes)
         weights = {name: tensors[name].detach().to("cpu", torch.float32).numpy()
                    for name in graph.params}
         metadata: dict[str, Any] = {"config": self.config.to_dict()}
@@ -247,10 +262,6 @@ def _check_vocab(tokenizer: Tokenizer | None, config: BertConfig, source: str) -
                           f"vocab_size={config.vocab_size} in config.json")
 
 
-def _is_head_param(name: str) -> bool:
-    return name.startswith(HEAD_PREFIXES)
-
-
 def init_weights(graph: Graph, config: BertConfig, seed: int,
                  names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Deterministic BERT initialisation of the graph's parameters, drawn in graph order from
@@ -267,7 +278,7 @@ def init_weights(graph: Graph, config: BertConfig, seed: int,
         if kind == "normal":
             std = float(args[0]) if args else config.initializer_range
             tensor = torch.empty(shape).normal_(0.0, std, generator=gen)
-            if name.endswith("word_embeddings.weight"):
+            if value.role is Role.WORD_EMBEDDINGS:
                 tensor[config.pad_token_id] = 0.0  # as nn.Embedding(padding_idx=...) does
         elif kind == "ones":
             tensor = torch.ones(shape)

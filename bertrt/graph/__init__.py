@@ -9,14 +9,17 @@ from bertrt.graph.ir import (
     Graph,
     GraphError,
     Node,
+    Role,
+    Scope,
     SymbolicDim,
     TensorType,
     Value,
     ValueKind,
 )
-from bertrt.graph.ops import REGISTRY, OpDef, get_op
+from bertrt.graph.ops import REGISTRY, Op, OpDef, get_op
 
 __all__ = [
-    "BATCH", "MASKED", "SEQ", "DType", "Graph", "GraphError", "HEADS", "Node", "OpDef",
-    "REGISTRY", "SymbolicDim", "TensorType", "Value", "ValueKind", "build_bert", "get_op",
+    "BATCH", "MASKED", "SEQ", "DType", "Graph", "GraphError", "HEADS", "Node", "Op", "OpDef",
+    "REGISTRY", "Role", "Scope", "SymbolicDim", "TensorType", "Value", "ValueKind",
+    "build_bert", "get_op",
 ]

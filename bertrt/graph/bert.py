@@ -10,7 +10,20 @@ from __future__ import annotations
 import math
 
 from bertrt.config import BertConfig
-from bertrt.graph.ir import BATCH, MASKED, SEQ, DType, Graph, Value
+from bertrt.graph.ir import (
+    BATCH,
+    EMBEDDINGS,
+    HEAD,
+    MASKED,
+    POOLER,
+    SEQ,
+    DType,
+    Graph,
+    Role,
+    Scope,
+    Value,
+)
+from bertrt.graph.ops import Op
 
 HEADS = ("none", "pretraining", "classification", "token-classification")
 
@@ -24,6 +37,14 @@ ARCHITECTURES = {
 
 _ONES = ("ones",)
 _ZEROS = ("zeros",)
+
+#: `BertConfig.activation` -> (op, attributes).
+ACTIVATIONS: dict[str, tuple[Op, dict[str, str]]] = {
+    "gelu": (Op.GELU, {"approximate": "none"}),
+    "gelu_tanh": (Op.GELU, {"approximate": "tanh"}),
+    "relu": (Op.RELU, {}),
+    "silu": (Op.SILU, {}),
+}
 
 
 def canonical_head(head: str | None) -> str:
@@ -50,127 +71,157 @@ class _Builder:
         self.prefix = prefix
         self.normal = ("normal", config.initializer_range)
 
-    def param(self, path: str, shape: tuple[int, ...], init: tuple) -> Value:
-        return self.g.add_param(self.prefix + path, shape, init)
+    def param(self, path: str, shape: tuple[int, ...], init: tuple,
+              role: Role | None = None) -> Value:
+        return self.g.add_param(self.prefix + path, shape, init, role=role)
 
     def linear(self, path: str, x: Value, n_in: int, n_out: int) -> Value:
         w = self.param(f"{path}.weight", (n_out, n_in), self.normal)
         b = self.param(f"{path}.bias", (n_out,), _ZEROS)
-        return self.g.op("LINEAR", x, w, b, name=self.prefix + path)
+        return self.g.op(Op.LINEAR, x, w, b, name=self.prefix + path)
 
     def layer_norm(self, path: str, x: Value) -> Value:
         w = self.param(f"{path}.weight", (self.config.hidden_size,), _ONES)
         b = self.param(f"{path}.bias", (self.config.hidden_size,), _ZEROS)
-        return self.g.op("LAYER_NORM", x, w, b, eps=float(self.config.layer_norm_eps),
+        return self.g.op(Op.LAYER_NORM, x, w, b, eps=float(self.config.layer_norm_eps),
                          name=self.prefix + path)
 
     def dropout(self, x: Value, p: float, path: str) -> Value:
-        return self.g.op("DROPOUT", x, p=float(p), name=self.prefix + path + ".dropout")
+        return self.g.op(Op.DROPOUT, x, p=float(p), name=self.prefix + path + ".dropout")
 
     def activation(self, x: Value, path: str) -> Value:
-        kind = self.config.activation
-        name = self.prefix + path
-        if kind == "gelu":
-            return self.g.op("GELU", x, approximate="none", name=name)
-        if kind == "gelu_tanh":
-            return self.g.op("GELU", x, approximate="tanh", name=name)
-        return self.g.op(kind.upper(), x, name=name)
+        op, attrs = ACTIVATIONS[self.config.activation]
+        return self.g.op(op, x, name=self.prefix + path, **attrs)
 
 
-def build_bert(config: BertConfig, head: str | None = None) -> Graph:
+def build_bert(config: BertConfig, head: str | None = None, masked_lm: bool = False) -> Graph:
     """Build the BERT graph for `config` with one of `HEADS`.
 
-    Inputs: `input_ids` (batch, seq) int64, `attention_mask` and `token_type_ids` (batch, seq)
-    int64 (optional: the lowerings default them to ones and zeros), and for the pretraining head
-    `masked_positions` (masked,) int64 flat indices b*seq+s (optional: all positions).
+    Inputs (with their roles): `input_ids` (batch, seq) int64; `attention_mask` and
+    `token_type_ids` (batch, seq) int64, optional (absent: attend everywhere, segment 0).
     Outputs: `last_hidden_state`, `pooler_output` (not for token-classification, which has no
     pooler, as in the reference), and the head's logits.
+
+    Args:
+        config: The model's configuration.
+        head: One of `HEADS` (or an alias).
+        masked_lm: Pretraining head only: the masked-MLM form, which takes `masked_positions`
+            (masked,) int64 flat indices b*seq+s and runs the MLM head on those rows only
+            (`prediction_logits` (masked, vocab)); without it the MLM head runs on every
+            position ((batch, seq, vocab)), as the reference does.
     """
     head = canonical_head(head)
+    if masked_lm and head != "pretraining":
+        raise ValueError(f"masked_lm: only the pretraining head has it, not {head!r}")
     cfg = config
-    g = Graph(f"bert-{head}")
+    g = Graph(f"bert-{head}{'-masked' if masked_lm else ''}")
     g.metadata.update(head=head, architecture=ARCHITECTURES[head])
     prefix = "" if head == "none" else "bert."
     b = _Builder(cfg, g, prefix)
-    H, N = cfg.hidden_size, cfg.num_attention_heads
+    H = cfg.hidden_size
 
-    input_ids = g.add_input("input_ids", DType.INT64, (BATCH, SEQ))
-    attention_mask = g.add_input("attention_mask", DType.INT64, (BATCH, SEQ), optional=True)
-    token_type_ids = g.add_input("token_type_ids", DType.INT64, (BATCH, SEQ), optional=True)
+    input_ids = g.add_input("input_ids", DType.INT64, (BATCH, SEQ), role=Role.INPUT_IDS)
+    attention_mask = g.add_input("attention_mask", DType.INT64, (BATCH, SEQ), optional=True,
+                                 role=Role.ATTENTION_MASK)
+    token_type_ids = g.add_input("token_type_ids", DType.INT64, (BATCH, SEQ), optional=True,
+                                 role=Role.TOKEN_TYPE_IDS)
+    masked = None
+    if masked_lm:
+        masked = g.add_input("masked_positions", DType.INT64, (MASKED,),
+                             role=Role.MASKED_POSITIONS)
 
-    # Embeddings: (B, S) ids -> (B, S, H)
-    word = b.param("embeddings.word_embeddings.weight", (cfg.vocab_size, H), b.normal)
-    position = b.param("embeddings.position_embeddings.weight",
-                       (cfg.max_position_embeddings, H), b.normal)
-    token_type = b.param("embeddings.token_type_embeddings.weight",
-                         (cfg.type_vocab_size, H), b.normal)
-    positions = g.op("POSITION_IDS", input_ids, name=prefix + "embeddings.position_ids")
-    x = g.op("GATHER", word, input_ids, name=prefix + "embeddings.word_embeddings")
-    x = g.op("ADD", x, g.op("GATHER", token_type, token_type_ids,
-                            name=prefix + "embeddings.token_type_embeddings"),
-             name=prefix + "embeddings.add_token_type")
-    x = g.op("ADD", x, g.op("GATHER", position, positions,
-                            name=prefix + "embeddings.position_embeddings"),
-             name=prefix + "embeddings.add_position")
-    x = b.layer_norm("embeddings.LayerNorm", x)
-    x = b.dropout(x, cfg.hidden_dropout_prob, "embeddings")
-
-    mask_bias = g.op("ATTENTION_MASK", attention_mask, name=prefix + "encoder.mask_bias")
-    scale = 1.0 / math.sqrt(cfg.head_dim)
+    with g.scope(EMBEDDINGS):
+        word, x = _embeddings(b, input_ids, token_type_ids)
     for i in range(cfg.num_hidden_layers):
-        layer = f"encoder.layer.{i}"
-        att = f"{layer}.attention"
-        # Self-attention: (B, S, H) -> 3 x (B, N, S, D) -> scores (B, N, S, S) -> (B, S, H)
-        q = g.op("SPLIT_HEADS", b.linear(f"{att}.self.query", x, H, H), heads=N,
-                 name=prefix + f"{att}.self.query_heads")
-        k = g.op("SPLIT_HEADS", b.linear(f"{att}.self.key", x, H, H), heads=N,
-                 name=prefix + f"{att}.self.key_heads")
-        v = g.op("SPLIT_HEADS", b.linear(f"{att}.self.value", x, H, H), heads=N,
-                 name=prefix + f"{att}.self.value_heads")
-        scores = g.op("MATMUL", q, k, transpose_b=True, name=prefix + f"{att}.self.scores")
-        scores = g.op("SCALE", scores, factor=scale, name=prefix + f"{att}.self.scale")
-        scores = g.op("ADD", scores, mask_bias, name=prefix + f"{att}.self.mask")
-        probs = g.op("SOFTMAX", scores, axis=-1, name=prefix + f"{att}.self.softmax")
-        probs = b.dropout(probs, cfg.attention_probs_dropout_prob, f"{att}.self")
-        context = g.op("MATMUL", probs, v, name=prefix + f"{att}.self.context")
-        context = g.op("MERGE_HEADS", context, name=prefix + f"{att}.self.merge_heads")
-        out = b.linear(f"{att}.output.dense", context, H, H)
-        out = b.dropout(out, cfg.hidden_dropout_prob, f"{att}.output")
-        out = g.op("ADD", out, x, name=prefix + f"{att}.output.residual")
-        x = b.layer_norm(f"{att}.output.LayerNorm", out)
-        # Feed-forward: (B, S, H) -> (B, S, I) -> (B, S, H)
-        ff = b.linear(f"{layer}.intermediate.dense", x, H, cfg.intermediate_size)
-        ff = b.activation(ff, f"{layer}.intermediate.act")
-        ff = b.linear(f"{layer}.output.dense", ff, cfg.intermediate_size, H)
-        ff = b.dropout(ff, cfg.hidden_dropout_prob, f"{layer}.output")
-        ff = g.op("ADD", ff, x, name=prefix + f"{layer}.output.residual")
-        x = b.layer_norm(f"{layer}.output.LayerNorm", ff)
+        with g.scope(Scope.layer(i)):
+            x = _encoder_layer(b, f"encoder.layer.{i}", x, attention_mask)
     g.set_output("last_hidden_state", x)
 
+    pooled = None
     if head != "token-classification":  # as in the reference, the tagger has no pooler
-        # Pooler: tanh(W h_[CLS] + b): (B, S, H) -> (B, H)
-        first = g.op("SELECT_TOKEN", x, index=0, name=prefix + "pooler.first_token")
-        pooled = g.op("TANH", b.linear("pooler.dense", first, H, H), name=prefix + "pooler.act")
+        with g.scope(POOLER):
+            # Pooler: tanh(W h_[CLS] + b): (B, S, H) -> (B, H)
+            first = g.op(Op.SELECT_TOKEN, x, index=0, name=prefix + "pooler.first_token")
+            pooled = g.op(Op.TANH, b.linear("pooler.dense", first, H, H),
+                          name=prefix + "pooler.act")
         g.set_output("pooler_output", pooled)
 
     heads = _Builder(cfg, g, "")
-    if head == "pretraining":
-        masked = g.add_input("masked_positions", DType.INT64, (MASKED,), optional=True)
-        # MLM on the masked rows only: (B, S, H) -> (M, H) -> (M, V), decoder tied to `word`
-        h = g.op("GATHER_ROWS", x, masked, name="cls.predictions.gather")
-        h = heads.linear("cls.predictions.transform.dense", h, H, H)
-        h = heads.activation(h, "cls.predictions.transform.act")
-        h = heads.layer_norm("cls.predictions.transform.LayerNorm", h)
-        bias = heads.param("cls.predictions.bias", (cfg.vocab_size,), _ZEROS)
-        logits = g.op("LINEAR", h, word, bias, name="cls.predictions.decoder")
-        g.set_output("prediction_logits", logits)
-        nsp = heads.linear("cls.seq_relationship", pooled, H, 2)
-        g.set_output("seq_relationship_logits", nsp)
-    elif head == "classification":
-        h = heads.dropout(pooled, cfg.hidden_dropout_prob, "classifier")
-        g.set_output("logits", heads.linear("classifier", h, H, cfg.num_labels))
-    elif head == "token-classification":
-        h = heads.dropout(x, cfg.hidden_dropout_prob, "classifier")
-        g.set_output("logits", heads.linear("classifier", h, H, cfg.num_labels))
+    with g.scope(HEAD):
+        if head == "pretraining":
+            h = x
+            if masked is not None:  # (B, S, H) -> (M, H): the masked rows only
+                h = g.op(Op.GATHER_ROWS, x, masked, name="cls.predictions.gather")
+            # MLM: (..., H) -> (..., V), decoder tied to the word embeddings
+            h = heads.linear("cls.predictions.transform.dense", h, H, H)
+            h = heads.activation(h, "cls.predictions.transform.act")
+            h = heads.layer_norm("cls.predictions.transform.LayerNorm", h)
+            bias = heads.param("cls.predictions.bias", (cfg.vocab_size,), _ZEROS)
+            logits = g.op(Op.LINEAR, h, word, bias, name="cls.predictions.decoder")
+            g.set_output("prediction_logits", logits)
+            nsp = heads.linear("cls.seq_relationship", pooled, H, 2)
+            g.set_output("seq_relationship_logits", nsp)
+        elif head == "classification":
+            h = heads.dropout(pooled, cfg.hidden_dropout_prob, "classifier")
+            g.set_output("logits", heads.linear("classifier", h, H, cfg.num_labels))
+        elif head == "token-classification":
+            h = heads.dropout(x, cfg.hidden_dropout_prob, "classifier")
+            g.set_output("logits", heads.linear("classifier", h, H, cfg.num_labels))
     return g
+
+
+def _embeddings(b: _Builder, input_ids: Value, token_type_ids: Value) -> tuple[Value, Value]:
+    """(B, S) ids -> (B, S, H): word + token-type + position lookups, LayerNorm, dropout.
+    Returns the word table (the MLM decoder is tied to it) and the embeddings."""
+    g, cfg, prefix, H = b.g, b.config, b.prefix, b.config.hidden_size
+    word = b.param("embeddings.word_embeddings.weight", (cfg.vocab_size, H), b.normal,
+                   role=Role.WORD_EMBEDDINGS)
+    position = b.param("embeddings.position_embeddings.weight",
+                       (cfg.max_position_embeddings, H), b.normal, role=Role.POSITION_EMBEDDINGS)
+    token_type = b.param("embeddings.token_type_embeddings.weight",
+                         (cfg.type_vocab_size, H), b.normal, role=Role.TOKEN_TYPE_EMBEDDINGS)
+    positions = g.op(Op.POSITION_IDS, input_ids, name=prefix + "embeddings.position_ids")
+    x = g.op(Op.GATHER, word, input_ids, name=prefix + "embeddings.word_embeddings")
+    x = g.op(Op.ADD, x, g.op(Op.GATHER, token_type, token_type_ids,
+                             name=prefix + "embeddings.token_type_embeddings"),
+             name=prefix + "embeddings.add_token_type")
+    x = g.op(Op.ADD, x, g.op(Op.GATHER, position, positions,
+                             name=prefix + "embeddings.position_embeddings"),
+             name=prefix + "embeddings.add_position")
+    x = b.layer_norm("embeddings.LayerNorm", x)
+    return word, b.dropout(x, cfg.hidden_dropout_prob, "embeddings")
+
+
+def _encoder_layer(b: _Builder, layer: str, x: Value, attention_mask: Value) -> Value:
+    """One encoder layer, (B, S, H) -> (B, S, H): self-attention, then feed-forward, each
+    with dropout, a residual add and LayerNorm (post-norm, as BERT)."""
+    g, cfg, prefix = b.g, b.config, b.prefix
+    H, N = cfg.hidden_size, cfg.num_attention_heads
+    att = f"{layer}.attention"
+    # Self-attention: (B, S, H) -> 3 x (B, N, S, D) -> scores (B, N, S, S) -> (B, S, H)
+    q = g.op(Op.SPLIT_HEADS, b.linear(f"{att}.self.query", x, H, H), heads=N,
+             name=prefix + f"{att}.self.query_heads")
+    k = g.op(Op.SPLIT_HEADS, b.linear(f"{att}.self.key", x, H, H), heads=N,
+             name=prefix + f"{att}.self.key_heads")
+    v = g.op(Op.SPLIT_HEADS, b.linear(f"{att}.self.value", x, H, H), heads=N,
+             name=prefix + f"{att}.self.value_heads")
+    scores = g.op(Op.MATMUL, q, k, transpose_b=True, name=prefix + f"{att}.self.scores")
+    scores = g.op(Op.SCALE, scores, factor=1.0 / math.sqrt(cfg.head_dim),
+                  name=prefix + f"{att}.self.scale")
+    probs = g.op(Op.SOFTMAX, scores, attention_mask, axis=-1,
+                 name=prefix + f"{att}.self.softmax")
+    probs = b.dropout(probs, cfg.attention_probs_dropout_prob, f"{att}.self")
+    context = g.op(Op.MATMUL, probs, v, name=prefix + f"{att}.self.context")
+    context = g.op(Op.MERGE_HEADS, context, name=prefix + f"{att}.self.merge_heads")
+    out = b.linear(f"{att}.output.dense", context, H, H)
+    out = b.dropout(out, cfg.hidden_dropout_prob, f"{att}.output")
+    out = g.op(Op.ADD, out, x, name=prefix + f"{att}.output.residual")
+    x = b.layer_norm(f"{att}.output.LayerNorm", out)
+    # Feed-forward: (B, S, H) -> (B, S, I) -> (B, S, H)
+    ff = b.linear(f"{layer}.intermediate.dense", x, H, cfg.intermediate_size)
+    ff = b.activation(ff, f"{layer}.intermediate.act")
+    ff = b.linear(f"{layer}.output.dense", ff, cfg.intermediate_size, H)
+    ff = b.dropout(ff, cfg.hidden_dropout_prob, f"{layer}.output")
+    ff = g.op(Op.ADD, ff, x, name=prefix + f"{layer}.output.residual")
+    return b.layer_norm(f"{layer}.output.LayerNorm", ff)
 

@@ -32,17 +32,26 @@ def _attrs(attrs: dict[str, Any]) -> str:
 
 
 def format_listing(graph: Graph) -> str:
-    """`print(graph)`: inputs, parameters (count), one line per node, outputs."""
+    """`print(graph)`: inputs (with roles), parameters (count, and those with a role), one
+    line per node under a header for each scope, outputs."""
     lines = [f"graph {graph.name} ("]
     for value in graph.inputs:
         opt = "?" if value.optional else ""
-        lines.append(f"  %{value.name}{opt}: {value.type}")
+        role = f"  role={value.role}" if value.role is not None else ""
+        lines.append(f"  %{value.name}{opt}: {value.type}{role}")
     n_params = sum(math.prod(v.shape) for v in graph.params.values())  # type: ignore[arg-type]
     lines.append(f") params {len(graph.params)} tensors, {n_params:,} values {{")
+    for value in graph.params.values():
+        if value.role is not None:
+            lines.append(f"  @{value.name}: {value.type}  role={value.role}")
+    scope: object = object()
     for node in graph.nodes:
+        if node.scope != scope:
+            scope = node.scope
+            lines.append(f"  {scope if scope is not None else '(no scope)'}:")
         outs = ", ".join(f"%{o.name}: {o.type}" for o in node.outputs)
         ins = ", ".join(_ref(v) for v in node.inputs)
-        lines.append(f"  {outs} = {node.op}({ins}){_attrs(node.attrs)}")
+        lines.append(f"    {outs} = {node.op}({ins}){_attrs(node.attrs)}")
     outs = ", ".join(f"{k}=%{v.name}" for k, v in graph.outputs.items())
     lines.append(f"  return {outs}")
     lines.append("}")

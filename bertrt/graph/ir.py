@@ -10,10 +10,14 @@ This module imports neither torch nor onnx.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from bertrt.graph.ops import Op
 
 
 class SymbolicDim:
@@ -75,6 +79,43 @@ class ValueKind(enum.Enum):
     NODE = "node"  # the output of a node
 
 
+class Role(enum.StrEnum):
+    """What a graph input or parameter *is*, so passes and lowerings never read names."""
+
+    INPUT_IDS = "input_ids"  # (batch, seq) token ids
+    ATTENTION_MASK = "attention_mask"  # (batch, seq) 1 where a key is attended, 0 where padded
+    TOKEN_TYPE_IDS = "token_type_ids"  # (batch, seq) segment ids
+    MASKED_POSITIONS = "masked_positions"  # (masked,) flat indices b*seq+s of the MLM rows
+    WORD_EMBEDDINGS = "word_embeddings"  # (vocab, hidden) table
+    POSITION_EMBEDDINGS = "position_embeddings"  # (max_positions, hidden) table
+    TOKEN_TYPE_EMBEDDINGS = "token_type_embeddings"  # (type_vocab, hidden) table
+
+
+class Scope(NamedTuple):
+    """Where in the model a node sits: `embeddings`, `layer[i]`, `pooler` or `head`.
+
+    Set by the builder (`with graph.scope(...)`), kept by passes (a rewrite takes the scope of
+    the node it replaces), shown by `print(graph)`; the torch lowering checkpoints by layer.
+    """
+
+    kind: str
+    index: int | None = None
+
+    @classmethod
+    def layer(cls, index: int) -> Scope:
+        return cls("layer", index)
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}[{self.index}]"
+
+
+SCOPE_KINDS = ("embeddings", "encoder", "layer", "pooler", "head")
+EMBEDDINGS = Scope("embeddings")
+ENCODER = Scope("encoder")  # encoder-wide work outside any one layer (say, the mask's lengths)
+POOLER = Scope("pooler")
+HEAD = Scope("head")
+
+
 class TensorType:
     """The static type of a value: dtype and shape (ints and symbolic dims)."""
 
@@ -118,7 +159,8 @@ class Value:
     `users` is maintained by `Node`; never edit it directly.
     """
 
-    __slots__ = ("name", "type", "kind", "producer", "index", "_users", "init", "optional")
+    __slots__ = ("name", "type", "kind", "producer", "index", "_users", "init", "optional",
+                 "role")
 
     def __init__(
         self,
@@ -129,6 +171,7 @@ class Value:
         index: int = 0,
         init: tuple[Any, ...] | None = None,
         optional: bool = False,
+        role: Role | None = None,
     ) -> None:
         self.name = name
         self.type = type
@@ -140,6 +183,8 @@ class Value:
         self.init = init
         #: For graph inputs: the caller may omit it (the lowering supplies the default).
         self.optional = optional
+        #: For graph inputs and parameters: what the value is (None: nothing special).
+        self.role = role
 
     @property
     def dtype(self) -> DType:
@@ -155,27 +200,30 @@ class Value:
         return tuple(self._users)
 
     def __repr__(self) -> str:
-        return f"%{self.name}: {self.type}"
+        role = f" ({self.role})" if self.role is not None else ""
+        return f"%{self.name}: {self.type}{role}"
 
 
 class Node:
     """One operation. Creates its outputs and registers itself as a user of its inputs."""
 
-    __slots__ = ("name", "op", "attrs", "_inputs", "_outputs", "graph")
+    __slots__ = ("name", "op", "attrs", "_inputs", "_outputs", "graph", "scope")
 
     def __init__(
         self,
         graph: Graph,
-        op: str,
+        op: Op,
         inputs: Sequence[Value | None],
         attrs: Mapping[str, Any],
         output_types: Sequence[TensorType],
         name: str,
         output_names: Sequence[str],
+        scope: Scope | None = None,
     ) -> None:
         self.graph = graph
         self.name = name
         self.op = op
+        self.scope = scope
         self.attrs = dict(attrs)
         self._inputs: list[Value | None] = list(inputs)
         for i, value in enumerate(self._inputs):
@@ -239,6 +287,7 @@ class Graph:
         self.metadata: dict[str, Any] = {}
         self._names: set[str] = set()
         self._counter = itertools.count()
+        self._scope: Scope | None = None
 
     # ------------------------------------------------------------------ building
     def _fresh(self, hint: str) -> str:
@@ -251,13 +300,20 @@ class Graph:
                 self._names.add(name)
                 return name
 
+    def _check_role(self, role: Role | None, name: str) -> None:
+        if role is not None and self.by_role(role) is not None:
+            raise GraphError(f"{name!r}: role {role} is already taken in graph {self.name!r}")
+
     def add_input(
-        self, name: str, dtype: DType, shape: Sequence[Dim], optional: bool = False
+        self, name: str, dtype: DType, shape: Sequence[Dim], optional: bool = False,
+        role: Role | None = None,
     ) -> Value:
         if name in self._names:
             raise GraphError(f"name {name!r} is already used in graph {self.name!r}")
+        self._check_role(role, name)
         self._names.add(name)
-        value = Value(name, TensorType(dtype, shape), ValueKind.INPUT, optional=optional)
+        value = Value(name, TensorType(dtype, shape), ValueKind.INPUT, optional=optional,
+                      role=role)
         self.inputs.append(value)
         return value
 
@@ -267,19 +323,33 @@ class Graph:
         shape: Sequence[int],
         init: tuple[Any, ...],
         dtype: DType = DType.FLOAT32,
+        role: Role | None = None,
     ) -> Value:
         if name in self._names:
             raise GraphError(f"name {name!r} is already used in graph {self.name!r}")
         if not all(isinstance(d, int) and d > 0 for d in shape):
             raise GraphError(f"parameter {name!r} needs a static positive shape, got {shape}")
+        self._check_role(role, name)
         self._names.add(name)
-        value = Value(name, TensorType(dtype, shape), ValueKind.PARAM, init=tuple(init))
+        value = Value(name, TensorType(dtype, shape), ValueKind.PARAM, init=tuple(init),
+                      role=role)
         self.params[name] = value
         return value
 
+    @contextlib.contextmanager
+    def scope(self, scope: Scope) -> Iterator[Scope]:
+        """Nodes created inside `with graph.scope(s):` get scope `s`."""
+        if scope.kind not in SCOPE_KINDS:
+            raise GraphError(f"scope {scope}: kind must be one of {', '.join(SCOPE_KINDS)}")
+        outer, self._scope = self._scope, scope
+        try:
+            yield scope
+        finally:
+            self._scope = outer
+
     def op(
         self,
-        op: str,
+        op: Op | str,
         *inputs: Value | None,
         name: str | None = None,
         **attrs: Any,
@@ -289,16 +359,19 @@ class Graph:
 
     def add_node(
         self,
-        op: str,
+        op: Op | str,
         inputs: Sequence[Value | None],
         attrs: Mapping[str, Any] | None = None,
         name: str | None = None,
         index: int | None = None,
+        scope: Scope | None = None,
     ) -> Node:
-        """Create a node (shape rule from the op registry) at the end or at position `index`."""
+        """Create a node (shape rule from the op registry) at the end or at position `index`,
+        in `scope` (default: the enclosing `with graph.scope(...)`, if any)."""
         from bertrt.graph.ops import get_op
 
         opdef = get_op(op)
+        op = opdef.name
         if len(inputs) > len(opdef.inputs):
             raise GraphError(f"{op}: takes at most {len(opdef.inputs)} inputs "
                              f"({', '.join(opdef.inputs)}), got {len(inputs)}")
@@ -311,7 +384,8 @@ class Graph:
         out_names = [node_name] if len(output_types) == 1 else [
             self._fresh(f"{node_name}.{i}") for i in range(len(output_types))
         ]
-        node = Node(self, op, inputs, full_attrs, output_types, node_name, out_names)
+        node = Node(self, op, inputs, full_attrs, output_types, node_name, out_names,
+                    scope=scope if scope is not None else self._scope)
         if index is None:
             self.nodes.append(node)
         else:
@@ -385,7 +459,22 @@ class Graph:
                 return value
         raise KeyError(name)
 
-    def find(self, op: str) -> list[Node]:
+    def by_role(self, role: Role) -> Value | None:
+        """The graph input or parameter with this role, or None."""
+        for value in itertools.chain(self.inputs, self.params.values()):
+            if value.role is role:
+                return value
+        return None
+
+    def scope_of(self, value: Value) -> Scope | None:
+        """The scope of a value: its producer's, or for an input or parameter the scope of
+        the first node that reads it (a tied table belongs to where it is first read)."""
+        if value.producer is not None:
+            return value.producer.scope
+        readers = {id(n) for n, _ in value.users}
+        return next((n.scope for n in self.nodes if id(n) in readers), None)
+
+    def find(self, op: Op | str) -> list[Node]:
         return [n for n in self.nodes if n.op == op]
 
     def op_counts(self) -> dict[str, int]:
@@ -462,16 +551,17 @@ class Graph:
         mapping: dict[int, Value] = {}
         for value in self.inputs:
             mapping[id(value)] = new.add_input(
-                value.name, value.dtype, value.shape, optional=value.optional
+                value.name, value.dtype, value.shape, optional=value.optional, role=value.role
             )
         for name, value in self.params.items():
-            mapping[id(value)] = new.add_param(name, value.shape, value.init, value.dtype)
+            mapping[id(value)] = new.add_param(name, value.shape, value.init, value.dtype,
+                                               role=value.role)
         for node in self.nodes:
             ins = [mapping[id(v)] if v is not None else None for v in node.inputs]
             new._names.add(node.name)
             out_names = [o.name for o in node.outputs]
             copy = Node(new, node.op, ins, node.attrs, [o.type for o in node.outputs],
-                        node.name, out_names)
+                        node.name, out_names, scope=node.scope)
             new._names.update(out_names)
             new.nodes.append(copy)
             for old, fresh in zip(node.outputs, copy.outputs):

@@ -9,12 +9,42 @@ softmax are memory-bound and counted as 0 (their cost shows in the bytes column 
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bertrt.graph.ir import DType, GraphError, Shape, TensorType
+
+
+class Op(enum.StrEnum):
+    """Every IR op kind. Builders, passes and lowering tables use these members, never string
+    literals: a misspelt member fails where it is written, and a kind without a registry entry
+    (or a lowering table without an entry for a kind) fails when its module is imported."""
+
+    GATHER = "GATHER"
+    POSITION_IDS = "POSITION_IDS"
+    ADD = "ADD"
+    SCALE = "SCALE"
+    LAYER_NORM = "LAYER_NORM"
+    LINEAR = "LINEAR"
+    GELU = "GELU"
+    RELU = "RELU"
+    SILU = "SILU"
+    TANH = "TANH"
+    DROPOUT = "DROPOUT"
+    SOFTMAX = "SOFTMAX"
+    SPLIT_HEADS = "SPLIT_HEADS"
+    MERGE_HEADS = "MERGE_HEADS"
+    MATMUL = "MATMUL"
+    SELECT_TOKEN = "SELECT_TOKEN"
+    GATHER_ROWS = "GATHER_ROWS"
+    MASK_INDEX = "MASK_INDEX"
+    EMBED_LAYER_NORM = "EMBED_LAYER_NORM"
+    SKIP_LAYER_NORM = "SKIP_LAYER_NORM"
+    BIAS_GELU = "BIAS_GELU"
+    ATTENTION = "ATTENTION"
 
 Types = Sequence[TensorType | None]
 ShapeRule = Callable[[Types, Mapping[str, Any]], list[TensorType]]
@@ -26,13 +56,19 @@ class OpDef:
     """One op: its input slots (a trailing `?` marks an optional one), attributes with
     defaults, a shape rule over `TensorType`s and a FLOPs rule over concrete shapes."""
 
-    name: str
+    name: Op
     inputs: tuple[str, ...]
     infer: ShapeRule
     attrs: Mapping[str, Any] = field(default_factory=dict)
     flops: FlopsRule | None = None
     fused: bool = False
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "name", Op(self.name))
+        except ValueError:
+            raise GraphError(f"op {self.name!r} is not a member of Op") from None
 
     def bind_attrs(self, given: Mapping[str, Any]) -> dict[str, Any]:
         unknown = set(given) - set(self.attrs)
@@ -53,7 +89,7 @@ class OpDef:
 
 
 REQUIRED = object()
-REGISTRY: dict[str, OpDef] = {}
+REGISTRY: dict[Op, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
@@ -63,11 +99,25 @@ def register(opdef: OpDef) -> OpDef:
     return opdef
 
 
-def get_op(name: str) -> OpDef:
+def as_op(name: Op | str) -> Op:
+    """`name` as an `Op`; an unknown name is a `GraphError`, never a silent non-match."""
     try:
-        return REGISTRY[name]
-    except KeyError:
+        return Op(name)
+    except ValueError:
         raise GraphError(f"unknown op {name!r}") from None
+
+
+def get_op(name: Op | str) -> OpDef:
+    return REGISTRY[as_op(name)]
+
+
+def check_table(table: Mapping[Op, Any], lowering: str) -> None:
+    """Raise unless `table` has exactly one entry per `Op` (called by each lowering on import)."""
+    keys = set(table)
+    missing = [op.value for op in Op if op not in keys]
+    extra = [str(k) for k in keys if not isinstance(k, Op)]
+    if missing or extra:
+        raise GraphError(f"{lowering} lowering table: missing {missing}, not ops {extra}")
 
 
 # ---------------------------------------------------------------------- helpers for shape rules
@@ -136,7 +186,7 @@ def _gather(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "GATHER", ("table", "indices"), _gather,
+    Op.GATHER, ("table", "indices"), _gather,
     doc="Embedding lookup: rows of `table` (V, H) at integer `indices` (...) -> (..., H).",
 ))
 
@@ -148,7 +198,7 @@ def _position_ids(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "POSITION_IDS", ("input_ids",), _position_ids,
+    Op.POSITION_IDS, ("input_ids",), _position_ids,
     doc="Positions 0..S-1 of a (B, S) id tensor -> int64 (S,).",
 ))
 
@@ -160,10 +210,10 @@ def _add(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
     return [TensorType(a.dtype, broadcast("ADD", a.shape, b.shape))]
 
 
-register(OpDef("ADD", ("a", "b"), _add, doc="Element-wise a + b with broadcasting."))
+register(OpDef(Op.ADD, ("a", "b"), _add, doc="Element-wise a + b with broadcasting."))
 
 register(OpDef(
-    "SCALE", ("x",), _same_as_first("SCALE"), attrs={"factor": REQUIRED},
+    Op.SCALE, ("x",), _same_as_first("SCALE"), attrs={"factor": REQUIRED},
     doc="x * factor (a constant).",
 ))
 
@@ -177,7 +227,7 @@ def _layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "LAYER_NORM", ("x", "weight", "bias"), _layer_norm, attrs={"eps": 1e-12},
+    Op.LAYER_NORM, ("x", "weight", "bias"), _layer_norm, attrs={"eps": 1e-12},
     doc="LayerNorm over the last axis, (x - mean) / sqrt(var + eps) * weight + bias.",
 ))
 
@@ -198,36 +248,66 @@ def _linear_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, Any]
 
 
 register(OpDef(
-    "LINEAR", ("x", "weight", "bias?"), _linear, flops=_linear_flops,
+    Op.LINEAR, ("x", "weight", "bias?"), _linear, flops=_linear_flops,
     doc="x @ weight.T + bias, weight stored (out, in) as in torch.nn.Linear.",
 ))
 
 register(OpDef(
-    "GELU", ("x",), _same_as_first("GELU"), attrs={"approximate": "none"},
+    Op.GELU, ("x",), _same_as_first("GELU"), attrs={"approximate": "none"},
     doc="GELU; approximate='none' is the exact erf form, 'tanh' the tanh approximation.",
 ))
-register(OpDef("RELU", ("x",), _same_as_first("RELU"), doc="max(x, 0)."))
-register(OpDef("SILU", ("x",), _same_as_first("SILU"), doc="x * sigmoid(x)."))
-register(OpDef("TANH", ("x",), _same_as_first("TANH"), doc="tanh(x)."))
+register(OpDef(Op.RELU, ("x",), _same_as_first("RELU"), doc="max(x, 0)."))
+register(OpDef(Op.SILU, ("x",), _same_as_first("SILU"), doc="x * sigmoid(x)."))
+register(OpDef(Op.TANH, ("x",), _same_as_first("TANH"), doc="tanh(x)."))
 register(OpDef(
-    "DROPOUT", ("x",), _same_as_first("DROPOUT"), attrs={"p": 0.1},
+    Op.DROPOUT, ("x",), _same_as_first("DROPOUT"), attrs={"p": 0.1},
     doc="Dropout with probability p while training; identity at inference.",
 ))
+def _key_mask(op: str, x: TensorType, mask: TensorType | None) -> None:
+    """A key mask is (B, S) 1/0 or (B,) int32 lengths, for x (B, ..., S) over S keys."""
+    if mask is None:
+        return
+    _int(op, mask, "key mask")
+    if len(mask.shape) == 1:
+        if mask.dtype is not DType.INT32:
+            raise GraphError(f"{op}: key lengths must be int32, got {mask.dtype}")
+        _same_dim(op, mask.shape[0], x.shape[0], "key lengths vs batch")
+        return
+    _rank(op, mask, 2, "key mask")
+    _same_dim(op, mask.shape[0], x.shape[0], "key mask vs batch")
+
+
+def _softmax(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (x,) = _need("SOFTMAX", types, 1)
+    _float("SOFTMAX", x, "input")
+    mask = types[1] if len(types) > 1 else None
+    if mask is not None:
+        _rank("SOFTMAX", x, 4, "masked scores (B, N, S, S)")
+        if attrs["axis"] not in (-1, 3):
+            raise GraphError("SOFTMAX: a key mask needs the softmax over the last axis")
+        _key_mask("SOFTMAX", x, mask)
+        if len(mask.shape) == 2:
+            _same_dim("SOFTMAX", mask.shape[1], x.shape[3], "key mask vs keys")
+    return [x]
+
+
 register(OpDef(
-    "SOFTMAX", ("x",), _same_as_first("SOFTMAX"), attrs={"axis": -1},
-    doc="Softmax along `axis`.",
+    Op.SOFTMAX, ("x", "key_mask?"), _softmax, attrs={"axis": -1},
+    doc="Softmax along `axis`; with `key_mask` ((B, S) 1/0 or (B,) int32 lengths) the scores "
+    "(B, N, S, S) of masked keys get float32 min added first, as the reference masks.",
 ))
 
 
-def _attention_mask(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
-    (mask,) = _need("ATTENTION_MASK", types, 1)
-    _rank("ATTENTION_MASK", mask, 2, "attention_mask")
-    return [TensorType(DType.FLOAT32, (mask.shape[0], 1, 1, mask.shape[1]))]
+def _mask_index(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (mask,) = _need("MASK_INDEX", types, 1)
+    _int("MASK_INDEX", mask, "attention_mask")
+    _rank("MASK_INDEX", mask, 2, "attention_mask")
+    return [TensorType(DType.INT32, (mask.shape[0],))]
 
 
 register(OpDef(
-    "ATTENTION_MASK", ("attention_mask",), _attention_mask,
-    doc="(B, S) 1/0 mask -> additive (B, 1, 1, S) bias: 0 where attended, float32 min where not.",
+    Op.MASK_INDEX, ("attention_mask",), _mask_index,
+    doc="(B, S) right-padding 1/0 mask -> int32 (B,) lengths (ONNX Runtime's mask_index).",
 ))
 
 
@@ -242,7 +322,7 @@ def _split_heads(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "SPLIT_HEADS", ("x",), _split_heads, attrs={"heads": REQUIRED},
+    Op.SPLIT_HEADS, ("x",), _split_heads, attrs={"heads": REQUIRED},
     doc="(B, S, N*D) -> (B, N, S, D).",
 ))
 
@@ -254,7 +334,7 @@ def _merge_heads(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
     return [TensorType(x.dtype, (b, s, n * d))]  # type: ignore[operator]
 
 
-register(OpDef("MERGE_HEADS", ("x",), _merge_heads, doc="(B, N, S, D) -> (B, S, N*D)."))
+register(OpDef(Op.MERGE_HEADS, ("x",), _merge_heads, doc="(B, N, S, D) -> (B, S, N*D)."))
 
 
 def _matmul(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
@@ -272,7 +352,7 @@ def _matmul_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, Any]
 
 
 register(OpDef(
-    "MATMUL", ("a", "b"), _matmul, attrs={"transpose_b": False}, flops=_matmul_flops,
+    Op.MATMUL, ("a", "b"), _matmul, attrs={"transpose_b": False}, flops=_matmul_flops,
     doc="Batched a @ b (or a @ b^T with transpose_b).",
 ))
 
@@ -284,26 +364,22 @@ def _select_token(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "SELECT_TOKEN", ("x",), _select_token, attrs={"index": 0},
+    Op.SELECT_TOKEN, ("x",), _select_token, attrs={"index": 0},
     doc="(B, S, H) -> (B, H): the token at `index` ([CLS] for 0).",
 ))
 
 
 def _gather_rows(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
-    x = _need("GATHER_ROWS", types, 1)[0]
+    x, idx = _need("GATHER_ROWS", types, 2)
     _rank("GATHER_ROWS", x, 3, "input")
-    idx = types[1] if len(types) > 1 else None
-    if idx is None:
-        return [x]
     _int("GATHER_ROWS", idx, "positions")
     _rank("GATHER_ROWS", idx, 1, "positions")
     return [TensorType(x.dtype, (idx.shape[0], x.shape[2]))]
 
 
 register(OpDef(
-    "GATHER_ROWS", ("x", "positions?"), _gather_rows,
-    doc="(B, S, H) rows at flat positions b*S+s -> (M, H); with no positions given at run "
-    "time, x passes through unchanged (every position).",
+    Op.GATHER_ROWS, ("x", "positions"), _gather_rows,
+    doc="(B, S, H) rows at flat positions b*S+s -> (M, H) (the masked-MLM graph form).",
 ))
 
 
@@ -322,7 +398,7 @@ def _embed_layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType
 
 
 register(OpDef(
-    "EMBED_LAYER_NORM",
+    Op.EMBED_LAYER_NORM,
     ("input_ids", "token_type_ids?", "word", "position", "token_type", "weight", "bias"),
     _embed_layer_norm, attrs={"eps": 1e-12, "dropout": 0.0}, fused=True,
     doc="LayerNorm(word[ids] + position[0..S-1] + token_type[types]), then dropout.",
@@ -341,7 +417,7 @@ def _skip_layer_norm(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]
 
 
 register(OpDef(
-    "SKIP_LAYER_NORM", ("x", "skip", "weight", "beta", "bias?"), _skip_layer_norm,
+    Op.SKIP_LAYER_NORM, ("x", "skip", "weight", "beta", "bias?"), _skip_layer_norm,
     attrs={"eps": 1e-12, "dropout": 0.0}, fused=True,
     doc="LayerNorm(dropout(x + bias) + skip): a sub-layer's residual add and norm.",
 ))
@@ -355,7 +431,7 @@ def _bias_gelu(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 
 
 register(OpDef(
-    "BIAS_GELU", ("x", "bias"), _bias_gelu, attrs={"approximate": "none"}, fused=True,
+    Op.BIAS_GELU, ("x", "bias"), _bias_gelu, attrs={"approximate": "none"}, fused=True,
     doc="gelu(x + bias) (exact erf form, or tanh with approximate='tanh').",
 ))
 
@@ -367,6 +443,10 @@ def _attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
         _same_dim("ATTENTION", w.shape, (x.shape[2], x.shape[2]), what + " weight shape")
     if x.shape[2] % attrs["heads"]:  # type: ignore[operator]
         raise GraphError(f"ATTENTION: width {x.shape[2]} not divisible by {attrs['heads']}")
+    mask = types[7] if len(types) > 7 else None
+    _key_mask("ATTENTION", x, mask)
+    if mask is not None and len(mask.shape) == 2:
+        _same_dim("ATTENTION", mask.shape[1], x.shape[1], "key mask vs seq")
     return [x]
 
 
@@ -378,11 +458,16 @@ def _attention_flops(ins: list[Any], out: tuple[int, ...], attrs: Mapping[str, A
 
 
 register(OpDef(
-    "ATTENTION",
-    ("x", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "mask_bias?"),
+    Op.ATTENTION,
+    ("x", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "key_mask?"),
     _attention, attrs={"heads": REQUIRED, "scale": REQUIRED, "dropout": 0.0},
     flops=_attention_flops, fused=True,
     doc="Multi-head self-attention context (before the output projection): "
-    "softmax(Q K^T * scale + mask_bias) V with Q, K, V projected from x; lowerings may pack "
-    "the three projections into one (B, S, 3H) product.",
+    "softmax(Q K^T * scale + bias(key_mask)) V with Q, K, V projected from x; `key_mask` is "
+    "(B, S) 1/0 or (B,) int32 lengths (see SOFTMAX). Lowerings may pack the three "
+    "projections into one (B, S, 3H) product.",
 ))
+
+_unregistered = [op.value for op in Op if op not in REGISTRY]
+if _unregistered:
+    raise GraphError(f"ops without a registry entry: {_unregistered}")

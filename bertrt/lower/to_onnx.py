@@ -9,7 +9,8 @@
   FastGelu); unfused IR ops are written as core ops.
 
 Inputs are `input_ids`, `attention_mask` and `token_type_ids`, int64 (batch, seq); the
-pretraining head's `masked_positions` is not exported (the MLM head then runs on every position).
+pretraining head is exported in its full form (the MLM head on every position), not the
+masked-MLM training form.
 Outputs are the graph's outputs by name. Weights arrive as numpy arrays keyed by the graph's
 parameter names; this module imports neither torch nor anything that needs it.
 """
@@ -33,9 +34,8 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bertrt.errors import BertrtError
 from bertrt.fileio import atomic_write_bytes
-from bertrt.graph.ir import DType, Graph, Node, SymbolicDim, Value, ValueKind
-from bertrt.graph.ops import REGISTRY
-from bertrt.graph.passes import shape_inference
+from bertrt.graph.ir import DType, Graph, Node, Role, SymbolicDim, Value, ValueKind
+from bertrt.graph.ops import REGISTRY, Op, check_table
 
 FLAVOURS = ("ort", "standard")
 #: 17 is the first opset with LayerNormalization and is read by every maintained runtime
@@ -48,8 +48,6 @@ MS_DOMAIN_VERSION = 1
 #: Initializer bytes above which weights go to `<name>.onnx.data` (protobuf's 2 GiB limit,
 #: less room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-#: Optional graph inputs not exported: an op reading one sees it absent.
-DROPPED_INPUTS = ("masked_positions",)
 
 _FLOAT32_MIN = float(np.finfo(np.float32).min)
 _ELEM = {DType.FLOAT32: TensorProto.FLOAT, DType.FLOAT16: TensorProto.FLOAT16,
@@ -248,6 +246,26 @@ def _add_core(ctx: Emitter, a: str, b: str) -> str:
     return ctx.node("Add", [a, b])
 
 
+def _key_mask_bias(ctx: Emitter, mask: Value, keys_of: str) -> str:
+    """The additive (B, 1, 1, S) fp32 bias of a key mask ((B, S) 1/0, or (B,) int32 lengths
+    over the S keys of `keys_of` (B, S, ...)): 0 where attended, float32 min where not. Written
+    once per mask; every layer reads it."""
+    name = ctx.value(mask)
+    key = ("mask_bias", name)
+    if ctx.cached(key) is None:
+        if len(mask.shape) == 1:  # lengths -> (B, S) keep = arange(S) < length
+            arange = ctx.node("Range", [ctx.const(0, _INT32), ctx.cast(ctx.dim(keys_of, 1), _INT32),
+                                        ctx.const(1, _INT32)], dtype=_INT32)
+            lengths = ctx.node("Unsqueeze", [name, ctx.const([1], _INT64)])
+            keep = ctx.node("Less", [ctx.node("Unsqueeze", [arange, ctx.const([0], _INT64)]),
+                                     lengths], dtype=TensorProto.BOOL)
+            name = keep
+        keep = ctx.node("Unsqueeze", [ctx.cast(name, _FLOAT), ctx.const([1, 2], _INT64)])
+        drop = ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep])
+        ctx.set_cached(key, ctx.node("Mul", [drop, ctx.const(_FLOAT32_MIN, _FLOAT)]))
+    return ctx.cached(key)  # type: ignore[return-value]
+
+
 def _linear_weight_is_private(value: Value | None) -> bool:
     """True if only LINEAR weight slots read this parameter (so a transposed copy can replace
     it); a weight tied to an embedding table is stored once and read in place instead."""
@@ -273,10 +291,8 @@ def _position_ids(ctx: Emitter, node: Node) -> str:
     return ctx.node("Range", [ctx.const(0, _INT64), seq, ctx.const(1, _INT64)], dtype=_INT64)
 
 
-def _add(ctx: Emitter, node: Node) -> str | None:
+def _add(ctx: Emitter, node: Node) -> str:
     a, b = ctx.inputs(node)
-    if a is None or b is None:  # an absent attention mask adds nothing
-        return a if b is None else b
     return _add_core(ctx, a, b)
 
 
@@ -338,18 +354,25 @@ def _identity(ctx: Emitter, node: Node) -> str | None:
 
 
 def _softmax(ctx: Emitter, node: Node) -> str:
-    (x,) = ctx.inputs(node)
+    x = ctx.value(node.inputs[0])
+    mask = node.inputs[1] if len(node.inputs) > 1 else None
+    if mask is not None:  # scores (B, N, S, S): the keys are axis 3
+        x = _add_core(ctx, x, _key_mask_bias(ctx, mask, _keys_source(ctx, node.inputs[0])))
     return _softmax_core(ctx, x, node.attrs["axis"])
 
 
-def _attention_mask(ctx: Emitter, node: Node) -> str | None:
+def _keys_source(ctx: Emitter, scores: Value) -> str:
+    """A (B, S, ...) tensor whose axis 1 is the key count of (B, N, S, S) scores: the scores
+    transposed would do, but the graph's input_ids are at hand and cheaper."""
+    ids = ctx.graph.by_role(Role.INPUT_IDS)
+    return ctx.value(ids) if ids is not None else ctx.node("Transpose", [ctx.value(scores)],
+                                                          perm=[0, 3, 1, 2])
+
+
+def _mask_index(ctx: Emitter, node: Node) -> str:
     (mask,) = ctx.inputs(node)
-    if mask is None:
-        return None
-    # (B, S) 1/0 -> (B, 1, 1, S) additive bias in fp32: 0 where attended, float32 min where not
-    keep = ctx.node("Unsqueeze", [ctx.cast(mask, _FLOAT), ctx.const([1, 2], _INT64)])
-    drop = ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep])
-    return ctx.node("Mul", [drop, ctx.const(_FLOAT32_MIN, _FLOAT)])
+    # (B, S) right-padding mask -> int32 (B,) lengths, the mask_index ONNX Runtime reads
+    return ctx.node("ReduceSum", [ctx.cast(mask, _INT32), ctx.const([1], _INT64)], keepdims=0)
 
 
 def _split_heads(ctx: Emitter, node: Node) -> str:
@@ -382,10 +405,8 @@ def _select_token(ctx: Emitter, node: Node) -> str:
     return ctx.node("Gather", [x, ctx.const(node.attrs["index"], _INT64)], axis=1)
 
 
-def _gather_rows(ctx: Emitter, node: Node) -> str | None:
+def _gather_rows(ctx: Emitter, node: Node) -> str:
     x, positions = ctx.inputs(node)
-    if positions is None:
-        return x  # every position: (B, S, H) passes through
     flat = ctx.node("Reshape", [x, ctx.const([-1, node.inputs[0].shape[2]], _INT64)])
     return ctx.node("Gather", [flat, positions], axis=0)  # (B*S, H) -> (M, H)
 
@@ -436,7 +457,7 @@ def _packed_qkv(ctx: Emitter, node: Node) -> tuple[str, str]:
 
 def _attention(ctx: Emitter, node: Node) -> str:
     x = ctx.value(node.inputs[0])
-    mask = ctx.value(node.inputs[7])
+    mask = node.inputs[7]
     heads, hidden = node.attrs["heads"], node.inputs[0].shape[2]
     w, b = _packed_qkv(ctx, node)
     qkv = ctx.node("Add", [ctx.node("MatMul", [x, w]), b])  # (B, S, 3H)
@@ -448,7 +469,7 @@ def _attention(ctx: Emitter, node: Node) -> str:
     scores = ctx.node("MatMul", [q, ctx.node("Transpose", [k], perm=[0, 1, 3, 2])])
     scores = ctx.node("Mul", [scores, ctx.const(node.attrs["scale"], ctx.dtypes[scores])])
     if mask is not None:
-        scores = _add_core(ctx, scores, mask)
+        scores = _add_core(ctx, scores, _key_mask_bias(ctx, mask, x))
     probs = _softmax_core(ctx, scores, -1)
     context = ctx.node("MatMul", [probs, v])  # (B, N, S, D)
     context = ctx.node("Transpose", [context], perm=[0, 2, 1, 3])
@@ -462,45 +483,16 @@ def _ort_embed_layer_norm(ctx: Emitter, node: Node) -> str:
         return _embed_layer_norm(ctx, node)
     inputs = [ctx.cast(ids, _INT32), ctx.cast(types, _INT32), word, position, token_type,
               weight, bias]
-    mask = _raw_mask(ctx)
-    if ctx.padding != "right" or mask is None:
-        return ctx.node("EmbedLayerNormalization", inputs, domain=MS_DOMAIN,
-                        dtype=ctx.dtypes[word], epsilon=float(node.attrs["eps"]),
-                        mask_index_type=0)  # no mask_index: Attention reads the raw mask
-    # Right padding: the op also reduces the mask to per-row lengths (its mask_index output),
-    # which every Attention reads, as ONNX Runtime's own optimizer wires it (a faster path
-    # than each Attention reading the (B, S) mask).
-    out = ctx.fresh(f"{node.name}/EmbedLayerNormalization")
-    lengths = ctx.fresh(f"{node.name}/mask_index")
-    ctx.nodes.append(helper.make_node(
-        "EmbedLayerNormalization", inputs + [ctx.cast(mask, _INT32)], [out, lengths],
-        name=out, domain=MS_DOMAIN, epsilon=float(node.attrs["eps"])))
-    ctx.dtypes[out], ctx.dtypes[lengths] = ctx.dtypes[word], _INT32
-    ctx.set_cached(("mask_index", mask), lengths)
-    return out
-
-
-def _raw_mask(ctx: Emitter) -> str | None:
-    """The ONNX name of the (B, S) attention_mask input when attention reads it, else None."""
-    try:
-        value = ctx.graph.input("attention_mask")
-    except KeyError:
-        return None
-    reads = any(user.op == "ATTENTION_MASK" for user, _ in value.users)
-    return ctx.value(value) if reads else None
+    # mask_index_type=0: no mask_index output (MASK_INDEX makes the lengths Attention reads)
+    return ctx.node("EmbedLayerNormalization", inputs, domain=MS_DOMAIN, dtype=ctx.dtypes[word],
+                    epsilon=float(node.attrs["eps"]), mask_index_type=0)
 
 
 def _ort_attention(ctx: Emitter, node: Node) -> str:
-    source = node.inputs[7]
-    mask_index = None
-    if source is not None:
-        maker = source.producer
-        if maker is None or maker.op != "ATTENTION_MASK" or maker.inputs[0] is None:
-            return _attention(ctx, node)  # some other bias: the core form handles any
-        raw = ctx.value(maker.inputs[0])
-        # per-row lengths from EmbedLayerNormalization (right padding), or the raw (B, S)
-        # 1/0 mask as int32, exact for any padding
-        mask_index = ctx.cached(("mask_index", raw)) or ctx.cast(raw, _INT32)
+    mask = node.inputs[7]
+    # mask_index: int32 (B,) lengths from MASK_INDEX (the "ort" pipeline, right padding), or
+    # the raw (B, S) 1/0 mask as int32, exact for any padding
+    mask_index = None if mask is None else ctx.cast(ctx.value(mask), _INT32)
     w, b = _packed_qkv(ctx, node)
     return ctx.node("Attention", [ctx.value(node.inputs[0]), w, b, mask_index],
                     domain=MS_DOMAIN, num_heads=int(node.attrs["heads"]),
@@ -521,31 +513,32 @@ def _ort_bias_gelu(ctx: Emitter, node: Node) -> str:
     return ctx.node(op, [x, bias], domain=MS_DOMAIN)
 
 
-#: One entry per registry op (tests/graph/test_registry.py checks the keys).
-ONNX_OPS: dict[str, OnnxOp] = {
-    "GATHER": OnnxOp(_gather),
-    "POSITION_IDS": OnnxOp(_position_ids),
-    "ADD": OnnxOp(_add),
-    "SCALE": OnnxOp(_scale),
-    "LAYER_NORM": OnnxOp(_layer_norm),
-    "LINEAR": OnnxOp(_linear),
-    "GELU": OnnxOp(_gelu),
-    "RELU": OnnxOp(_relu),
-    "SILU": OnnxOp(_silu),
-    "TANH": OnnxOp(_tanh),
-    "DROPOUT": OnnxOp(_identity),
-    "SOFTMAX": OnnxOp(_softmax),
-    "ATTENTION_MASK": OnnxOp(_attention_mask),
-    "SPLIT_HEADS": OnnxOp(_split_heads),
-    "MERGE_HEADS": OnnxOp(_merge_heads),
-    "MATMUL": OnnxOp(_matmul),
-    "SELECT_TOKEN": OnnxOp(_select_token),
-    "GATHER_ROWS": OnnxOp(_gather_rows),
-    "EMBED_LAYER_NORM": OnnxOp(_embed_layer_norm, _ort_embed_layer_norm),
-    "SKIP_LAYER_NORM": OnnxOp(_skip_layer_norm, _ort_skip_layer_norm),
-    "BIAS_GELU": OnnxOp(_bias_gelu, _ort_bias_gelu),
-    "ATTENTION": OnnxOp(_attention, _ort_attention),
+#: One entry per registry op (checked on import).
+ONNX_OPS: dict[Op, OnnxOp] = {
+    Op.GATHER: OnnxOp(_gather),
+    Op.POSITION_IDS: OnnxOp(_position_ids),
+    Op.ADD: OnnxOp(_add),
+    Op.SCALE: OnnxOp(_scale),
+    Op.LAYER_NORM: OnnxOp(_layer_norm),
+    Op.LINEAR: OnnxOp(_linear),
+    Op.GELU: OnnxOp(_gelu),
+    Op.RELU: OnnxOp(_relu),
+    Op.SILU: OnnxOp(_silu),
+    Op.TANH: OnnxOp(_tanh),
+    Op.DROPOUT: OnnxOp(_identity),
+    Op.SOFTMAX: OnnxOp(_softmax),
+    Op.MASK_INDEX: OnnxOp(_mask_index),
+    Op.SPLIT_HEADS: OnnxOp(_split_heads),
+    Op.MERGE_HEADS: OnnxOp(_merge_heads),
+    Op.MATMUL: OnnxOp(_matmul),
+    Op.SELECT_TOKEN: OnnxOp(_select_token),
+    Op.GATHER_ROWS: OnnxOp(_gather_rows),
+    Op.EMBED_LAYER_NORM: OnnxOp(_embed_layer_norm, _ort_embed_layer_norm),
+    Op.SKIP_LAYER_NORM: OnnxOp(_skip_layer_norm, _ort_skip_layer_norm),
+    Op.BIAS_GELU: OnnxOp(_bias_gelu, _ort_bias_gelu),
+    Op.ATTENTION: OnnxOp(_attention, _ort_attention),
 }
+check_table(ONNX_OPS, "onnx")
 
 
 # ---------------------------------------------------------------------- the driver
@@ -594,7 +587,9 @@ def export(
     opset = _check_opset(opset)
     _check_destination(path)
     _check_weights(graph, weights)
-    graph = _inference_graph(graph)
+    if graph.by_role(Role.MASKED_POSITIONS) is not None:
+        raise BertrtError("graph: the masked-MLM form is for training; export the full "
+                          "pretraining graph (build_bert(config, 'pretraining'))")
     ctx = Emitter(graph, weights, flavour, opset, bool(fp16), padding)
     for value in graph.inputs:
         ctx.names[id(value)] = value.name
@@ -643,24 +638,6 @@ def _check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
         if shape != tuple(value.shape):
             raise BertrtError(f"weights: {name} has shape {list(shape)}, the graph expects "
                               f"{list(value.shape)}")
-
-
-def _inference_graph(graph: Graph) -> Graph:
-    """The graph without the dropped inputs (their readers see them absent): a copy with shapes
-    re-inferred when there is one to drop, else the graph itself (its shapes already hold)."""
-    if not any(v.name in DROPPED_INPUTS for v in graph.inputs):
-        return graph
-    copy = graph.copy()
-    for value in [v for v in copy.inputs if v.name in DROPPED_INPUTS]:
-        for node, index in value.users:
-            slots = REGISTRY[node.op].inputs
-            if index >= len(slots) or not slots[index].endswith("?"):
-                raise BertrtError(f"{value.name}: {node.name} ({node.op}) needs it, so it "
-                                  "cannot be left out of the ONNX model")
-            node.set_input(index, None)
-        copy.inputs.remove(value)
-    shape_inference.run(copy)
-    return copy
 
 
 def _value_info(name: str, elem: int, shape: Sequence[Any]) -> onnx.ValueInfoProto:

@@ -9,7 +9,6 @@ call — so it costs what a hand-written module costs.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,8 @@ from torch import nn
 
 from bertrt import kernels
 from bertrt.errors import InputError
-from bertrt.graph.ir import Graph, Node, Value, ValueKind
-
-_MASK_MIN = torch.finfo(torch.float32).min
+from bertrt.graph.ir import Graph, Node, Role, Value, ValueKind
+from bertrt.graph.ops import Op, check_table
 
 
 @dataclass(frozen=True)
@@ -48,21 +46,15 @@ def _position_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device)
 
 
-def _attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    # None means "attend everywhere": attention then runs without a mask (faster kernels)
-    if mask is None:
-        return None
-    # (B, S) 1/0 -> (B, 1, 1, S) additive bias, as the reference implementation builds it
-    keep = mask[:, None, None, :].to(torch.float32)
-    return (1.0 - keep) * _MASK_MIN
+def _softmax(x: torch.Tensor, key_mask: torch.Tensor | None = None, *, axis: int):
+    # an absent mask (None) attends everywhere; a mask adds float32 min at masked keys
+    if key_mask is not None:
+        x = x + kernels.key_mask_bias(key_mask, x.shape[-1])
+    return torch.softmax(x, axis)
 
 
-def _add(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return a if b is None else a + b  # b is None only for an absent attention mask
-
-
-def _add_(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return a if b is None else a.add_(b)
+def _mask_index(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.sum(1, dtype=torch.int32)  # (B, S) -> (B,)
 
 
 def _split_heads(x: torch.Tensor, *, heads: int) -> torch.Tensor:
@@ -79,9 +71,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, *, transpose_b: bool) -> torch.Ten
     return torch.matmul(a, b.transpose(-1, -2) if transpose_b else b)
 
 
-def _gather_rows(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    if positions is None:
-        return x
+def _gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, positions)  # (B*S, H) -> (M, H)
 
 
@@ -93,46 +83,53 @@ def _dropout(x: torch.Tensor, *, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training) if training and p > 0.0 else x
 
 
-TORCH_OPS: dict[str, TorchOp] = {
-    "GATHER": TorchOp(_gather),
-    "POSITION_IDS": TorchOp(_position_ids),
-    "ADD": TorchOp(_add, inplace=_add_),
-    "SCALE": TorchOp(lambda x, *, factor: x * factor),
-    "LAYER_NORM": TorchOp(_layer_norm),
-    "LINEAR": TorchOp(F.linear),
-    "GELU": TorchOp(F.gelu),
-    "RELU": TorchOp(F.relu),
-    "SILU": TorchOp(F.silu),
-    "TANH": TorchOp(torch.tanh),
-    "DROPOUT": TorchOp(_dropout, training=True, aliases=True),
-    "SOFTMAX": TorchOp(lambda x, *, axis: torch.softmax(x, axis)),
-    "ATTENTION_MASK": TorchOp(_attention_mask),
-    "SPLIT_HEADS": TorchOp(_split_heads, aliases=True),
-    "MERGE_HEADS": TorchOp(_merge_heads, aliases=True),
-    "MATMUL": TorchOp(_matmul),
-    "SELECT_TOKEN": TorchOp(lambda x, *, index: x[:, index], aliases=True),
-    "GATHER_ROWS": TorchOp(_gather_rows, aliases=True),
-    "EMBED_LAYER_NORM": TorchOp(kernels.embed_layer_norm, training=True),
-    "SKIP_LAYER_NORM": TorchOp(kernels.skip_layer_norm, training=True),
-    "BIAS_GELU": TorchOp(kernels.bias_gelu),
-    "ATTENTION": TorchOp(kernels.attention, training=True),
+TORCH_OPS: dict[Op, TorchOp] = {
+    Op.GATHER: TorchOp(_gather),
+    Op.POSITION_IDS: TorchOp(_position_ids),
+    Op.ADD: TorchOp(torch.add, inplace=torch.Tensor.add_),
+    Op.SCALE: TorchOp(lambda x, *, factor: x * factor),
+    Op.LAYER_NORM: TorchOp(_layer_norm),
+    Op.LINEAR: TorchOp(F.linear),
+    Op.GELU: TorchOp(F.gelu),
+    Op.RELU: TorchOp(F.relu),
+    Op.SILU: TorchOp(F.silu),
+    Op.TANH: TorchOp(torch.tanh),
+    Op.DROPOUT: TorchOp(_dropout, training=True, aliases=True),
+    Op.SOFTMAX: TorchOp(_softmax),
+    Op.MASK_INDEX: TorchOp(_mask_index),
+    Op.SPLIT_HEADS: TorchOp(_split_heads, aliases=True),
+    Op.MERGE_HEADS: TorchOp(_merge_heads, aliases=True),
+    Op.MATMUL: TorchOp(_matmul),
+    Op.SELECT_TOKEN: TorchOp(lambda x, *, index: x[:, index], aliases=True),
+    Op.GATHER_ROWS: TorchOp(_gather_rows),
+    Op.EMBED_LAYER_NORM: TorchOp(kernels.embed_layer_norm, training=True),
+    Op.SKIP_LAYER_NORM: TorchOp(kernels.skip_layer_norm, training=True),
+    Op.BIAS_GELU: TorchOp(kernels.bias_gelu),
+    Op.ATTENTION: TorchOp(kernels.attention, training=True),
 }
+check_table(TORCH_OPS, "torch")
+
+#: The forward's argument for each input role (the order of `LoweredModule.forward`).
+INPUT_ARGS = (Role.INPUT_IDS, Role.ATTENTION_MASK, Role.TOKEN_TYPE_IDS, Role.MASKED_POSITIONS)
 
 class LoweredModule(nn.Module):
     """A BERT graph as an `nn.Module`.
 
     `forward(input_ids, attention_mask=None, token_type_ids=None, masked_positions=None)`
     returns a dict of the graph's outputs. `masked_positions` (pretraining head only) is a
-    (B, S) bool mask or 1-D int64 flat indices b*S+s; the MLM head then runs on those rows only
-    and `prediction_logits` is (M, V). Without it, `prediction_logits` is (B, S, V).
+    (B, S) bool mask or 1-D int64 flat indices b*S+s; the masked-MLM form of the graph then
+    runs, with the MLM head on those rows only, and `prediction_logits` is (M, V). Without it,
+    `prediction_logits` is (B, S, V).
     """
 
     def __init__(self, graph: Graph, weights: dict[str, torch.Tensor],
-                 checkpoint_layers: bool = False) -> None:
+                 checkpoint_layers: bool = False, masked_graph: Graph | None = None) -> None:
         super().__init__()
         missing = [name for name in graph.params if name not in weights]
         if missing:
             raise KeyError(f"no weights for parameter(s) {missing[:5]}")
+        if masked_graph is not None and list(masked_graph.params) != list(graph.params):
+            raise ValueError("masked_graph: its parameters differ from the graph's")
         params: list[nn.Parameter] = []
         for name in graph.params:
             tensor = weights[name]
@@ -146,20 +143,24 @@ class LoweredModule(nn.Module):
         self.output_names = tuple(graph.outputs)
         self.input_names = tuple(v.name for v in graph.inputs)
 
-        def rows(table: str) -> int | None:  # the size of an embedding table, for input checks
-            sizes = [int(v.shape[0]) for n, v in graph.params.items()
-                     if n.endswith(f"embeddings.{table}.weight")]
-            return sizes[0] if sizes else None
+        def rows(role: Role) -> int | None:  # the size of an embedding table, for input checks
+            table = graph.by_role(role)
+            return int(table.shape[0]) if table is not None else None  # type: ignore[arg-type]
 
-        self.max_positions = rows("position_embeddings")
-        self.type_vocab_size = rows("token_type_embeddings")
-        self.vocab_size = rows("word_embeddings")
+        self.max_positions = rows(Role.POSITION_EMBEDDINGS)
+        self.type_vocab_size = rows(Role.TOKEN_TYPE_EMBEDDINGS)
+        self.vocab_size = rows(Role.WORD_EMBEDDINGS)
         #: Check token ids against the tables (costs a reduction per call; off for speed).
         self.check_inputs = True
         self.source, self._forward = generate_forward(graph,
                                                       checkpoint_layers=checkpoint_layers)
         # Outside autograd, a second forward updates dead intermediates in place.
         self.inference_source, self._forward_inference = generate_forward(graph, inference=True)
+        self.takes_masked_positions = masked_graph is not None
+        if masked_graph is not None:
+            _, self._forward_masked = generate_forward(masked_graph,
+                                                       checkpoint_layers=checkpoint_layers)
+            _, self._forward_masked_inference = generate_forward(masked_graph, inference=True)
 
     def _register_dotted(self, name: str, param: nn.Parameter) -> None:
         *path, leaf = name.split(".")
@@ -182,7 +183,11 @@ class LoweredModule(nn.Module):
         input_ids, attention_mask, token_type_ids, masked_positions = self._prepare(
             input_ids, attention_mask, token_type_ids, masked_positions
         )
-        forward = self._forward if torch.is_grad_enabled() else self._forward_inference
+        grad = torch.is_grad_enabled()
+        if masked_positions is None:
+            forward = self._forward if grad else self._forward_inference
+        else:
+            forward = self._forward_masked if grad else self._forward_masked_inference
         return forward(
             self._param_list, self.training, input_ids, attention_mask, token_type_ids,
             masked_positions,
@@ -212,7 +217,7 @@ class LoweredModule(nn.Module):
             token_type_ids = _as_index(token_type_ids, "token_type_ids", device)
             _same_shape(token_type_ids, input_ids, "token_type_ids")
         if masked_positions is not None:
-            if "masked_positions" not in self.input_names:
+            if not self.takes_masked_positions:
                 raise InputError("masked_positions: only the pretraining head takes it")
             masked_positions = torch.as_tensor(masked_positions, device=device)
             if masked_positions.dtype == torch.bool:
@@ -262,10 +267,6 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
-#: Node names of one encoder layer, as `build_bert` names them (the checkpointing unit).
-_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
-
-
 def _checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn` under activation checkpointing when autograd records (RNG state preserved, so
     dropout recomputes alike), plainly otherwise."""
@@ -274,12 +275,12 @@ def _checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _segments(graph: Graph) -> list[tuple[str | None, list[Node]]]:
-    """Consecutive nodes grouped by encoder layer (None: outside any layer)."""
-    segments: list[tuple[str | None, list[Node]]] = []
+def _segments(graph: Graph) -> list[tuple[int | None, list[Node]]]:
+    """Consecutive nodes grouped by encoder layer, by scope (None: outside any layer)."""
+    segments: list[tuple[int | None, list[Node]]] = []
     for node in graph.nodes:
-        match = _LAYER.search(node.name)
-        layer = match.group(1) if match else None
+        scope = node.scope
+        layer = scope.index if scope is not None and scope.kind == "layer" else None
         if segments and layer is not None and segments[-1][0] == layer:
             segments[-1][1].append(node)
         else:
@@ -340,7 +341,7 @@ def generate_forward(
     """Python source of the graph's forward, and the compiled function.
 
     The function takes (params, training, input_ids, attention_mask, token_type_ids,
-    masked_positions); graph inputs are bound by name.
+    masked_positions); graph inputs are bound by role (`INPUT_ARGS`).
 
     Args:
         graph: The graph to lower.
@@ -353,7 +354,7 @@ def generate_forward(
     emit = _Emitter(graph, env, inference)
     param_index = {id(v): i for i, v in enumerate(graph.params.values())}
     names: dict[int, str] = {key: f"p{i}" for key, i in param_index.items()}
-    names.update({id(v): v.name for v in graph.inputs})
+    names.update({id(v): str(v.role) for v in graph.inputs})
     keep = {id(v) for v in graph.outputs.values()}
     segments = _segments(graph) if checkpoint_layers else [(None, list(graph.nodes))]
     # values each segment reads from outside it, and values read after it
@@ -398,8 +399,7 @@ def generate_forward(
             main.append(f"    del {', '.join(dead)}")
     outputs = ", ".join(f"{key!r}: {names[id(v)]}" for key, v in graph.outputs.items())
     main.append(f"    return {{{outputs}}}")
-    header = ("def forward(params, training, input_ids, attention_mask, token_type_ids, "
-              "masked_positions):")
+    header = f"def forward(params, training, {', '.join(map(str, INPUT_ARGS))}):"
     source = "\n".join(functions + [header] + main) + "\n"
     code = compile(source, f"<bertrt forward: {graph.name}>", "exec")
     exec(code, env)  # generated code only, built from the registry's names above
@@ -434,13 +434,22 @@ def _owns_storage(v: Value, last_use: dict[int, int], index: int) -> bool:
 
 
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
-          checkpoint_layers: bool = False) -> LoweredModule:
+          checkpoint_layers: bool = False, masked_graph: Graph | None = None) -> LoweredModule:
     """Lower `graph` to an `nn.Module` over `weights` (a dict updated in place to Parameters).
 
-    With `checkpoint_layers`, each encoder layer's activations are recomputed in the backward
-    pass instead of kept."""
-    unknown = [v.name for v in graph.inputs if v.name not in (
-        "input_ids", "attention_mask", "token_type_ids", "masked_positions")]
-    if unknown:
-        raise NotImplementedError(f"graph inputs {unknown} are not supported by the torch forward")
-    return LoweredModule(graph, weights, checkpoint_layers)  # type: ignore[arg-type]
+    Args:
+        graph: The graph (as built or fused); its inputs must carry the roles of `INPUT_ARGS`.
+        weights: Tensors by parameter name; wrapped as the module's parameters, not copied.
+        checkpoint_layers: Recompute each encoder layer's activations in the backward pass
+            instead of keeping them.
+        masked_graph: The masked-MLM form of a pretraining graph (same parameters), run when
+            the forward is given `masked_positions`.
+    """
+    for g in (graph, masked_graph):
+        unknown = [v.name for v in (g.inputs if g is not None else ())
+                   if v.role not in INPUT_ARGS]
+        if unknown:
+            raise NotImplementedError(f"graph inputs {unknown} have no role the torch forward "
+                                      f"takes ({', '.join(map(str, INPUT_ARGS))})")
+    return LoweredModule(graph, weights, checkpoint_layers,  # type: ignore[arg-type]
+                         masked_graph=masked_graph)

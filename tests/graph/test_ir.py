@@ -7,6 +7,7 @@ import pytest
 from bertrt.config import BertConfig
 from bertrt.graph import BATCH, SEQ, DType, Graph, GraphError, build_bert
 from bertrt.graph.bert import HEADS
+from bertrt.graph.ir import EMBEDDINGS, HEAD, MASKED, Role, Scope
 from bertrt.graph.passes import SHAPE_INFERENCE
 
 
@@ -122,7 +123,56 @@ def test_bert_graph_uses_hugging_face_names_and_ties_the_decoder():
     assert readers == {"bert.embeddings.word_embeddings", "cls.predictions.decoder"}
     assert set(g.outputs) == {"last_hidden_state", "pooler_output", "prediction_logits",
                               "seq_relationship_logits"}
-    assert g.input("masked_positions").optional
+    assert g.by_role(Role.MASKED_POSITIONS) is None  # the full form: MLM on every position
+    assert g.outputs["prediction_logits"].shape == (BATCH, SEQ, 30522)
+    masked = build_bert(BertConfig.preset("tiny"), "pretraining", masked_lm=True)
+    positions = masked.by_role(Role.MASKED_POSITIONS)
+    assert positions.name == "masked_positions" and not positions.optional
+    assert masked.outputs["prediction_logits"].shape == (MASKED, 30522)
+    assert list(masked.params) == list(g.params)  # one set of weights serves both forms
+
+
+def test_bert_graph_carries_roles_and_scopes():
+    cfg = BertConfig.preset("tiny")
+    g = build_bert(cfg, "classification")
+    roles = {v.role: v.name for v in [*g.inputs, *g.params.values()] if v.role is not None}
+    assert roles == {
+        Role.INPUT_IDS: "input_ids", Role.ATTENTION_MASK: "attention_mask",
+        Role.TOKEN_TYPE_IDS: "token_type_ids",
+        Role.WORD_EMBEDDINGS: "bert.embeddings.word_embeddings.weight",
+        Role.POSITION_EMBEDDINGS: "bert.embeddings.position_embeddings.weight",
+        Role.TOKEN_TYPE_EMBEDDINGS: "bert.embeddings.token_type_embeddings.weight",
+    }
+    by_scope: dict[str, int] = {}
+    for node in g.nodes:
+        by_scope[str(node.scope)] = by_scope.get(str(node.scope), 0) + 1
+    # embeddings: position ids, 3 lookups, 2 adds, LayerNorm, dropout; a layer: 3 projections,
+    # 3 splits, scores, scale, softmax, dropout, context, merge, dense, dropout, add, norm,
+    # dense, act, dense, dropout, add, norm (22); pooler: select, dense, tanh; head: dropout,
+    # linear
+    assert by_scope == {"embeddings": 8, "layer[0]": 22, "layer[1]": 22, "pooler": 3,
+                        "head": 2}
+    listing = str(g)
+    assert "  %input_ids: int64[batch, seq]  role=input_ids" in listing
+    assert "  layer[1]:" in listing and "  head:" in listing
+    assert g.scope_of(g.params["classifier.weight"]) == HEAD
+    assert g.scope_of(g.params["bert.embeddings.word_embeddings.weight"]) == EMBEDDINGS
+
+
+def test_roles_are_unique_and_scopes_are_known():
+    g = Graph("g")
+    g.add_input("ids", DType.INT64, (BATCH, SEQ), role=Role.INPUT_IDS)
+    with pytest.raises(GraphError, match="role input_ids is already taken"):
+        g.add_input("ids2", DType.INT64, (BATCH, SEQ), role=Role.INPUT_IDS)
+    with pytest.raises(GraphError, match="kind must be one of"), g.scope(Scope("decoder")):
+        pass
+
+
+def test_copy_keeps_roles_and_scopes():
+    g = build_bert(BertConfig.preset("tiny"), "none")
+    c = g.copy()
+    assert [n.scope for n in c.nodes] == [n.scope for n in g.nodes]
+    assert c.by_role(Role.POSITION_EMBEDDINGS).name == g.by_role(Role.POSITION_EMBEDDINGS).name
 
 
 def test_heads_have_the_reference_parameter_sets():

@@ -1,5 +1,6 @@
-"""One place per op: every registry op has a torch lowering, an ONNX emission (once that
-lowering exists) and a reference test; every lowering entry names a registry op."""
+"""One place per op: op kinds are an enum checked against the registry and every lowering table
+on import; an unknown op fails loudly; every op has a reference test and a documented, well-formed
+definition."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from bertrt.graph.ops import REGISTRY
-from bertrt.lower.to_torch import TORCH_OPS
+import pytest
+
+from bertrt.graph import Graph, GraphError
+from bertrt.graph.ops import REGISTRY, Op, OpDef, check_table, get_op
+from bertrt.graph.passes.base import producer
 
 
 def _reference_table() -> dict:
@@ -20,26 +24,35 @@ def _reference_table() -> dict:
     return module.REFERENCES
 
 
-def test_every_op_has_a_torch_lowering():
-    assert set(TORCH_OPS) == set(REGISTRY)
-
-
 def test_every_op_has_a_reference_test():
-    assert set(_reference_table()) == set(REGISTRY)
+    assert set(_reference_table()) == set(Op)
 
 
-def test_every_op_has_an_onnx_emission():
-    onnx_lowering = importlib.import_module("bertrt.lower.to_onnx")
-    assert set(onnx_lowering.ONNX_OPS) == set(REGISTRY)
+def test_a_lowering_table_missing_an_op_fails_its_check():
+    table = {op: None for op in Op if op is not Op.SOFTMAX}
+    with pytest.raises(GraphError, match=r"missing \['SOFTMAX'\]"):
+        check_table(table, "test")
+    with pytest.raises(GraphError, match="not ops"):
+        check_table({**table, Op.SOFTMAX: None, "SOFTMAXX": None}, "test")
+
+
+def test_unknown_ops_are_errors_not_silent_misses():
+    g = Graph("g")
+    with pytest.raises(GraphError, match="unknown op 'SPLIT_HEAD'"):
+        g.op("SPLIT_HEAD")
+    with pytest.raises(GraphError, match="unknown op"):
+        producer(None, "SPLIT_HEAD")  # a typo in a pass fails instead of never matching
+    with pytest.raises(GraphError, match="is not a member of Op"):
+        OpDef("NEW_OP", ("x",), lambda types, attrs: [])
+    assert get_op("LINEAR") is REGISTRY[Op.LINEAR]  # strings name members exactly
 
 
 def test_every_op_is_documented_and_has_well_formed_inputs():
     for name, op in REGISTRY.items():
-        assert name.isupper() and op.name == name
-        assert op.doc, f"{name} has no doc"
+        assert op.name is name and op.doc, name
         optional = [i.endswith("?") for i in op.inputs]
         # optional inputs come last, except the fused embedding's token types slot
-        if name != "EMBED_LAYER_NORM":
+        if name is not Op.EMBED_LAYER_NORM:
             assert optional == sorted(optional), name
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from bertrt import BertConfig, Model
-from bertrt.graph import BATCH, SEQ, DType, Graph
+from bertrt.graph import BATCH, SEQ, DType, Graph, Role
 from bertrt.lower.to_torch import lower
 
 
@@ -29,7 +29,7 @@ def test_inference_forward_is_bitwise_equal_to_the_autograd_forward():
 
 def test_values_alive_through_an_alias_are_not_overwritten():
     g = Graph("alias")
-    x = g.add_input("input_ids", DType.INT64, (BATCH, SEQ))
+    x = g.add_input("input_ids", DType.INT64, (BATCH, SEQ), role=Role.INPUT_IDS)
     table = g.add_param("table", (10, 4), ("normal", 1.0))
     e = g.op("GATHER", table, x)
     d = g.op("DROPOUT", e, p=0.0)  # returns e itself in eval: d aliases e

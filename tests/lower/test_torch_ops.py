@@ -73,8 +73,9 @@ REFERENCES: dict[str, Case] = {
     "SILU": ([_f(B, S, H)], {}, lambda x: x / (1 + np.exp(-x))),
     "TANH": ([_f(B, H)], {}, np.tanh),
     "DROPOUT": ([_f(B, S, H)], {"p": 0.1}, lambda x: x),  # inference: identity
-    "SOFTMAX": ([_f(B, N, S, S)], {"axis": -1}, _softmax),
-    "ATTENTION_MASK": ([MASK], {}, _mask_bias),
+    "SOFTMAX": ([_f(B, N, S, S), MASK], {"axis": -1},
+                lambda x, m: _softmax(x + _mask_bias(m))),
+    "MASK_INDEX": ([MASK], {}, lambda m: m.sum(1)),
     "SPLIT_HEADS": ([_f(B, S, H)], {"heads": N},
                     lambda x: x.reshape(B, S, N, D).transpose(0, 2, 1, 3)),
     "MERGE_HEADS": ([_f(B, N, S, D)], {}, lambda x: x.transpose(0, 2, 1, 3).reshape(B, S, H)),
@@ -91,13 +92,13 @@ REFERENCES: dict[str, Case] = {
     "BIAS_GELU": ([_f(B, S, H), _f(H)], {"approximate": "tanh"},
                   lambda x, b: _gelu(x + b, "tanh")),
     "ATTENTION": (
-        [_f(B, S, H), _f(H, H), _f(H), _f(H, H), _f(H), _f(H, H), _f(H), _mask_bias(MASK)],
+        [_f(B, S, H), _f(H, H), _f(H), _f(H, H), _f(H), _f(H, H), _f(H), MASK],
         {"heads": N, "scale": 1 / math.sqrt(D)},
-        lambda *a: _attention(*a, heads=N, scale=1 / math.sqrt(D))),
+        lambda *a: _attention(*a[:7], _mask_bias(a[7]), heads=N, scale=1 / math.sqrt(D))),
 }
 
-# inputs that are constants, not differentiable (index tensors, mask biases)
-_NO_GRAD = {("ATTENTION", 7)}
+# inputs that are constants, not differentiable (beyond the integer ones)
+_NO_GRAD: set[tuple[str, int]] = set()
 
 
 def _to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -140,6 +141,20 @@ def test_gradient_matches_finite_differences(op):
         return _call(op, full, attrs)
 
     assert torch.autograd.gradcheck(fn, tuple(grad_inputs), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["SOFTMAX", "ATTENTION"])
+def test_key_lengths_mask_like_the_right_padded_mask(op):
+    """A key mask given as int32 (B,) lengths (what MASK_INDEX makes) masks as the (B, S) mask;
+    absent, every key is attended."""
+    inputs, attrs, ref = REFERENCES[op]
+    tensors = [_to_torch(a, torch.float64) for a in inputs]
+    lengths = torch.as_tensor(MASK.sum(1), dtype=torch.int32)
+    with_lengths = _call(op, [*tensors[:-1], lengths], attrs)
+    np.testing.assert_allclose(with_lengths.numpy(), ref(*inputs), rtol=1e-10, atol=1e-12)
+    unmasked = _call(op, [*tensors[:-1], None], attrs)
+    np.testing.assert_allclose(unmasked.numpy(), ref(*inputs[:-1], np.ones_like(MASK)),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_acts_only_in_training():

@@ -94,16 +94,19 @@ def test_tanh_gelu_becomes_fast_gelu(random_model, export):
                   "FastGelu": 2}
 
 
-def test_attention_reads_lengths_from_embed_layer_norm(minilm, export):
-    """Default (right padding): EmbedLayerNormalization reduces the int32 mask to per-row
-    lengths (its second output), which every Attention reads."""
+def test_attention_reads_lengths_from_one_mask_index(minilm, export):
+    """Default (right padding): the ort pipeline's MASK_INDEX reduces the int32 mask to per-row
+    lengths once (a ReduceSum), which every Attention reads as its 1-D mask_index."""
     model = onnx.load(export(minilm, "ort", True), load_external_data=False)
-    casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
-    (embed,) = [n for n in model.graph.node if n.op_type == "EmbedLayerNormalization"]
-    assert casts[embed.input[7]].input[0] == "attention_mask"
-    assert casts[embed.input[7]].attribute[0].i == onnx.TensorProto.INT32
+    nodes = {n.output[0]: n for n in model.graph.node}
     masks = {n.input[3] for n in model.graph.node if n.op_type == "Attention"}
-    assert masks == {embed.output[1]}
+    assert len(masks) == 1
+    reduce = nodes[masks.pop()]
+    assert reduce.op_type == "ReduceSum"
+    assert [a.i for a in reduce.attribute if a.name == "keepdims"] == [0]
+    cast = nodes[reduce.input[0]]
+    assert (cast.op_type, cast.input[0]) == ("Cast", "attention_mask")
+    assert cast.attribute[0].i == onnx.TensorProto.INT32
     weights = {t.name: t for t in model.graph.initializer}
     qkv = weights[next(n for n in model.graph.node if n.op_type == "Attention").input[1]]
     assert list(qkv.dims) == [384, 3 * 384]

@@ -7,6 +7,10 @@ The fusion pipeline, in order (each a file: pattern, check, rewrite):
 - skip_layer_norm: residual add + LayerNorm (+ the sub-layer bias) -> SKIP_LAYER_NORM
 - bias_gelu: linear bias + GELU -> BIAS_GELU
 - dead_code: drop what the rewrites orphaned
+
+Pipelines are named lists of these (`PIPELINES`); `Model.to_torch(fuse=...)` and
+`Model.export_onnx(fuse=...)` take the same names, and `fuse=True` means the target's default
+(`DEFAULT_PIPELINES`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from bertrt.graph.passes import (
     fuse_bias_gelu,
     fuse_embed_layer_norm,
     fuse_skip_layer_norm,
+    mask_index,
     shape_inference,
 )
 from bertrt.graph.passes.base import Pass, PassResult
@@ -36,23 +41,52 @@ FUSIONS: dict[str, Pass] = {
 DEAD_CODE = Pass("dead_code", dead_code.run, "remove unread nodes and unused parameters")
 SHAPE_INFERENCE = Pass("shape_inference", shape_inference.run, "re-run shape rules")
 
-#: Fusions worth applying per target. On CPU the torch lowering takes only ATTENTION (its
-#: reference runs torch's fused scaled-dot-product kernel); the others pay off with kernels.
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "all": tuple(FUSIONS),
-    "torch": ("attention",),
+#: Rewrites that prepare a graph for one runtime (not fusions: they change no numbers).
+REWRITES: dict[str, Pass] = {
+    "mask_index": Pass("mask_index", mask_index.run,
+                       "right padding: attention reads per-row lengths (MASK_INDEX)"),
 }
+
+#: Named pipelines. On CPU the torch lowering takes only ATTENTION (its reference runs torch's
+#: fused scaled-dot-product kernel); the others pay off with kernels or in ONNX Runtime, whose
+#: Attention also reads per-row lengths fastest ("ort", for right-padded inputs only).
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "torch": ("attention",),
+    "all": tuple(FUSIONS),
+    "ort": (*FUSIONS, "mask_index"),
+}
+
+#: What `fuse=True` means per target.
+DEFAULT_PIPELINES = {"torch": "torch", "onnx-ort": "ort", "onnx-standard": "all"}
+
+
+def pipeline(fuse: bool | str | Sequence[str], target: str) -> tuple[str, ...]:
+    """The pass names that `fuse` asks for on `target` (a key of `DEFAULT_PIPELINES`):
+    True -> the target's default, False -> none, a name -> that pipeline, a list -> itself."""
+    if fuse is True:
+        fuse = DEFAULT_PIPELINES[target]
+    if fuse is False or fuse is None:
+        return ()
+    if isinstance(fuse, str):
+        if fuse not in PIPELINES:
+            raise ValueError(f"fuse: unknown pipeline {fuse!r}; expected one of "
+                             f"{', '.join(PIPELINES)}, True or False")
+        return PIPELINES[fuse]
+    return tuple(fuse)
 
 
 def fuse(graph: Graph, passes: Sequence[str] | str = "all") -> PassResult:
-    """Run fusion passes in place, then dead-code removal; returns the combined counts."""
-    names = PIPELINES[passes] if isinstance(passes, str) else tuple(passes)
-    unknown = [n for n in names if n not in FUSIONS]
+    """Run the passes of a pipeline (a name or a list) in place, then dead-code removal;
+    returns the combined counts and refusals."""
+    names = pipeline(passes, "torch") if isinstance(passes, str) else tuple(passes)
+    known = {**FUSIONS, **REWRITES}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown fusion pass(es) {unknown}; expected {list(FUSIONS)}")
+        raise ValueError(f"unknown pass(es) {unknown}; expected {list(known)}")
     total = PassResult()
     for name in names:
-        total.merge(FUSIONS[name].run(graph))
+        total.merge(known[name].run(graph))
     cleanup = DEAD_CODE.run(graph)
     total.changed |= cleanup.changed
     return total
@@ -66,5 +100,5 @@ def fused_copy(graph: Graph, passes: Sequence[str] | str = "all") -> tuple[Graph
     return copy, result
 
 
-__all__ = ["DEAD_CODE", "FUSIONS", "PIPELINES", "Pass", "PassResult", "SHAPE_INFERENCE",
-           "fuse", "fused_copy"]
+__all__ = ["DEAD_CODE", "DEFAULT_PIPELINES", "FUSIONS", "PIPELINES", "REWRITES", "Pass",
+           "PassResult", "SHAPE_INFERENCE", "fuse", "fused_copy", "pipeline"]

@@ -16,10 +16,9 @@ def run(graph: Graph) -> PassResult:
             if any(o.users or id(o) in live_outputs for o in node.outputs):
                 continue
             graph.remove_node(node)
-            result.counts["nodes_removed"] = result.counts.get("nodes_removed", 0) + 1
-            removed = result.changed = True
+            result.count("nodes_removed")
+            removed = True
     for name in [n for n, v in graph.params.items() if not v.users]:
         graph.remove_param(name)
-        result.counts["params_removed"] = result.counts.get("params_removed", 0) + 1
-        result.changed = True
+        result.count("params_removed")
     return result

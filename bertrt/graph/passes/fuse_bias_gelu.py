@@ -7,27 +7,23 @@ The exact (erf) GELU and the tanh form both fuse; the form travels as `approxima
 from __future__ import annotations
 
 from bertrt.graph.ir import Graph
-from bertrt.graph.passes.base import PassResult, producer, replace_node, single_use
+from bertrt.graph.ops import Op
+from bertrt.graph.passes.base import P, PassResult, Refuse, V, match, replace_node
+
+PATTERN = P(Op.GELU, P(Op.LINEAR, V("x"), V("weight"), V("bias", what="the LINEAR's bias"),
+                       name="linear", what="a LINEAR input"))
 
 
 def run(graph: Graph) -> PassResult:
     result = PassResult()
-    for gelu in graph.find("GELU"):
-        linear = producer(gelu.inputs[0], "LINEAR")
-        if linear is None:
-            result.refused.append(f"BIAS_GELU at {gelu.name}: input is not a LINEAR")
+    for gelu in graph.find(Op.GELU):
+        try:
+            m = match(PATTERN, gelu.output)
+        except Refuse as why:
+            result.refuse("BIAS_GELU", gelu, str(why))
             continue
-        bias = linear.inputs[2]
-        if bias is None:
-            result.refused.append(f"BIAS_GELU at {gelu.name}: the LINEAR has no bias")
-            continue
-        if not single_use(linear.output):
-            result.refused.append(f"BIAS_GELU at {gelu.name}: the LINEAR output is read "
-                                  "elsewhere")
-            continue
-        linear.set_input(2, None)  # the bias moves into the fused op
-        replace_node(graph, gelu, "BIAS_GELU", [linear.output, bias],
+        m["linear"].set_input(2, None)  # the bias moves into the fused op
+        replace_node(graph, gelu, Op.BIAS_GELU, [m["linear"].output, m["bias"]],
                      {"approximate": gelu.attrs["approximate"]})
-        result.changed = True
-        result.counts["BIAS_GELU"] = result.counts.get("BIAS_GELU", 0) + 1
+        result.count("BIAS_GELU")
     return result

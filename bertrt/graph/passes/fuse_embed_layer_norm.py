@@ -1,70 +1,89 @@
 """Word + token-type + position embeddings, summed, + LAYER_NORM (+ DROPOUT) -> EMBED_LAYER_NORM.
 
-Pattern: LAYER_NORM(ADD(ADD(g1, g2), g3)) where the three operands, in any order, are
-GATHER(word, input_ids), GATHER(type_table, token_type_ids) and
-GATHER(position_table, POSITION_IDS(input_ids)).
+Pattern: LAYER_NORM(a sum of single-use ADDs) whose three terms, in any order and grouping,
+are GATHER(word table, input_ids), GATHER(token-type table, token_type_ids) and
+GATHER(position table, POSITION_IDS(input_ids)); the tables are told apart by their roles.
 """
 
 from __future__ import annotations
 
-from bertrt.graph.ir import Graph, Node, Value
-from bertrt.graph.passes.base import PassResult, producer, replace_node, single_use
+from bertrt.graph.ir import Graph, Node, Role, Value
+from bertrt.graph.ops import Op
+from bertrt.graph.passes.base import (
+    Captures,
+    P,
+    PassResult,
+    Refuse,
+    V,
+    match,
+    producer,
+    replace_node,
+    single_use,
+)
+
+TERMS = {
+    "word": P(Op.GATHER, V("word", role=Role.WORD_EMBEDDINGS), V("input_ids")),
+    "token type": P(Op.GATHER, V("token_type", role=Role.TOKEN_TYPE_EMBEDDINGS),
+                    V("token_type_ids")),
+    "position": P(Op.GATHER, V("position", role=Role.POSITION_EMBEDDINGS),
+                  P(Op.POSITION_IDS, V("input_ids"))),
+}
 
 
-def _leaves(value: Value, out: list[Value]) -> bool:
-    add = producer(value, "ADD")
+def _terms(value: Value, top: bool = True) -> list[Value]:
+    """The terms of a sum of ADDs (inner partial sums must be read only by the sum)."""
+    add = producer(value, Op.ADD)
     if add is None:
-        out.append(value)
-        return True
-    if not single_use(add.output) and out:
-        return False
-    return all(v is not None and _leaves(v, out) for v in add.inputs)
+        return [value]
+    if not top and not single_use(value):
+        raise Refuse("a partial sum is read elsewhere")
+    return [t for v in add.inputs for t in _terms(v, top=False)]
+
+
+def _match(norm: Node) -> Captures:
+    terms = _terms(norm.inputs[0])
+    if len(terms) != 3:
+        raise Refuse(f"the sum has {len(terms)} terms, not word + position + token type")
+    captures: Captures = {}
+    for kind, pattern in TERMS.items():
+        for term in terms:
+            try:
+                found = match(pattern, term, root=False)
+            except Refuse:
+                continue
+            if "input_ids" in captures and found.get("input_ids", captures["input_ids"]) \
+                    is not captures["input_ids"]:
+                raise Refuse("positions are not those of the word ids")
+            captures.update(found)
+            terms.remove(term)
+            break
+        else:
+            raise Refuse(f"no {kind} embedding lookup")
+    return captures
 
 
 def run(graph: Graph) -> PassResult:
     result = PassResult()
-    for norm in graph.find("LAYER_NORM"):
-        gathers: list[Value] = []
-        if producer(norm.inputs[0], "ADD") is None or not _leaves(norm.inputs[0], gathers):
-            continue
-        nodes = [producer(v, "GATHER") for v in gathers]
-        if len(nodes) != 3 or any(n is None for n in nodes):
-            if any(n is not None for n in nodes):
-                result.refused.append(f"EMBED_LAYER_NORM at {norm.name}: the sum is not three "
-                                      "embedding lookups")
-            continue
-        word = position = token_type = None
-        input_ids = token_type_ids = None
-        for node in nodes:
-            assert node is not None
-            pos_ids: Node | None = producer(node.inputs[1], "POSITION_IDS")
-            if pos_ids is not None:
-                position, ids_of_pos = node, pos_ids.inputs[0]
-            elif node.inputs[1] is not None and node.inputs[1].name == "token_type_ids":
-                token_type, token_type_ids = node, node.inputs[1]
-            else:
-                word, input_ids = node, node.inputs[1]
-        if word is None or position is None or token_type is None:
-            result.refused.append(f"EMBED_LAYER_NORM at {norm.name}: lookups are not word, "
-                                  "position and token type")
-            continue
-        if ids_of_pos is not input_ids:
-            result.refused.append(f"EMBED_LAYER_NORM at {norm.name}: positions are not those "
-                                  "of the word ids")
+    for norm in graph.find(Op.LAYER_NORM):
+        add = producer(norm.inputs[0], Op.ADD)
+        if add is None or not any(producer(v, Op.GATHER) for v in add.inputs):
+            continue  # not an embeddings sum: nothing to refuse
+        try:
+            m = _match(norm)
+        except Refuse as why:
+            result.refuse("EMBED_LAYER_NORM", norm, str(why))
             continue
         anchor, p = norm, 0.0
         users = norm.output.users
-        if len(users) == 1 and users[0][0].op == "DROPOUT" and single_use(norm.output):
+        if len(users) == 1 and users[0][0].op is Op.DROPOUT and single_use(norm.output):
             anchor, p = users[0][0], users[0][0].attrs["p"]
-        inputs = [input_ids, token_type_ids, word.inputs[0], position.inputs[0],
-                  token_type.inputs[0], norm.inputs[1], norm.inputs[2]]
+        inputs = [m["input_ids"], m["token_type_ids"], m["word"], m["position"],
+                  m["token_type"], norm.inputs[1], norm.inputs[2]]
+        attrs = {"eps": norm.attrs["eps"], "dropout": p}
         if anchor is not norm:  # the dropout folds in: its node is replaced, the norm dies
-            replace_node(graph, anchor, "EMBED_LAYER_NORM", inputs,
-                         {"eps": norm.attrs["eps"], "dropout": p}, name=norm.name)
+            replace_node(graph, anchor, Op.EMBED_LAYER_NORM, inputs, attrs, name=norm.name)
             graph.remove_node(norm)
         else:
-            replace_node(graph, norm, "EMBED_LAYER_NORM", inputs,
-                         {"eps": norm.attrs["eps"], "dropout": p})
-        result.changed = True
-        result.counts["EMBED_LAYER_NORM"] = result.counts.get("EMBED_LAYER_NORM", 0) + 1
+            replace_node(graph, norm, Op.EMBED_LAYER_NORM, inputs, attrs)
+        result.count("EMBED_LAYER_NORM")
     return result

@@ -19,6 +19,5 @@ def run(graph: Graph) -> PassResult:
         for out, t in zip(node.outputs, types):
             if out.type != t:
                 out.type = t
-                result.changed = True
-                result.counts["retyped"] = result.counts.get("retyped", 0) + 1
+                result.count("retyped")
     return result
