@@ -123,12 +123,12 @@ def read_model(path: str | os.PathLike[str], check: bool = True) -> Any:
     """
     onnx = _onnx()
     path = Path(path)
-    if not path.exists():
-        raise BertrtError(f"{path}: no such file")
-    if not path.is_file():
+    if path.is_dir():
         raise BertrtError(f"{path}: not a file (expected an .onnx model)")
     try:
         data = path.read_bytes()  # read once: parsed here, and checked from these bytes
+    except FileNotFoundError:
+        raise BertrtError(f"{path}: no such file") from None
     except OSError as exc:
         raise BertrtError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not data:
