@@ -131,3 +131,112 @@ def test_skip_layer_norm_without_a_linear_keeps_no_bias():
     assert result.counts == {"SKIP_LAYER_NORM": 1}
     (node,) = g.find("SKIP_LAYER_NORM")
     assert node.inputs[4] is None
+
+
+# ----------------------------------------------------------------------------- refusals
+def _tiny(head: str = "none"):
+    return build_bert(BertConfig.preset("tiny"), head)
+
+
+def _node(graph, name: str):
+    (node,) = [n for n in graph.nodes if n.name == name]
+    return node
+
+
+def test_attention_refuses_an_unbiased_projection_and_a_shared_score():
+    graph = _tiny()
+    _node(graph, "encoder.layer.0.attention.self.value").set_input(2, None)
+    graph.remove_param("encoder.layer.0.attention.self.value.bias")
+    graph.set_output("peek", _node(graph, "encoder.layer.1.attention.self.scores").output)
+    result = FUSIONS["attention"].run(graph)
+    assert result.counts == {}
+    assert result.refused == [
+        "ATTENTION at encoder.layer.0.attention.self.merge_heads: the V projection's bias is "
+        "missing",
+        "ATTENTION at encoder.layer.1.attention.self.merge_heads: Q @ K^T "
+        "(encoder.layer.1.attention.self.scores) is read elsewhere",
+    ]
+    graph.verify()
+
+
+def test_embed_layer_norm_refuses_positions_of_other_ids_and_a_missing_lookup():
+    from bertrt.graph import Op
+
+    graph = _tiny()
+    other = graph.add_input("other_ids", graph.inputs[0].dtype, graph.inputs[0].shape)
+    _node(graph, "embeddings.position_ids").set_input(0, other)
+    result = FUSIONS["embed_layer_norm"].run(graph)
+    assert result.refused == ["EMBED_LAYER_NORM at embeddings.LayerNorm: positions are not "
+                              "those of the word ids"]
+    assert not graph.find(Op.EMBED_LAYER_NORM)
+
+    graph = _tiny()
+    add = _node(graph, "embeddings.add_position")
+    graph.replace_all_uses(add.output, add.inputs[0])  # drop the position term
+    result = FUSIONS["embed_layer_norm"].run(graph)
+    assert result.refused == ["EMBED_LAYER_NORM at embeddings.LayerNorm: the sum has 2 terms, "
+                              "not word + position + token type"]
+
+
+def test_skip_layer_norm_refuses_a_shared_sum_and_a_broadcasting_add():
+    from bertrt.graph import BATCH, SEQ, DType, Graph
+
+    graph = _tiny()
+    graph.set_output("peek", _node(graph, "encoder.layer.0.output.residual").output)
+    result = FUSIONS["skip_layer_norm"].run(graph)
+    assert result.counts == {"SKIP_LAYER_NORM": 3}
+    assert result.refused == [
+        "SKIP_LAYER_NORM at embeddings.LayerNorm: the add broadcasts",  # (B, S, H) + (S, H)
+        "SKIP_LAYER_NORM at encoder.layer.0.output.LayerNorm: the residual sum "
+        "(encoder.layer.0.output.residual) is read elsewhere"]
+
+    g = Graph("broadcast")
+    a = g.add_input("a", DType.FLOAT32, (BATCH, SEQ, 4))
+    b = g.add_input("b", DType.FLOAT32, (SEQ, 4))
+    w, beta = g.add_param("w", (4,), ("ones",)), g.add_param("beta", (4,), ("zeros",))
+    g.set_output("y", g.op("LAYER_NORM", g.op("ADD", a, b), w, beta, name="norm"))
+    result = FUSIONS["skip_layer_norm"].run(g)
+    assert (result.counts, result.refused) == ({}, ["SKIP_LAYER_NORM at norm: the add "
+                                                    "broadcasts"])
+
+
+def test_bias_gelu_refuses_an_unbiased_linear_and_a_non_linear_input():
+    graph = _tiny()
+    _node(graph, "encoder.layer.0.intermediate.dense").set_input(2, None)
+    act = _node(graph, "encoder.layer.1.intermediate.act")
+    act.set_input(0, _node(graph, "encoder.layer.1.attention.output.LayerNorm").output)
+    result = FUSIONS["bias_gelu"].run(graph)
+    assert result.counts == {}
+    assert result.refused == [
+        "BIAS_GELU at encoder.layer.0.intermediate.act: the LINEAR's bias is missing",
+        "BIAS_GELU at encoder.layer.1.intermediate.act: a LINEAR input not found",
+    ]
+
+
+def test_inspect_fused_prints_each_refusal(monkeypatch):
+    from click.testing import CliRunner
+
+    import bertrt.graph.bert
+    from bertrt.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", "--preset", "tiny", "--fused"])
+    assert result.exit_code == 0, result.output
+    assert "all pipeline: EMBED_LAYER_NORM 1, ATTENTION 2, SKIP_LAYER_NORM 4, BIAS_GELU 2" \
+        in result.output
+    assert result.output.rstrip().endswith("refused: 0")
+
+    build = bertrt.graph.bert.build_bert
+
+    def unbiased_key(config, head=None):  # a graph whose layer-1 key projection has no bias
+        graph = build(config, head)
+        _node(graph, "encoder.layer.1.attention.self.key").set_input(2, None)
+        graph.remove_param("encoder.layer.1.attention.self.key.bias")
+        return graph
+
+    monkeypatch.setattr(bertrt.graph.bert, "build_bert", unbiased_key)
+    result = CliRunner().invoke(main, ["inspect", "--preset", "tiny", "--fused", "torch"])
+    assert result.exit_code == 0, result.output
+    assert "torch pipeline: ATTENTION 1:" in result.output
+    assert result.output.rstrip().endswith(
+        "refused: 1\n  ATTENTION at encoder.layer.1.attention.self.merge_heads: the K "
+        "projection's bias is missing")
