@@ -14,6 +14,7 @@ from typing import Any
 
 from bertrt.graph.ir import MASKED, Graph, Value, ValueKind, concrete_shape, format_shape
 from bertrt.graph.ops import get_op
+from bertrt.units import human as _human
 
 
 def _ref(value: Value | None) -> str:
@@ -92,14 +93,6 @@ def node_stats(graph: Graph, batch: int = 1, seq: int = 128, **extra: int) -> li
             bytes=math.prod(out_shape) * out.dtype.itemsize,
         ))
     return rows
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or suffix == "T":
-            return f"{n:.0f}{unit}" if suffix == "" else f"{n:.2f}{suffix}{unit}"
-        n /= 1000.0
-    return str(n)
 
 
 def format_summary(graph: Graph, batch: int = 1, seq: int = 128, **extra: int) -> str:
