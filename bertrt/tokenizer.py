@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from tokenizers.models import WordPiece
 
 from bertrt.errors import BertrtError
 from bertrt.fileio import atomic_write_text
+from bertrt.padding import length_mask, pad_rows
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "train_vocab"]
 
@@ -53,6 +55,8 @@ TOKENIZER_FILE = "tokenizer.json"
 _PADDING_MODES = {"longest": "longest", True: "longest", "max_length": "max_length",
                   False: None, "do_not_pad": None}
 _TRAIN_BATCH_LINES = 1000
+# What pickling keeps: the constructor's arguments (each an attribute `_<name>`).
+_STATE = ("tokens", "lowercase", "strip_accents", "tokenize_chinese_chars", "model_max_length")
 
 
 class TokenizerError(BertrtError):
@@ -115,8 +119,10 @@ def _vocab_to_list(vocab: Mapping[str, int] | Sequence[str], source: str) -> lis
     return out
 
 
-def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None,
+def _bert_pipeline(vocab: dict[str, int] | None, lowercase: bool, strip_accents: bool | None,
                    tokenize_chinese_chars: bool) -> tokenizers.Tokenizer:
+    """A WordPiece model (``vocab``; None: empty, to be trained) behind BERT's normalizer and
+    pre-tokenizer: the one place the encoder and the vocabulary trainer take them from."""
     tok = tokenizers.Tokenizer(
         WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
     )
@@ -125,6 +131,13 @@ def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool |
         strip_accents=strip_accents, lowercase=lowercase,
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def _build_backend(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None,
+                   tokenize_chinese_chars: bool) -> tokenizers.Tokenizer:
+    """The encoding backend: the BERT pipeline, the wordpiece decoder, specials, template."""
+    tok = _bert_pipeline(vocab, lowercase, strip_accents, tokenize_chinese_chars)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     # As transformers' BertTokenizer: specials match verbatim in raw text (not normalized).
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -188,17 +201,11 @@ class Tokenizer:
         self._special_ids = frozenset(self._vocab[t] for t in SPECIAL_TOKENS)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tokens": self._tokens, "lowercase": self._lowercase,
-                "strip_accents": self._strip_accents,
-                "tokenize_chinese_chars": self._tokenize_chinese_chars,
-                "model_max_length": self._model_max_length}
+        return {name: getattr(self, f"_{name}") for name in _STATE}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._tokens = state["tokens"]
-        self._lowercase = state["lowercase"]
-        self._strip_accents = state["strip_accents"]
-        self._tokenize_chinese_chars = state["tokenize_chinese_chars"]
-        self._model_max_length = state["model_max_length"]
+        for name in _STATE:
+            setattr(self, f"_{name}", state[name])
         self._init_runtime()
 
     # ----------------------------------------------------------------------------- construction
@@ -417,11 +424,8 @@ class Tokenizer:
             The wordpieces, e.g. ``["un", "##aff", "##able"]``.
         """
         _check_text(text, "text")
-        try:
+        with _invalid_text_named(text=text):
             return self._backend.encode(text, add_special_tokens=False).tokens
-        except TypeError:
-            _raise_for_invalid_text([text], "text", indexed=False)
-            raise
 
     def encode(self, text: str, pair: str | None = None,
                max_length: int | None = None) -> list[int]:
@@ -439,16 +443,9 @@ class Tokenizer:
         if pair is not None:
             _check_text(pair, "pair")
         limit = self._resolve_max_length(max_length, max_length is not None, pair is not None)
-        try:
+        with _invalid_text_named(text=text, pair=pair):
             enc = self._backend.encode(text, pair)
-        except TypeError:
-            _raise_for_invalid_text([text], "text", indexed=False)
-            _raise_for_invalid_text([pair or ""], "pair", indexed=False)
-            raise
-        ids = enc.ids
-        if limit is not None and len(ids) > limit:
-            ids = _truncate(ids, _keep(len(ids), enc.type_ids, limit, pair is not None))
-        return ids
+        return _truncate(limit, pair is not None, enc.ids, enc.type_ids)[0]
 
     def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, *,
                  max_length: int | None = None, padding: str | bool = "longest",
@@ -506,25 +503,14 @@ class Tokenizer:
         # encode_batch_fast skips the offset bookkeeping (≈ +20% speed) when offsets are unused.
         backend = self._backend
         encode = backend.encode_batch if return_offsets else backend.encode_batch_fast
-        try:
+        with _invalid_text_named(texts=texts_l, pairs=pairs_l):
             encodings = encode(inputs, add_special_tokens=True)
-        except TypeError:
-            _raise_for_invalid_text(texts_l, "texts")
-            if pairs_l is not None:
-                _raise_for_invalid_text(pairs_l, "pairs")
-            raise
 
-        ids = [e.ids for e in encodings]
-        type_ids = [e.type_ids for e in encodings]
-        offsets = [e.offsets for e in encodings] if return_offsets else None
-        if limit is not None:
-            for row, row_ids in enumerate(ids):
-                if len(row_ids) > limit:
-                    keep = _keep(len(row_ids), type_ids[row], limit, is_pair)
-                    ids[row] = _truncate(row_ids, keep)
-                    type_ids[row] = _truncate(type_ids[row], keep)
-                    if offsets is not None:
-                        offsets[row] = _truncate(offsets[row], keep)
+        rows = [_truncate(limit, is_pair, e.ids, e.type_ids,
+                          *((e.offsets,) if return_offsets else ())) for e in encodings]
+        ids = [r[0] for r in rows]
+        type_ids = [r[1] for r in rows]
+        offsets = [r[2] for r in rows] if return_offsets else None
         if mode is None:
             out: dict[str, Any] = {
                 "input_ids": [np.asarray(x, dtype=np.int64) for x in ids],
@@ -535,23 +521,21 @@ class Tokenizer:
                 out["offsets"] = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in offsets]
             return out
 
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        seq = int(lengths.max(initial=0))
+        lengths = [len(x) for x in ids]
+        seq = max(lengths, default=0)
         if mode == "max_length":
             seq = max(seq, self._model_max_length if max_length is None else max_length)
         if pad_to_multiple_of is not None:
             seq = -(-seq // pad_to_multiple_of) * pad_to_multiple_of
-        mask = np.arange(seq)[None, :] < lengths[:, None]  # (B, S) bool, row-major like the flats
         out = {
-            "input_ids": _scatter(ids, mask, self.pad_id),
-            "token_type_ids": _scatter(type_ids, mask, 0),
-            "attention_mask": mask.astype(np.int64),
+            "input_ids": pad_rows(ids, fill=self.pad_id, seq=seq),
+            "token_type_ids": pad_rows(type_ids, fill=0, seq=seq),
+            "attention_mask": length_mask(lengths, seq).astype(np.int64),
         }
         if offsets is not None:
-            flat = np.zeros((*mask.shape, 2), dtype=np.int64)  # (B, S, 2)
-            if mask.any():
-                flat[mask] = np.asarray([o for row in offsets for o in row], dtype=np.int64)
-            out["offsets"] = flat
+            # Each row's (n, 2) spans read row-major as 2n values: (B, 2S) -> (B, S, 2).
+            flat = [np.asarray(row, dtype=np.int64).reshape(-1) for row in offsets]
+            out["offsets"] = pad_rows(flat, fill=0, seq=2 * seq).reshape(len(ids), seq, 2)
         return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -645,18 +629,14 @@ def _keep(n: int, type_ids: list[int], limit: int, is_pair: bool) -> list[slice]
     return [slice(0, 1 + k1), slice(b_start - 1, b_start + k2), slice(n - 1, n)]
 
 
-def _truncate(row: list[Any], keep: list[slice]) -> list[Any]:
-    return [x for part in keep for x in row[part]]
-
-
-def _scatter(rows: list[list[int]], mask: np.ndarray, fill: int) -> np.ndarray:
-    """Right-pad ragged ``rows`` into a (B, S) int64 array; ``mask`` marks the real positions."""
-    out = np.full(mask.shape, fill, dtype=np.int64)
-    n = int(mask.sum())
-    if n:
-        flat = np.fromiter((v for row in rows for v in row), dtype=np.int64, count=n)
-        out[mask] = flat
-    return out
+def _truncate(limit: int | None, is_pair: bool, ids: list[int], type_ids: list[int],
+              *rows: list[Any]) -> tuple[list[Any], ...]:
+    """``ids``, ``type_ids`` and the other per-token ``rows`` of one encoding, cut to ``limit``
+    ids (None: not cut) by ``_keep``."""
+    if limit is None or len(ids) <= limit:
+        return (ids, type_ids, *rows)
+    keep = _keep(len(ids), type_ids, limit, is_pair)
+    return tuple([x for part in keep for x in row[part]] for row in (ids, type_ids, *rows))
 
 
 def _check_text(text: Any, what: str) -> None:
@@ -664,15 +644,24 @@ def _check_text(text: Any, what: str) -> None:
         raise TokenizerError(f"{what} must be a str, got {type(text).__name__}")
 
 
-def _raise_for_invalid_text(texts: list[str], what: str, indexed: bool = True) -> None:
-    """Turn the library's TypeError for a lone surrogate (not encodable) into a clear error."""
-    for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            where = f"{what}[{i}]" if indexed else what
-            raise TokenizerError(f"{where}: character {e.start} is a lone surrogate "
-                                 f"U+{ord(text[e.start]):04X} (not valid Unicode)") from None
+@contextmanager
+def _invalid_text_named(**inputs: str | list[str] | None) -> Iterator[None]:
+    """Turn the library's TypeError for a lone surrogate (not encodable) into a TokenizerError
+    naming the input (``texts[i]`` in a list, ``text`` for a single str) and the position."""
+    try:
+        yield
+    except TypeError:
+        for what, value in inputs.items():
+            named = [(what, value)] if isinstance(value, str) else [
+                (f"{what}[{i}]", text) for i, text in enumerate(value or ())]
+            for where, text in named:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise TokenizerError(f"{where}: character {e.start} is a lone surrogate "
+                                         f"U+{ord(text[e.start]):04X} (not valid Unicode)"
+                                         ) from None
+        raise
 
 
 def _as_text_list(texts: Any, what: str) -> list[str]:
@@ -684,8 +673,7 @@ def _as_text_list(texts: Any, what: str) -> list[str]:
         raise TokenizerError(f"{what} must be a str or a list of str, got {type(texts).__name__}")
     out = list(texts)
     for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TokenizerError(f"{what}[{i}] must be a str, got {type(t).__name__}")
+        _check_text(t, f"{what}[{i}]")
     return out
 
 
@@ -722,10 +710,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- training
 
 
-def _iter_corpus(files: list[Path], texts: Iterable[str] | None,
-                 counter: list[int]) -> Iterator[list[str]]:
-    """Stream the corpus in batches of lines; ``counter[0]`` counts non-blank lines seen."""
-    batch: list[str] = []
+def _corpus_lines(files: list[Path], texts: Iterable[str] | None) -> Iterator[str]:
+    """The lines of ``files``, then ``texts``, each checked (file and line named)."""
     for path in files:
         with path.open("rb") as f:  # binary: decode per line to report the line number
             for lineno, raw in enumerate(f, start=1):
@@ -734,22 +720,23 @@ def _iter_corpus(files: list[Path], texts: Iterable[str] | None,
                 except UnicodeDecodeError as e:
                     raise TokenizerError(f"{path}: line {lineno} is not valid UTF-8 "
                                          f"(byte {e.start + 1})") from None
-                if line.strip():
-                    counter[0] += 1
-                    batch.append(line)
-                    if len(batch) >= _TRAIN_BATCH_LINES:
-                        yield batch
-                        batch = []
-    if texts is not None:
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TokenizerError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            if text.strip():
-                counter[0] += 1
-                batch.append(text)
-                if len(batch) >= _TRAIN_BATCH_LINES:
-                    yield batch
-                    batch = []
+                yield line
+    for i, text in enumerate(() if texts is None else texts):
+        _check_text(text, f"texts[{i}]")
+        yield text
+
+
+def _iter_corpus(files: list[Path], texts: Iterable[str] | None,
+                 counter: list[int]) -> Iterator[list[str]]:
+    """Stream the corpus in batches of non-blank lines; ``counter[0]`` counts them."""
+    batch: list[str] = []
+    for line in _corpus_lines(files, texts):
+        if line.strip():
+            counter[0] += 1
+            batch.append(line)
+            if len(batch) >= _TRAIN_BATCH_LINES:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -793,11 +780,7 @@ def train_vocab(files: Iterable[str | os.PathLike[str]] | None = None, *,
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise TokenizerError(f"{what} must be a non-negative int, got {v!r}")
 
-    tok = tokenizers.Tokenizer(WordPiece(unk_token=UNK,
-                                         max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = _bert_pipeline(None, lowercase, strip_accents=None, tokenize_chinese_chars=True)
     trainer = trainers.WordPieceTrainer(
         vocab_size=size, min_frequency=min_frequency, show_progress=False,
         special_tokens=list(SPECIAL_TOKENS), limit_alphabet=limit_alphabet,
