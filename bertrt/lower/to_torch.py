@@ -163,6 +163,8 @@ class LoweredModule(nn.Module):
             _, self._forward_masked_inference = generate_forward(masked_graph, inference=True)
 
     def _register_dotted(self, name: str, param: nn.Parameter) -> None:
+        # Submodules follow the Hugging Face names, so `named_parameters()` and `state_dict()`
+        # keys are the reference's (the names are only split, never interpreted).
         *path, leaf = name.split(".")
         module: nn.Module = self
         for part in path:

@@ -65,6 +65,8 @@ class V:
     role: Role | None = None
     absent_ok: bool = False
     what: str = ""
+    #: The refusal when `name` was already bound to another value.
+    differs: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,11 @@ def match(pattern: P | V, value: Value | None, root: bool = True) -> Captures:
     return captures
 
 
-def _bind(captures: Captures, name: str | None, obj: Any) -> None:
+def _bind(captures: Captures, name: str | None, obj: Any, differs: str = "") -> None:
     if name is None:
         return
     if name in captures and captures[name] is not obj:
-        raise Refuse(f"{name} is not the same value everywhere")
+        raise Refuse(differs or f"{name} is not the same value everywhere")
     captures[name] = obj
 
 
@@ -136,7 +138,7 @@ def _match(pattern: P | V, value: Value | None, captures: Captures, root: bool) 
             raise Refuse(f"{pattern.what or pattern.name or 'an input'} is missing")
         if pattern.role is not None and (value is None or value.role is not pattern.role):
             raise Refuse(f"{pattern.what or pattern.name} is not the {pattern.role}")
-        _bind(captures, pattern.name, value)
+        _bind(captures, pattern.name, value, pattern.differs)
         return
     what = pattern.what or pattern.op.value
     node = value.producer if value is not None else None

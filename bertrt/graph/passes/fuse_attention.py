@@ -18,7 +18,8 @@ from bertrt.graph.passes.base import P, PassResult, Refuse, V, match, replace_no
 
 
 def _projection(which: str) -> P:
-    linear = P(Op.LINEAR, V("x", what="x"), V(f"{which}_weight"),
+    linear = P(Op.LINEAR, V("x", differs="Q, K and V read different inputs"),
+               V(f"{which}_weight"),
                V(f"{which}_bias", what=f"the {which.upper()} projection's bias"),
                what=f"a LINEAR {which.upper()} projection")
     return P(Op.SPLIT_HEADS, linear, name=f"{which}_split", what=f"{which.upper()} heads")
@@ -48,16 +49,12 @@ def run(graph: Graph) -> PassResult:
             m = match(PATTERN, merge.output)
             _check(m)
         except Refuse as why:
-            reason = str(why)
-            if reason.startswith("x is not the same"):
-                reason = "Q, K and V read different inputs"
-            result.refuse("ATTENTION", merge, reason)
+            result.refuse("ATTENTION", merge, str(why))
             continue
         inputs = [m["x"]] + [m[f"{w}_{p}"] for w in "qkv" for p in ("weight", "bias")]
         dropout = m["dropout"]
         attrs = dict(heads=m["q_split"].attrs["heads"], scale=m["scale"].attrs["factor"],
                      dropout=dropout.attrs["p"] if dropout is not None else 0.0)
-        replace_node(graph, merge, Op.ATTENTION, [*inputs, m["mask"]], attrs,
-                     name=merge.name.removesuffix(".merge_heads"))
+        replace_node(graph, merge, Op.ATTENTION, [*inputs, m["mask"]], attrs)
         result.count("ATTENTION")
     return result
