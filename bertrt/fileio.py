@@ -1,7 +1,9 @@
 """Writing files whole or not at all: a temporary file in the same folder, fsync, rename.
 
 Every file bertrt writes for a user goes through here, so an interrupted write never leaves a
-half-written file where a good one stood.
+half-written file where a good one stood. Files and folders get the mode a plain `open()` or
+`mkdir` would give them (0666 / 0777 less the umask), not the private 0600 / 0700 of
+`tempfile`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,43 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode `Path.mkdir()` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~umask()
+
+
+def temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new uniquely named folder in `parent`, with the mode `mkdir` would give it (to be
+    renamed into place once complete)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, dir_mode())
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it
-    onto `path`; when it fails, remove it. For writers that want a path (safetensors)."""
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it, give it the
+    mode a plain `open()` would and rename it onto `path`; when it fails, remove it. For
+    writers that want a path (safetensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,6 +60,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from bertrt.errors import BertrtError
-from bertrt.fileio import atomic_write_bytes
+from bertrt.fileio import atomic_write_bytes, file_mode, temp_dir
 from bertrt.graph.ir import DType, Graph, Node, Role, SymbolicDim, Value, ValueKind
 from bertrt.graph.ops import REGISTRY, Op, check_table
 
@@ -752,13 +751,15 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
             atomic_write_bytes(path, data)
             return
         # Over protobuf's 2 GiB: tensors in `<name>.data`; the checker reads it by path.
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmpdir = temp_dir(path.parent, prefix=f".{path.name}.")
         try:
             location = path.name + ".data"
             onnx.save_model(model, tmpdir / path.name, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=location,
                             size_threshold=1024)
             onnx.checker.check_model(str(tmpdir / path.name), full_check=True)
+            for name in (location, path.name):
+                os.chmod(tmpdir / name, file_mode())
             os.replace(tmpdir / location, path.parent / location)
             os.replace(tmpdir / path.name, path)
         finally:

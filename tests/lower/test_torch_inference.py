@@ -63,3 +63,16 @@ def test_no_grad_forward_sees_weights_updated_behind_autograd():
         reference = net(ids)["last_hidden_state"].detach()
     assert torch.equal(after, reference)
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_to_torch_returns_eval_mode_so_calls_repeat():
+    """As transformers' from_pretrained: dropout off until training code calls .train()."""
+    model = Model.from_config(BertConfig.preset("tiny", vocab_size=60), head="classification")
+    net = model.to_torch()
+    assert not net.training
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    first, second = net(ids), net(ids)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    net.train()
+    assert not torch.equal(net(ids)["logits"], net(ids)["logits"])  # dropout 0.1 is on
