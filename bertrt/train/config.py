@@ -33,8 +33,6 @@ TASK_KINDS = {
     "tag": TaskKind("token-classification", 1e-4, corpus=False),
 }
 TASKS = tuple(TASK_KINDS)
-#: The eval metric that picks the best checkpoint of a fine-tuning run.
-BEST_METRIC = {"classify": "macro_f1", "tag": "f1"}
 SCHEDULES = ("linear", "poly")
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -228,11 +226,14 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -
 _ABSENT: dict[str, Any] = {"eval_split": 0.0}
 
 
-def check_int(what: str, value: Any, least: int) -> int:
-    """`value` as an int, or `BertrtError` unless it is an integer (not a bool) >= `least`."""
+def check_int(what: str, value: Any, least: int,
+              error: type[Exception] = BertrtError) -> int:
+    """`value` as an int; `error` unless it is an integer (numpy's too, not a bool) >= `least`.
+
+    The one integer check of the training settings and the data functions."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         kind = "a positive integer" if least == 1 else f"an integer >= {least}"
-        raise BertrtError(f"{what} must be {kind}, got {value!r}")
+        raise error(f"{what} must be {kind}, got {value!r}")
     return int(value)
 
 

@@ -28,6 +28,7 @@ import torch
 
 from bertrt.padding import length_mask, pad_rows
 from bertrt.tokenizer import Tokenizer
+from bertrt.train.config import check_int
 from bertrt.train.corpus import DataError, read_documents
 
 __all__ = [
@@ -79,9 +80,7 @@ class ExampleSource(Protocol):
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"seed must be a non-negative int, got {seed!r}")
-    return int(seed)
+    return check_int("seed", seed, 0, DataError)
 
 
 def _check_index(index: int) -> int:
@@ -694,8 +693,7 @@ def batch_indices(step: int, micro_step: int, batch_size: int, grad_accum: int, 
     for name, v, least in (("step", step, 0), ("micro_step", micro_step, 0),
                            ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
                            ("rank", rank, 0), ("world_size", world_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+        check_int(name, v, least, ValueError)
     if micro_step >= grad_accum:
         raise ValueError(f"micro_step={micro_step} must be < grad_accum={grad_accum}")
     if rank >= world_size:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bertrt
 from bertrt.train.checkpoint import STATE_FILE, list_checkpoints
 from bertrt.train.cli import train
 
@@ -24,7 +23,7 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, save_model, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     rng = random.Random(2)
     words = ("north south east west over under inside outside quick slow bright dark loud "
@@ -33,13 +32,7 @@ def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus.write_text("\n\n".join(
         "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + " ."
                   for _ in range(rng.randint(2, 5))) for _ in range(150)) + "\n")
-    tok = word_tokenizer(corpus)
-    config = bertrt.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_attention_heads=2,
-                               num_hidden_layers=2, intermediate_size=64,
-                               max_position_embeddings=64, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-    bertrt.Model.from_config(config, head="pretraining", seed=0, tokenizer=tok).save(
-        root / "model")
+    save_model(word_tokenizer(corpus), root / "model", dropout=0.0)
     args = ["--data", str(corpus), "--model", str(root / "model"), "--seq-len", "32",
             "--max-steps", str(STEPS), "--log-every", "1", "--save-every", "2", "--lr", "3e-3",
             "--threads", "1"]
@@ -76,8 +69,6 @@ def test_two_processes_at_b_equal_one_process_at_2b(world, tmp_path: Path) -> No
     assert "2 process(es) x batch 4" in proc.stderr
     single = one_process(world, tmp_path / "one", "--batch-size", "8")
     assert_same_steps(single, rows(two))
-    tokens = [r["tokens_per_s"] for r in rows(two)]
-    assert all(t > 0 for t in tokens)
     # rank 0 wrote the checkpoints, holding both ranks' RNG states
     step, folder = list_checkpoints(two)[-1]
     state = torch.load(folder / STATE_FILE, weights_only=True)

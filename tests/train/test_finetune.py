@@ -45,19 +45,14 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, save_model, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("finetune")
     train_csv = write_csv(root / "train.csv", keyword_order_rows(800, seed=0))
     eval_csv = write_csv(root / "eval.csv", keyword_order_rows(200, seed=1))
     text = root / "words.txt"
     text.write_text(" ".join(FILLER + SET_A + SET_B) + "\n")
-    tok = word_tokenizer(text)
-    config = bertrt.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=4,
-                               num_hidden_layers=2, intermediate_size=128,
-                               max_position_embeddings=32, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-    bertrt.Model.from_config(config, head="pretraining", seed=0, tokenizer=tok).save(
-        root / "model")
+    save_model(word_tokenizer(text), root / "model", hidden=64, heads=4, max_positions=32,
+               dropout=0.0)
     return {"root": root, "train": train_csv, "eval": eval_csv, "model": root / "model"}
 
 
@@ -90,7 +85,7 @@ def test_classification_reaches_90_percent_and_keeps_the_best(world, tmp_path: P
     assert bertrt.load(out / "best").config.id2label == final.config.id2label
 
 
-def test_tagging_reports_entity_f1(word_tokenizer, tmp_path: Path) -> None:
+def test_tagging_reports_entity_f1(word_tokenizer, save_model, tmp_path: Path) -> None:
     rng = random.Random(0)
     people, cities = ["anna", "omar", "li", "sara"], ["paris", "lima", "oslo", "rome"]
     other = "went to visit met saw in the and from".split()
@@ -108,11 +103,7 @@ def test_tagging_reports_entity_f1(word_tokenizer, tmp_path: Path) -> None:
 
     words = tmp_path / "words.txt"
     words.write_text(" ".join(people + cities + other) + "\n")
-    tok = word_tokenizer(words)
-    config = bertrt.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_attention_heads=2,
-                               num_hidden_layers=1, intermediate_size=64,
-                               max_position_embeddings=32)
-    bertrt.Model.from_config(config, head="none", seed=0, tokenizer=tok).save(tmp_path / "m")
+    save_model(word_tokenizer(words), tmp_path / "m", layers=1, max_positions=32, head="none")
     out = tmp_path / "out"
     result = CliRunner().invoke(train, [
         "--task", "tag", "--data", str(conll(tmp_path / "train.conll", 300)),

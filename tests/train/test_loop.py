@@ -1,6 +1,6 @@
 """The training loop: the loss goes down, the MLM head on masked rows only equals the full
-formulation, the optimizer and schedule rules, activation checkpointing, precisions, and bad
-input refused with one clear line (nothing saved before lost)."""
+formulation, activation checkpointing, the options train, and bad input refused with one clear
+line (nothing saved before lost)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from bertrt.train import losses
 from bertrt.train.checkpoint import list_checkpoints
 from bertrt.train.cli import train
 from bertrt.train.config import TrainConfig
-from bertrt.train.loop import _lower
-from bertrt.train.optim import WarmupDecay, build_optimizer, param_groups
 
 
 # ---------------------------------------------------------------------- shared little world
@@ -48,20 +46,12 @@ def write_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
     return path
 
 
-def write_model(tok: bertrt.Tokenizer, path: Path, dropout: float = 0.0, hidden: int = 32) -> Path:
-    config = bertrt.BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, num_attention_heads=2,
-        num_hidden_layers=2, intermediate_size=2 * hidden, max_position_embeddings=64,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    bertrt.Model.from_config(config, head="pretraining", seed=0, tokenizer=tok).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, word_tokenizer) -> tuple[Path, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, word_tokenizer,
+          save_model) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("loop")
     corpus = write_corpus(root / "corpus.txt")
-    return corpus, write_model(word_tokenizer(corpus), root / "model")
+    return corpus, save_model(word_tokenizer(corpus), root / "model", dropout=0.0)
 
 
 def run(*args: str):
@@ -162,36 +152,7 @@ def test_masked_rows_loss_and_grads_equal_the_all_positions_formulation() -> Non
                                    msg=name)
 
 
-# ---------------------------------------------------------------------- optimizer, schedule
-def test_no_weight_decay_on_biases_and_layer_norm() -> None:
-    config = bertrt.BertConfig(vocab_size=30, hidden_size=16, num_attention_heads=2,
-                               num_hidden_layers=1, intermediate_size=32)
-    net = bertrt.Model.from_config(config, head="pretraining").to_torch()
-    decay, no_decay = param_groups(net.named_parameters(), 0.01)
-    names = {id(p): n for n, p in net.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    kept = {names[id(p)] for p in no_decay["params"]}
-    assert "bert.embeddings.word_embeddings.weight" in decayed
-    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
-    assert all("LayerNorm" in n or n.endswith("bias") for n in kept)
-    assert "cls.predictions.bias" in kept and "bert.embeddings.LayerNorm.weight" in kept
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    assert len(decayed) + len(kept) == len(list(net.parameters()))
-    for name in ("adamw", "lamb"):
-        opt = build_optimizer(net.named_parameters(), name, 1e-3, 0.01)
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
-
-
-def test_warmup_then_linear_or_polynomial_decay() -> None:
-    linear = WarmupDecay(warmup_steps=4, total_steps=12, power=1.0)
-    assert [linear(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert linear(4) == 1.0 and linear(8) == 0.5 and 0 < linear(11) < 0.2
-    poly = WarmupDecay(warmup_steps=4, total_steps=12, power=2.0)
-    assert poly(8) == 0.25 and poly(3) == 1.0
-    no_warmup = WarmupDecay(0, 10)
-    assert no_warmup(0) == 1.0
-
-
+# ---------------------------------------------------------------------- options
 def test_activation_checkpointing_computes_the_same_loss_and_grads() -> None:
     config = bertrt.BertConfig(vocab_size=50, hidden_size=32, num_attention_heads=2,
                                num_hidden_layers=2, intermediate_size=64,
@@ -200,7 +161,7 @@ def test_activation_checkpointing_computes_the_same_loss_and_grads() -> None:
     results = []
     for checkpointed in (False, True):
         model = bertrt.Model.from_config(config, head="pretraining", seed=0)
-        net = _lower(model, checkpointed).train()
+        net = model.to_torch(checkpoint_layers=checkpointed).train()
         torch.manual_seed(7)
         out = net(ids, masked_positions=torch.tensor([1, 3, 12]))
         loss = (out["prediction_logits"].logsumexp(-1).sum()

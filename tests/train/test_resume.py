@@ -1,7 +1,8 @@
-"""Checkpoints and exact resume: a run stopped at step k (in-process, or a subprocess killed
-with SIGKILL through the test hook) and resumed ends with the same parameters, bit for bit, as
-one that was never interrupted; metrics.jsonl keeps one line per step; a checkpoint of another
-configuration is refused, naming the setting."""
+"""Checkpoints and exact resume: a run stopped at step k (in-process by an exception, or a
+subprocess killing itself with SIGKILL, both from `loop.train`'s `on_step` callback) and resumed
+ends with the same parameters, bit for bit, as one that was never interrupted; metrics.jsonl
+keeps one line per step; a checkpoint of another configuration is refused, naming the
+setting."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import bertrt
 from bertrt.train import loop
 from bertrt.train.checkpoint import STATE_FILE, list_checkpoints
 from bertrt.train.cli import train
+from bertrt.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -39,15 +42,10 @@ def write_corpus(path: Path, docs: int = 200) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(word_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(word_tokenizer, save_model, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("resume")
     corpus = write_corpus(root / "corpus.txt")
-    tok = word_tokenizer(corpus)
-    config = bertrt.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_attention_heads=2,
-                               num_hidden_layers=2, intermediate_size=64,
-                               max_position_embeddings=64)  # dropout 0.1: RNG state matters
-    bertrt.Model.from_config(config, head="pretraining", seed=0, tokenizer=tok).save(
-        root / "model")
+    save_model(word_tokenizer(corpus), root / "model", dropout=0.1)  # the RNG state matters
     args = ["--data", str(corpus), "--model", str(root / "model"), "--batch-size", "6",
             "--seq-len", "32", "--max-steps", str(STEPS), "--save-every", "4", "--keep", "2",
             "--log-every", "1", "--threads", "1", "--lr", "2e-3", "--grad-accum", "2"]
@@ -79,22 +77,24 @@ def assert_same_metrics(a: Path, b: Path) -> None:
         assert x["loss"] == y["loss"] and x["lr"] == y["lr"], x["step"]
 
 
+def config(args: list[str]) -> TrainConfig:
+    """The settings `bertrt train ARGS` runs with."""
+    return TrainConfig(**train.make_context("train", list(args)).params)
+
+
 class _Stopped(Exception):
     pass
 
 
-def test_stop_and_resume_is_bitwise_exact(world, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_and_resume_is_bitwise_exact(world, tmp_path: Path) -> None:
     out = tmp_path / "out"
 
-    def stop(pid: int, sig: int) -> None:  # the kill hook, in-process
-        raise _Stopped
+    def stop_at_7(done: int) -> None:
+        if done == 7:
+            raise _Stopped
 
-    monkeypatch.setattr(loop.os, "kill", stop)
-    monkeypatch.setenv(loop.KILL_HOOK, "7")
-    result = CliRunner().invoke(train, [*world["args"], "--out", str(out)])
-    assert isinstance(result.exception, _Stopped)
-    monkeypatch.undo()
+    with pytest.raises(_Stopped):
+        loop.train(config([*world["args"], "--out", str(out)]), on_step=stop_at_7)
     assert [s for s, _ in list_checkpoints(out)] == [4]
     assert max(r["step"] for r in metric_rows(out)) == 6  # step 7 died before its log line
 
@@ -107,15 +107,31 @@ def test_stop_and_resume_is_bitwise_exact(world, tmp_path: Path,
     assert [s for s, _ in list_checkpoints(out)] == [8, 12]  # --keep 2
 
 
+#: `python -c KILL_AT N ARGS...`: `bertrt train ARGS` that SIGKILLs itself after step N.
+KILL_AT = textwrap.dedent("""
+    import os, signal, sys
+    from bertrt.train import loop
+    from bertrt.train.cli import train
+    from bertrt.train.config import TrainConfig
+
+    def on_step(done):
+        if done == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loop.train(TrainConfig(**train.make_context("train", sys.argv[2:]).params), on_step)
+""")
+
+
 def test_sigkill_mid_run_then_resume_is_bitwise_exact(world, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, loop.KILL_HOOK: "10",
+    env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "bertrt.train.cli", *world["args"],
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, "10", *world["args"],
                            "--out", str(out)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in list_checkpoints(out)] == [4, 8]
+    assert max(r["step"] for r in metric_rows(out)) == 9
     # A half-written checkpoint folder, as a kill during a save leaves it, is ignored.
     partial = out / "checkpoints" / ".tmp-step-12-999"
     partial.mkdir()

@@ -1,0 +1,319 @@
+"""Setting up a training run, in the order `loop.train` calls these: torchrun's environment, what
+the run starts from (a checkpoint, `--model`, or a preset) and the output folder, threads and
+seeds, the training files, the tokenizer, the model, its torch module, the optimizer.
+
+Resuming loads the checkpoint once (`start`): its training state, and a model whose config,
+label ids and tokenizer the later steps take from it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bertrt
+from bertrt.config import BertConfig
+from bertrt.errors import BertrtError
+from bertrt.model import Model
+from bertrt.tokenizer import Tokenizer
+from bertrt.train import checkpoint as ckpt
+from bertrt.train.config import TrainConfig, check_same_run
+from bertrt.train.optim import build_optimizer, build_scheduler
+from bertrt.train.report import LOSS_PNG, METRICS, RUN, Say
+from bertrt.weights import HEAD_PREFIXES, match_tensors
+
+DATA_DIR = "data"
+#: The files `model.save(OUT)` writes into OUT (removed by --overwrite with the rest).
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
+RUN_OUTPUTS = (METRICS, RUN, LOSS_PNG, DATA_DIR, ckpt.CHECKPOINTS, ckpt.BEST, *MODEL_FILES)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ====================================================================== processes
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, and its device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place; returned for chaining)."""
+        if self.enabled:
+            moved = tensor.to(self.device)
+            dist.all_reduce(moved)
+            tensor.copy_(moved.to(tensor.device))
+        return tensor
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        if not self.enabled:
+            return [obj]
+        objs: list[Any] = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
+
+def is_distributed_launch() -> bool:
+    """True inside a process started by torchrun."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup_distributed() -> Dist:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPU); one process: none."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, local_world, device)
+
+
+# ====================================================================== where the run starts
+@dataclass
+class Start:
+    """What a run starts from: the checkpoint it resumes (its state and model), or `--model`'s
+    model, or nothing but a preset's config."""
+
+    step: int  #: the first step to run
+    state: dict[str, Any] | None  #: the checkpoint's training state, when resuming
+    model: Model | None  #: the checkpoint's model (resuming) or --model's
+    config: BertConfig  #: the model's config, or the preset's
+    where: str  #: names the source in messages
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is not None
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        """The checkpoint's label ids (a resumed fine-tuning run keeps them), else None."""
+        return self.config.extra.get("label2id") if self.resumed else None
+
+    @property
+    def best(self) -> float | None:
+        return self.state.get("best") if self.state is not None else None
+
+
+def start(cfg: TrainConfig, out: Path, env: Dist) -> Start:
+    """Check OUT and the settings, and load what the run starts from; every rank does this
+    before rank 0 writes anything."""
+    resume_from = _check_out(cfg, out)
+    if resume_from is not None:
+        step, folder = resume_from
+        state = ckpt.load_state(folder)
+        check_same_run(state["trajectory"], cfg.trajectory(env.world), str(folder))
+        model = bertrt.load(folder, head=cfg.head)
+        begin = Start(step, state, model, model.config, str(folder))
+    elif cfg.model is not None:
+        model = bertrt.load(cfg.model)
+        begin = Start(0, None, model, model.config, str(cfg.model))
+    else:
+        name = cfg.preset or "tiny"
+        begin = Start(0, None, None, BertConfig.preset(name), f"preset {name}")
+    if begin.config.max_position_embeddings < cfg.seq_len:
+        raise BertrtError(f"--seq-len {cfg.seq_len} exceeds max_position_embeddings="
+                          f"{begin.config.max_position_embeddings} of {begin.where}")
+    for path in (*cfg.data, *cfg.eval_data):
+        if not Path(path).is_file():
+            raise BertrtError(f"{path}: file not found")
+    return begin
+
+
+def prepare_out(cfg: TrainConfig, out: Path, env: Dist, begin: Start, say: Say) -> None:
+    """Rank 0 clears OUT (--overwrite) and what a killed run left, and creates it."""
+    env.barrier()
+    if env.master:
+        if cfg.overwrite:
+            _clear_outputs(out)
+        ckpt.remove_partial(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and not begin.resumed:
+            say(f"notice: {out} has no complete checkpoint; starting from step 0")
+    env.barrier()
+
+
+def _check_out(cfg: TrainConfig, out: Path) -> tuple[int, Path] | None:
+    """Refuse a used OUT unless --resume/--overwrite; with --resume, its newest checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise BertrtError(f"--out {out}: exists and is not a directory")
+    if cfg.resume:
+        return ckpt.latest_checkpoint(out)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise BertrtError(f"--out {out}: not empty; continue it with --resume, replace it "
+                          f"with --overwrite, or choose another --out")
+    return None
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove what a bertrt run writes into OUT (other files are left alone)."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# ====================================================================== threads and seeds
+def threads(cfg: TrainConfig, env: Dist, state: dict[str, Any] | None, say: Say) -> int:
+    """--threads, else the checkpoint's, else the cores shared among this machine's ranks."""
+    saved = state.get("threads") if state else None
+    if cfg.threads is not None:
+        if saved is not None and saved != cfg.threads:
+            say(f"notice: the checkpoint ran with --threads {saved}; with {cfg.threads} the "
+                f"result is not bitwise equal to an uninterrupted run")
+        return cfg.threads
+    if saved is not None:
+        return int(saved)
+    return max(1, (os.cpu_count() or 1) // max(env.local_world, 1))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ====================================================================== data and tokenizer
+def data_paths(cfg: TrainConfig, out: Path, env: Dist, say: Say) -> list[Path]:
+    """The training files; for pretraining without --data, the embedded corpus in OUT/data."""
+    if cfg.data:
+        return [Path(p) for p in cfg.data]
+    from bertrt.train.corpus import embedded_corpus
+
+    corpus = out / DATA_DIR / "corpus.txt"
+    if env.master and not corpus.is_file():
+        say("building the embedded corpus (docstrings of the Python standard library)...")
+        corpus = embedded_corpus(out / DATA_DIR)
+    env.barrier()
+    return [corpus]
+
+
+def choose_tokenizer(cfg: TrainConfig, out: Path, env: Dist, begin: Start, paths: list[Path],
+                     train_vocab: Callable[[list[Path], int], Tokenizer], say: Say) -> Tokenizer:
+    """The checkpoint's, --vocab, the --model's, or one `train_vocab` makes from the data (on
+    rank 0, into OUT/data/vocab.txt)."""
+    if begin.resumed:
+        return begin.model.tokenizer  # type: ignore[union-attr]
+    if cfg.vocab is not None:
+        return Tokenizer.from_vocab(cfg.vocab)
+    if begin.model is not None and begin.model.has_tokenizer:
+        return begin.model.tokenizer
+    vocab = out / DATA_DIR / "vocab.txt"
+    if env.master:
+        say(f"training a {cfg.vocab_size}-token WordPiece vocabulary on "
+            f"{', '.join(map(str, paths))}...")
+        train_vocab(paths, cfg.vocab_size).save_vocab(vocab)
+    env.barrier()
+    return Tokenizer.from_vocab(vocab)
+
+
+# ====================================================================== model and optimizer
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, labels: list[str] | None,
+                begin: Start, say: Say) -> Model:
+    """The checkpoint's model, or a fresh one (--preset), or --model's weights in a model with
+    the task's head (weights it lacks initialised fresh, with a notice naming them)."""
+    if begin.resumed:
+        return begin.model  # type: ignore[return-value]
+    base = begin.model
+    if base is not None:
+        config = base.config
+    else:
+        config = BertConfig.preset(cfg.preset or "tiny", vocab_size=tokenizer.vocab_size)
+    if labels is not None:
+        config = config.with_labels(labels)
+    fresh = Model.from_config(config, head=cfg.head, seed=cfg.seed, tokenizer=tokenizer)
+    if base is not None:
+        _copy_weights(base, fresh, begin.where, say)
+    return fresh
+
+
+def _copy_weights(base: Model, model: Model, where: str, say: Say) -> None:
+    """Copy `base`'s weights into `model`, names mapped by `match_tensors`; the head's only when
+    it is the same head with the same labels."""
+    same_head = base.head == model.head and base.config.id2label == model.config.id2label
+    tensors = base.weights if same_head else {
+        name: t for name, t in base.weights.items() if not name.startswith(HEAD_PREFIXES)}
+    found = match_tensors(model.graph, tensors, where)
+    with torch.no_grad():
+        for name, tensor in found.matched.items():
+            model.weights[name].copy_(tensor)
+    if found.missing:
+        say(f"notice: {where} has no weights for {', '.join(found.missing)}; initialised "
+            f"fresh for the {model.head} head")
+
+
+def lower(model: Model, cfg: TrainConfig, env: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model's torch module on this rank's device, and the module the step calls (DDP's
+    wrapper of it with several processes). With --checkpoint-activations each encoder layer
+    is recomputed in the backward pass instead of kept (memory for compute)."""
+    net = model.to_torch(checkpoint_layers=cfg.checkpoint_activations).to(env.device)
+    net.check_inputs = False  # ids come from our own collate; skip a reduction per call
+    net.train()
+    if not env.enabled:
+        return net, net
+    ids = [env.local_rank] if env.device.type == "cuda" else None
+    return net, DDP(net, device_ids=ids)
+
+
+@dataclass
+class Optimization:
+    """The optimizer, its schedule, fp16's GradScaler, the autocast context and the trained
+    parameters."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    params: list[torch.nn.Parameter]
+
+
+def optimization(cfg: TrainConfig, net: torch.nn.Module, env: Dist,
+                 state: dict[str, Any] | None) -> Optimization:
+    """Build the optimizer, schedule and scaler; resuming, restore their states and this
+    rank's RNG from the checkpoint."""
+    optimizer = build_optimizer(net.named_parameters(), cfg.optimizer, cfg.lr,  # type: ignore
+                                cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    autocast = torch.autocast(env.device.type, dtype=AUTOCAST.get(cfg.precision),
+                              enabled=cfg.precision != "fp32")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"][env.rank])
+    params = [p for p in net.parameters() if p.requires_grad]
+    return Optimization(optimizer, scheduler, scaler, autocast, params)

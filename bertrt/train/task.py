@@ -1,0 +1,291 @@
+"""One class per `--task`, behind one interface, `Task`: how the loop feeds it — its datasets,
+batches, forward inputs, loss and step statistics, and its evaluation. The loop and the report
+talk to `Task` only; a new task (QA, say) is a subclass here, a row in `TASKS` and one in
+`bertrt.train.config.TASK_KINDS`.
+
+The pre-training data is `data.py`'s; the fine-tuning file readers and metrics are `tasks.py`'s.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from bertrt.errors import BertrtError
+from bertrt.tokenizer import Tokenizer, train_vocab
+from bertrt.train import data, losses, tasks
+from bertrt.train.config import TrainConfig
+from bertrt.train.corpus import read_documents
+
+if TYPE_CHECKING:
+    from bertrt.train.setup import Dist
+
+Batch = dict[str, torch.Tensor]
+Say = Callable[[str], None]
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
+
+
+class Task(ABC):
+    """How the loop trains and evaluates one task.
+
+    Args:
+        source: the training examples (a `data.ExampleSource`).
+        eval_source: the evaluation examples, or None.
+        labels: the label names by id (fine-tuning), or None.
+        batch_size: examples per micro-batch, per process.
+        grad_accum: micro-batches per optimizer step.
+    """
+
+    #: Names of the summed statistics `loss` returns (see `losses`).
+    stat_names: ClassVar[tuple[str, ...]]
+    #: The metrics shown beside the loss: (key of a row, label on the bar, label at the end).
+    shown: ClassVar[tuple[tuple[str, str, str], ...]]
+    #: The eval metric that picks `OUT/best` (higher is better), or None for no best model.
+    best_metric: ClassVar[str | None] = None
+
+    def __init__(self, source: Any, eval_source: Any | None, labels: list[str] | None, *,
+                 batch_size: int, grad_accum: int) -> None:
+        self.source, self.eval_source, self.labels = source, eval_source, labels
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+
+    # ------------------------------------------------------------------ what a task defines
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg: TrainConfig, tokenizer: Tokenizer, paths: list[Path],
+              label2id: dict[str, int] | None, say: Say) -> Task:
+        """The task with its datasets read from `paths` (and `cfg.eval_data`); `label2id` is
+        a resumed checkpoint's (its label ids are kept)."""
+
+    @staticmethod
+    @abstractmethod
+    def train_vocab(paths: list[Path], size: int) -> Tokenizer:
+        """A WordPiece vocabulary of `size` trained on the task's training files."""
+
+    @abstractmethod
+    def collate(self, examples: list, indices: list[int]) -> Batch:
+        """A padded batch of `examples`, whose global indices are `indices`."""
+
+    @abstractmethod
+    def counts(self, batch: Batch) -> torch.Tensor:
+        """The batch's item counts: summed over a step, the loss denominators."""
+
+    @abstractmethod
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Batch,
+             denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to back-propagate and the summed statistics named by `stat_names`."""
+
+    @abstractmethod
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        """The step's (or an evaluation's) metrics from summed `stats`; `loss` among them."""
+
+    # ------------------------------------------------------------------ the same for all
+    def batch(self, step: int, micro: int, env: Dist) -> Batch:
+        """This rank's micro-batch `micro` of optimizer step `step` (0-based)."""
+        indices = data.batch_indices(step, micro, self.batch_size, self.grad_accum, env.rank,
+                                     env.world)
+        return self.collate([self.source[i] for i in indices], indices)
+
+    def inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        """The forward's keyword arguments, on `device`."""
+        return {k: batch[k].to(device) for k in _INPUTS if k in batch}
+
+    def evaluate(self, net: torch.nn.Module, batch_size: int, env: Dist,
+                 autocast: Any) -> dict[str, float]:
+        """Metrics on the eval data, each rank a strided share, combined over ranks."""
+        net.eval()
+        stats = torch.zeros(len(self.stat_names), dtype=torch.float64)
+        preds: list[Any] = []
+        golds: list[Any] = []
+        ones = torch.ones(2, dtype=torch.float64, device=env.device)  # loss sums, not means
+        mine = list(range(env.rank, len(self.eval_source), env.world))
+        with torch.no_grad():
+            for start in range(0, len(mine), batch_size):
+                indices = mine[start:start + batch_size]
+                batch = self.collate([self.eval_source[i] for i in indices], indices)
+                with autocast:
+                    outputs = net(**self.inputs(batch, env.device))
+                    _, batch_stats = self.loss(outputs, batch, ones)
+                stats += batch_stats.cpu()
+                batch_preds, batch_golds = self._predictions(outputs, batch)
+                preds += batch_preds
+                golds += batch_golds
+        net.train()
+        env.all_sum(stats)
+        return self._scores(self.summarize(stats), preds, golds, env)
+
+    def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
+        """An eval batch's predictions and gold labels, for `_scores` (none by default)."""
+        return [], []
+
+    def _scores(self, summary: dict[str, float], preds: list, golds: list,
+                env: Dist) -> dict[str, float]:
+        """The evaluation's scores from its summed statistics and collected predictions."""
+        return summary
+
+
+# ====================================================================== pre-training
+class PretrainTask(Task):
+    """Masked LM + next-sentence prediction on sentence pairs, masked as each batch is made
+    (`data.collate_pretraining`, from `seed` and the example index)."""
+
+    stat_names = losses.PRETRAINING_STATS
+    shown = (("mlm_acc", "mlm", "MLM acc"), ("nsp_acc", "nsp", "NSP acc"))
+    counts = staticmethod(losses.pretraining_counts)  # type: ignore[assignment]
+    loss = staticmethod(losses.pretraining_loss)  # type: ignore[assignment]
+
+    def __init__(self, source: Any, eval_source: Any | None, tokenizer: Tokenizer, seed: int,
+                 mask_prob: float = 0.15, whole_word: bool = False, *, batch_size: int,
+                 grad_accum: int) -> None:
+        super().__init__(source, eval_source, None, batch_size=batch_size,
+                         grad_accum=grad_accum)
+        self.tokenizer, self.seed = tokenizer, seed
+        self.mask_prob, self.whole_word = mask_prob, whole_word
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, tokenizer: Tokenizer, paths: list[Path],
+              label2id: dict[str, int] | None, say: Say) -> PretrainTask:
+        if cfg.eval_split:  # held-out documents of the corpus itself (a function of the seed)
+            source, eval_source = data.pretraining_sources(
+                paths, tokenizer, cfg.seq_len, cfg.seed, cfg.eval_split)
+            say(f"holding out {len(eval_source.documents):,} of "
+                f"{len(source.documents) + len(eval_source.documents):,} documents "
+                f"(--eval-split {cfg.eval_split}) for evaluation: {len(eval_source):,} examples")
+        else:
+            source = data.pretraining_source(paths, tokenizer, cfg.seq_len, cfg.seed)
+            eval_source = (data.pretraining_source([Path(p) for p in cfg.eval_data], tokenizer,
+                                                   cfg.seq_len, cfg.seed)
+                           if cfg.eval_data else None)
+        return cls(source, eval_source, tokenizer, cfg.seed, cfg.mask_prob,
+                   cfg.whole_word_mask, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+
+    @staticmethod
+    def train_vocab(paths: list[Path], size: int) -> Tokenizer:
+        texts = (line for p in paths for doc in read_documents(p) for line in doc)
+        return train_vocab(texts=texts, size=size)
+
+    def collate(self, examples: list, indices: list[int]) -> Batch:
+        return data.collate_pretraining(examples, indices, self.tokenizer, self.seed,
+                                        mask_prob=self.mask_prob, whole_word=self.whole_word)
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        s = dict(zip(self.stat_names, stats.tolist()))
+        mlm_loss = s["mlm_loss_sum"] / max(s["mlm_count"], 1)
+        nsp_loss = s["nsp_loss_sum"] / max(s["nsp_count"], 1)
+        return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss,
+                "mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1),
+                "nsp_loss": nsp_loss, "nsp_acc": s["nsp_correct"] / max(s["nsp_count"], 1)}
+
+
+# ====================================================================== fine-tuning
+class _FineTuneTask(Task):
+    """A labelled file (one --data, optional one --eval-data) and cross-entropy on the labels;
+    subclasses name the reader, the collator and the eval metrics."""
+
+    stat_names = losses.CLASSIFICATION_STATS
+    shown = (("accuracy", "acc", "acc"),)
+    counts = staticmethod(losses.label_counts)  # type: ignore[assignment]
+    loss = staticmethod(losses.classification_loss)  # type: ignore[assignment]
+    #: `tasks.*_source`: reads a file into (source, label names, truncated count).
+    read: ClassVar[Callable[..., tuple[Any, list[str], int]]]
+    #: `tasks.collate_*`: pads examples with the pad id.
+    pad_collate: ClassVar[Callable[[Sequence[data.Example], int], Batch]]
+
+    def __init__(self, source: Any, eval_source: Any | None, labels: list[str], pad_id: int, *,
+                 batch_size: int, grad_accum: int) -> None:
+        super().__init__(source, eval_source, labels, batch_size=batch_size,
+                         grad_accum=grad_accum)
+        self.pad_id = pad_id
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, tokenizer: Tokenizer, paths: list[Path],
+              label2id: dict[str, int] | None, say: Say) -> _FineTuneTask:
+        if len(paths) != 1:
+            raise BertrtError(f"--task {cfg.task} takes one --data file, got {len(paths)}")
+        source, labels, truncated = cls.read(paths[0], tokenizer, cfg.seq_len, cfg.seed,
+                                             label2id=label2id)
+        _warn_truncated(say, paths[0], truncated, cfg.seq_len)
+        eval_source = None
+        if cfg.eval_data:
+            if len(cfg.eval_data) != 1:
+                raise BertrtError(f"--task {cfg.task} takes one --eval-data file")
+            eval_source, _, truncated = cls.read(
+                Path(cfg.eval_data[0]), tokenizer, cfg.seq_len, cfg.seed,
+                label2id={name: i for i, name in enumerate(labels)})
+            _warn_truncated(say, Path(cfg.eval_data[0]), truncated, cfg.seq_len)
+        else:
+            say(f"notice: no --eval-data: no evaluation, and no best checkpoint by "
+                f"{cls.best_metric}")
+        return cls(source, eval_source, list(labels), tokenizer.pad_id,
+                   batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+
+    @staticmethod
+    def train_vocab(paths: list[Path], size: int) -> Tokenizer:
+        return train_vocab(paths, size=size)
+
+    def collate(self, examples: list, indices: list[int]) -> Batch:
+        return self.pad_collate(examples, self.pad_id)
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        s = dict(zip(self.stat_names, stats.tolist()))
+        return {"loss": s["loss_sum"] / max(s["count"], 1),
+                "accuracy": s["correct"] / max(s["count"], 1)}
+
+    def _scores(self, summary: dict[str, float], preds: list, golds: list,
+                env: Dist) -> dict[str, float]:
+        preds = [p for part in env.gather(preds) for p in part]
+        golds = [g for part in env.gather(golds) for g in part]
+        return {"loss": summary["loss"], **self._metrics(preds, golds)}
+
+    @abstractmethod
+    def _metrics(self, preds: list, golds: list) -> dict[str, float]:
+        """The task's eval metrics over every rank's predictions."""
+
+
+def _warn_truncated(say: Say, path: Path, truncated: int, seq_len: int) -> None:
+    if truncated:
+        say(f"warning: {path}: {truncated} input(s) longer than --seq-len {seq_len} were "
+            f"truncated")
+
+
+class ClassifyTask(_FineTuneTask):
+    """Sequence classification: a label per text (or text pair); macro-F1 picks the best."""
+
+    best_metric = "macro_f1"
+    read = staticmethod(tasks.classification_source)
+    pad_collate = staticmethod(tasks.collate_classification)
+
+    def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
+        return outputs["logits"].argmax(-1).cpu().tolist(), batch["labels"].tolist()
+
+    def _metrics(self, preds: list, golds: list) -> dict[str, float]:
+        return tasks.classification_metrics(preds, golds, len(self.labels or []))
+
+
+class TagTask(_FineTuneTask):
+    """Token tagging (BIO): a tag per word, on its first wordpiece; entity F1 picks the best."""
+
+    best_metric = "f1"
+    read = staticmethod(tasks.tagging_source)
+    pad_collate = staticmethod(tasks.collate_tagging)
+
+    def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
+        names = self.labels or []
+        preds, golds = [], []
+        predicted = outputs["logits"].argmax(-1).cpu()  # (B, S)
+        for p_row, g_row in zip(predicted.tolist(), batch["labels"].tolist()):
+            keep = [i for i, g in enumerate(g_row) if g != losses.IGNORE]  # first sub-tokens
+            preds.append([names[p_row[i]] for i in keep])
+            golds.append([names[g_row[i]] for i in keep])
+        return preds, golds
+
+    def _metrics(self, preds: list, golds: list) -> dict[str, float]:
+        return tasks.tagging_metrics(preds, golds)
+
+
+#: The class of each `--task`.
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask,
+                                "tag": TagTask}
