@@ -459,4 +459,3 @@ def test_embedded_corpus_imports_no_module(embedded: Path, tmp_path: Path) -> No
     assert "Beautiful is better than ugly" not in proc.stdout  # `this` was not imported
     whole = (tmp_path / "corpus.txt").read_text(encoding="utf-8")
     assert whole.startswith(embedded.read_text(encoding="utf-8"))  # same in another process
-    assert "antigravity" not in sys.modules and "this" not in sys.modules
