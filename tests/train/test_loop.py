@@ -18,7 +18,8 @@ import bertrt
 from bertrt.train import losses
 from bertrt.train.checkpoint import list_checkpoints
 from bertrt.train.cli import train
-from bertrt.train.config import TrainConfig
+from bertrt.train.config import TASK_KINDS, TrainConfig
+from bertrt.train.task import TASKS
 
 
 # ---------------------------------------------------------------------- shared little world
@@ -190,6 +191,11 @@ def test_options_train(world, tmp_path: Path, flags: tuple[str, ...]) -> None:
     loss = [r["mlm_loss"] for r in metrics(out)]
     print(flags, [round(x, 2) for x in loss])
     assert len(loss) == 30 and sum(loss[-5:]) / 5 < loss[0] - 0.2
+
+
+def test_every_task_has_its_class_and_its_kind() -> None:
+    assert list(TASKS) == list(TASK_KINDS) == list(train.params[0].type.choices)  # --task
+    assert [TASKS[t].best_metric for t in TASKS] == [None, "macro_f1", "f1"]
 
 
 def test_config_round_trips_through_argv() -> None:
