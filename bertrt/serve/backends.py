@@ -7,6 +7,11 @@ is the call serve-bench times, and returns the model's named outputs as numpy ar
 host. `run(batch)` does both; `close()` releases the runtime. A new backend implements
 `execute` (and `prepare` when it has inputs to convert).
 
+The inference engine (`bertrt.serve.engine`) hands a backend unpadded sequences instead:
+`run_sequences(requests) -> SequenceOutputs`. The base class pads them to the longest and
+calls `run`; a padding-free backend sets `packed = True` (its batches then cost their real
+tokens, not B × S) and overrides `run_sequences` to feed the packed (T,) layout.
+
 - `OrtBackend`: ONNX Runtime, CPU execution provider, a fixed number of intra-op threads.
 - `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs bound, and
   so copied to the device, in `prepare`; outputs bound on the device and copied back once).
@@ -16,12 +21,16 @@ host. `run(batch)` does both; `close()` releases the runtime. A new backend impl
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bertrt.errors import BertrtError
+from bertrt.serve.batcher import pad_batch
+from bertrt.serve.outputs import PaddedOutputs, SequenceOutputs
+from bertrt.serve.workload import Request
 
 if TYPE_CHECKING:
     from bertrt.model import Model
@@ -55,6 +64,8 @@ class Backend:
     #: Computes float32 with fewer mantissa bits (fp16 weights, or TF32 matrix products):
     #: the cross-check then holds it to a relative bound instead of the fp32 absolute one.
     reduced_precision: bool = False
+    #: Runs sequences without padding: a batch costs its real tokens, not B × S.
+    packed: bool = False
 
     def prepare(self, batch: dict[str, np.ndarray]) -> Any:
         """What `execute` takes for a batch of (B, S) inputs (untimed); the batch itself here."""
@@ -68,6 +79,17 @@ class Backend:
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs for a batch of (B, S) inputs: `execute(prepare(batch))`."""
         return self.execute(self.prepare(batch))
+
+    def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
+        """Outputs of unpadded sequences, per sequence: here, padded to the longest (right
+        padding with `pad_id`, mask 0) and run as one batch.
+
+        Args:
+            requests: At least one sequence (ids and type ids, (L,) each, L >= 1).
+            pad_id: The tokenizer's `[PAD]` id.
+        """
+        batch = pad_batch(requests, pad_id)
+        return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths)
 
     def close(self) -> None:
         """Release the runtime's resources."""
@@ -200,11 +222,15 @@ class TorchBackend(Backend):
     Args:
         model: The model (its own head).
         threads: torch intra-op threads (process-wide; restored by `close`).
+        skip_mlm: For a pretraining head, run the MLM head on no positions (its
+            `prediction_logits` come back (0, V)): what an engine that only reads hidden states
+            wants, since the (B, S, V) logits cost more than the encoder.
     """
 
     name = "torch"
 
-    def __init__(self, model: Model, threads: int | None = None) -> None:
+    def __init__(self, model: Model, threads: int | None = None, skip_mlm: bool = False
+                 ) -> None:
         import torch
 
         self._torch = torch
@@ -213,6 +239,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.module = model.to_torch().eval()
         self.module.check_inputs = False  # ids are valid by construction; skip the reductions
+        self._no_positions = (torch.zeros(0, dtype=torch.int64)
+                              if skip_mlm and model.head == "pretraining" else None)
         self.description = (f"bertrt torch lowering, torch {torch.__version__}, eager, "
                             f"{torch.get_num_threads()} threads")
 
@@ -224,7 +252,7 @@ class TorchBackend(Backend):
 
     def execute(self, prepared: tuple[Any, Any, Any]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
-            out = self.module(*prepared)
+            out = self.module(*prepared, masked_positions=self._no_positions)
         return {name: value.numpy() for name, value in out.items()}
 
     def close(self) -> None:
