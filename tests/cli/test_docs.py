@@ -81,7 +81,8 @@ def test_shell_block_names_real_commands_and_options(where, line, code):
             continue
         sub = main.commands.get(args[0])
         assert sub is not None, f"{where}: no command bertrt {args[0]}"
-        given = {re.split(r"[=\]]", a.lstrip("["))[0] for a in args if a.lstrip("[").startswith("-")}
+        flags = [a.lstrip("[") for a in args if a.lstrip("[").startswith("-")]
+        given = {re.split(r"[=\]]", a)[0] for a in flags}
         unknown = given - _options(sub)
         assert not unknown, f"{where}: bertrt {args[0]} has no option(s) {sorted(unknown)}"
 
