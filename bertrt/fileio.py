@@ -18,7 +18,7 @@ from pathlib import Path
 def umask() -> int:
     """The process umask (read without changing it where /proc tells it)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)

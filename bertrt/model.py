@@ -132,7 +132,8 @@ class Model:
         return sum(int(t.numel()) for t in self.weights.values())
 
     # ------------------------------------------------------------------ lowerings
-    def to_torch(self, fuse: bool | str = True, checkpoint_layers: bool = False) -> LoweredModule:
+    def to_torch(self, fuse: bool | str = True, checkpoint_layers: bool = False,
+                 packed: bool = False) -> LoweredModule:
         """An `nn.Module` over this model's weights (shared storage, not a copy), in eval mode
         as `transformers` returns models (training code calls `.train()`).
 
@@ -145,11 +146,14 @@ class Model:
                 the torch default ("torch"), False is "none".
             checkpoint_layers: Recompute each encoder layer's activations in the backward
                 pass instead of keeping them (activation checkpointing).
+            packed: Padding-free: the `torch-packed` pipeline (`fuse` is then ignored); the
+                module takes `(input_ids, cu_seqlens, token_type_ids)` with the batch's
+                tokens one after another (see `bertrt.lower.to_torch.PackedModule`).
         """
         from bertrt.graph.passes import fused_copy, pipeline
         from bertrt.lower.to_torch import lower
 
-        passes = pipeline(fuse, "torch")
+        passes = pipeline("torch-packed" if packed else fuse, "torch")
         graph, _ = fused_copy(self.graph, passes)
         masked = None
         if self.head == "pretraining":  # the MLM head on the masked rows only
@@ -167,6 +171,7 @@ class Model:
         head: str | None = None,
         fuse: bool = True,
         padding: str = "right",
+        packed: bool = False,
     ) -> Path:
         """Write the model as ONNX for inference; see `bertrt.lower.to_onnx.export`.
 
@@ -182,6 +187,9 @@ class Model:
                 "none".
             padding: "right" (as the tokenizer pads; fastest ONNX Runtime attention) or
                 "any" (left padding and masks with holes are exact too).
+            packed: Padding-free: inputs `input_ids`, `token_type_ids` (tokens,) int64 and
+                `cu_seqlens` (batch+1,) int32; per-token outputs (tokens, ...). The `packed`
+                pipeline (`fuse` and `padding` are then ignored).
         """
         from bertrt.graph.passes import REWRITES, fused_copy, pipeline
         from bertrt.lower.to_onnx import export
@@ -197,6 +205,8 @@ class Model:
             elif "mask_index" in passes:
                 raise BertrtError("fuse: the mask_index pass assumes right padding; "
                                   f"padding={padding!r} needs a pipeline without it ('all')")
+        if packed:
+            passes = pipeline("packed", "torch")
         graph, _ = fused_copy(graph, passes)
         weights = {name: tensors[name].detach().to("cpu", torch.float32).numpy()
                    for name in graph.params}

@@ -1,8 +1,9 @@
-"""Right-padding ragged id rows into rectangular arrays: the one padder bertrt uses.
+"""Ragged id rows to arrays: right-padded (B, S), or packed (T,) with cumulative lengths.
 
 The tokenizer, the training collators and the serve batcher all turn lists of per-sequence ids
 into (B, S) arrays padded on the right; they call `pad_rows` (and `length_mask` for the
-attention mask) instead of keeping their own loops.
+attention mask) instead of keeping their own loops. Packed (padding-free) models take the rows
+one after another instead, `pack_rows`.
 """
 
 from __future__ import annotations
@@ -47,3 +48,21 @@ def pad_rows(rows: Sequence[Sequence[int] | np.ndarray], fill: int = 0,
         out[length_mask(lengths, width)] = np.concatenate(
             [np.asarray(r, dtype=dtype).reshape(-1) for r in rows])
     return out
+
+
+def pack_rows(rows: Sequence[Sequence[int] | np.ndarray],
+              dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Rows one after another, for a packed model.
+
+    Returns:
+        The (T,) concatenation, and `cu_seqlens` (B+1,) int32: 0, len0, len0+len1, ..., T.
+
+    Raises:
+        ValueError: no rows, or an empty row (a packed batch has no room for one).
+    """
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if not len(rows) or (lengths == 0).any():
+        raise ValueError("pack_rows: expected at least one row, none of them empty")
+    cu = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    return np.concatenate([np.asarray(r, dtype=dtype).reshape(-1) for r in rows]), cu

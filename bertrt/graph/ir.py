@@ -47,6 +47,10 @@ BATCH = SymbolicDim("batch")
 SEQ = SymbolicDim("seq")
 #: Number of masked positions gathered for the MLM head (all of batch × seq when not given).
 MASKED = SymbolicDim("masked")
+#: Packed execution: real tokens of the whole batch (the sum of the lengths), and the
+#: batch + 1 entries of the cumulative lengths.
+TOKENS = SymbolicDim("tokens")
+BOUNDS = SymbolicDim("batch_plus_1")
 
 
 class DType(enum.Enum):
@@ -86,6 +90,7 @@ class Role(enum.StrEnum):
     ATTENTION_MASK = "attention_mask"  # (batch, seq) 1 where a key is attended, 0 where padded
     TOKEN_TYPE_IDS = "token_type_ids"  # (batch, seq) segment ids
     MASKED_POSITIONS = "masked_positions"  # (masked,) flat indices b*seq+s of the MLM rows
+    CU_SEQLENS = "cu_seqlens"  # packed: (batch+1,) int32 cumulative lengths, 0 first
     WORD_EMBEDDINGS = "word_embeddings"  # (vocab, hidden) table
     POSITION_EMBEDDINGS = "position_embeddings"  # (max_positions, hidden) table
     TOKEN_TYPE_EMBEDDINGS = "token_type_embeddings"  # (type_vocab, hidden) table
@@ -416,6 +421,12 @@ class Graph:
                 )
         node._detach()
         self.nodes.remove(node)
+
+    def remove_input(self, value: Value) -> None:
+        """Remove a graph input nobody reads."""
+        if value.users:
+            raise GraphError(f"cannot remove input {value.name!r}: it still has users")
+        self.inputs.remove(value)
 
     def remove_param(self, name: str) -> None:
         value = self.params[name]

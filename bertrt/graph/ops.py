@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertrt.graph.ir import DType, GraphError, Shape, TensorType
+from bertrt.graph.ir import BATCH, DType, GraphError, Shape, TensorType
 
 
 class Op(enum.StrEnum):
@@ -41,10 +41,13 @@ class Op(enum.StrEnum):
     SELECT_TOKEN = "SELECT_TOKEN"
     GATHER_ROWS = "GATHER_ROWS"
     MASK_INDEX = "MASK_INDEX"
+    PACKED_POSITIONS = "PACKED_POSITIONS"
+    FIRST_TOKENS = "FIRST_TOKENS"
     EMBED_LAYER_NORM = "EMBED_LAYER_NORM"
     SKIP_LAYER_NORM = "SKIP_LAYER_NORM"
     BIAS_GELU = "BIAS_GELU"
     ATTENTION = "ATTENTION"
+    PACKED_ATTENTION = "PACKED_ATTENTION"
 
 Types = Sequence[TensorType | None]
 ShapeRule = Callable[[Types, Mapping[str, Any]], list[TensorType]]
@@ -371,15 +374,50 @@ register(OpDef(
 
 def _gather_rows(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
     x, idx = _need("GATHER_ROWS", types, 2)
-    _rank("GATHER_ROWS", x, 3, "input")
+    if len(x.shape) < 2:
+        raise GraphError(f"GATHER_ROWS: input must have rank >= 2, got {list(x.shape)}")
     _int("GATHER_ROWS", idx, "positions")
     _rank("GATHER_ROWS", idx, 1, "positions")
-    return [TensorType(x.dtype, (idx.shape[0], x.shape[2]))]
+    return [TensorType(x.dtype, (idx.shape[0], x.shape[-1]))]
 
 
 register(OpDef(
     Op.GATHER_ROWS, ("x", "positions"), _gather_rows,
-    doc="(B, S, H) rows at flat positions b*S+s -> (M, H) (the masked-MLM graph form).",
+    doc="Rows of x (..., H) at flat positions over its leading dims -> (M, H): b*S+s for "
+    "(B, S, H), the token index for packed (T, H) (the masked-MLM graph form).",
+))
+
+
+def _cu_seqlens(op: str, cu: TensorType) -> None:
+    _rank(op, cu, 1, "cu_seqlens")
+    if cu.dtype is not DType.INT32:
+        raise GraphError(f"{op}: cu_seqlens must be int32, got {cu.dtype}")
+
+
+def _packed_positions(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    cu, ids = _need("PACKED_POSITIONS", types, 2)
+    _cu_seqlens("PACKED_POSITIONS", cu)
+    _rank("PACKED_POSITIONS", ids, 1, "packed input_ids")
+    return [TensorType(DType.INT64, ids.shape)]
+
+
+register(OpDef(
+    Op.PACKED_POSITIONS, ("cu_seqlens", "input_ids"), _packed_positions,
+    doc="Packed (T,) ids -> int64 (T,) positions restarting at 0 at each sequence start "
+    "cu_seqlens[b] (cu_seqlens (B+1,) int32: 0, len0, len0+len1, ..., T).",
+))
+
+
+def _first_tokens(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, cu = _need("FIRST_TOKENS", types, 2)
+    _rank("FIRST_TOKENS", x, 2, "packed input (T, H)")
+    _cu_seqlens("FIRST_TOKENS", cu)
+    return [TensorType(x.dtype, (BATCH, x.shape[1]))]
+
+
+register(OpDef(
+    Op.FIRST_TOKENS, ("x", "cu_seqlens"), _first_tokens,
+    doc="Packed (T, H) -> (B, H): each sequence's first token ([CLS]), rows cu_seqlens[:-1].",
 ))
 
 
@@ -466,6 +504,33 @@ register(OpDef(
     "softmax(Q K^T * scale + bias(key_mask)) V with Q, K, V projected from x; `key_mask` is "
     "(B, S) 1/0 or (B,) int32 lengths (see SOFTMAX). Lowerings may pack the three "
     "projections into one (B, S, 3H) product.",
+))
+
+def _packed_attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x, wq, bq, wk, bk, wv, bv, cu = _need("PACKED_ATTENTION", types, 8)
+    _rank("PACKED_ATTENTION", x, 2, "packed input (T, H)")
+    for w, what in ((wq, "query"), (wk, "key"), (wv, "value")):
+        _same_dim("PACKED_ATTENTION", w.shape, (x.shape[1], x.shape[1]), what + " weight shape")
+    if x.shape[1] % attrs["heads"]:  # type: ignore[operator]
+        raise GraphError(f"PACKED_ATTENTION: width {x.shape[1]} not divisible by "
+                         f"{attrs['heads']}")
+    _cu_seqlens("PACKED_ATTENTION", cu)
+    return [x]
+
+
+def _packed_attention_flops(ins: list[Any], out: tuple[int, ...],
+                            attrs: Mapping[str, Any]) -> int:
+    t, h = out  # the sequence lengths are not in the shapes: count the projections only
+    return 3 * 2 * t * h * h
+
+
+register(OpDef(
+    Op.PACKED_ATTENTION,
+    ("x", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "cu_seqlens"),
+    _packed_attention, attrs={"heads": REQUIRED, "scale": REQUIRED, "dropout": 0.0},
+    flops=_packed_attention_flops, fused=True,
+    doc="ATTENTION over packed tokens (T, H): each sequence cu_seqlens[b]:cu_seqlens[b+1] "
+    "attends to itself only; the projections run on the T real tokens.",
 ))
 
 _unregistered = [op.value for op in Op if op not in REGISTRY]

@@ -6,9 +6,10 @@ one public function that dispatches: a CUDA tensor with CuPy present runs the Cu
 Until the CUDA kernels land, every public function runs its reference.
 """
 
-from bertrt.kernels.attention import attention, key_mask_bias
+from bertrt.kernels.attention import attention, key_mask_bias, packed_attention, packed_layout
 from bertrt.kernels.bias_gelu import bias_gelu
 from bertrt.kernels.embed_layer_norm import embed_layer_norm
 from bertrt.kernels.skip_layer_norm import skip_layer_norm
 
-__all__ = ["attention", "bias_gelu", "embed_layer_norm", "key_mask_bias", "skip_layer_norm"]
+__all__ = ["attention", "bias_gelu", "embed_layer_norm", "key_mask_bias", "packed_attention",
+           "packed_layout", "skip_layer_norm"]

@@ -81,6 +81,8 @@ class Emitter:
         self._used: set[str] = set(graph.outputs) | {v.name for v in graph.inputs}
         self._used |= set(graph.params)
         self._cache: dict[tuple[Any, ...], str] = {}
+        #: Structured values written once per graph (the packed layout's tensors).
+        self.memo: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ names and values
     def fresh(self, hint: str) -> str:
@@ -475,6 +477,78 @@ def _attention(ctx: Emitter, node: Node) -> str:
     return ctx.node("Reshape", [context, ctx.const([0, 0, hidden], _INT64)])  # (B, S, H)
 
 
+# ---------------------------------------------------------------------- packed ops
+def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, str]:
+    """Per packed batch, written once: each token's sequence `seq` and position `pos` (T,),
+    the `slots` b*Smax+s of the tokens in the padded (B, Smax) view, the padded view's source
+    token per slot `src` (B*Smax,) (slots past a length read token 0: their keys are masked and
+    their outputs dropped), the key `bias` (B, 1, 1, Smax) and B as a (1,) vector."""
+    cu = ctx.value(cu_value)
+    key = ("packed", cu)
+    if key not in ctx.memo:
+        cu64 = ctx.cast(cu, _INT64)
+        starts = ctx.node("Slice", [cu64, ctx.const([0], _INT64), ctx.const([-1], _INT64)])
+        ends = ctx.node("Slice", [cu64, ctx.const([1], _INT64), ctx.dim(cu64, 0, vector=True)])
+        total = ctx.node("Gather", [cu64, ctx.const(-1, _INT64)], axis=0)
+        t = ctx.node("Range", [ctx.const(0, _INT64), total, ctx.const(1, _INT64)])
+        # seq[t] = how many sequence ends are <= t: (T, 1) >= (1, B) summed over B
+        after = ctx.node("GreaterOrEqual", [ctx.node("Unsqueeze", [t, ctx.const([1], _INT64)]),
+                                            ctx.node("Unsqueeze", [ends, ctx.const([0], _INT64)])],
+                         dtype=TensorProto.BOOL)
+        seq = ctx.node("ReduceSum", [ctx.cast(after, _INT64), ctx.const([1], _INT64)],
+                       keepdims=0)
+        pos = ctx.node("Sub", [t, ctx.node("Gather", [starts, seq], axis=0)])
+        lengths = ctx.node("Sub", [ends, starts])
+        smax = ctx.node("ReduceMax", [lengths], keepdims=0)
+        slots = ctx.node("Add", [ctx.node("Mul", [seq, smax]), pos])
+        s = ctx.node("Unsqueeze", [ctx.node("Range", [ctx.const(0, _INT64), smax,
+                                                      ctx.const(1, _INT64)]),
+                                   ctx.const([0], _INT64)])  # (1, Smax)
+        valid = ctx.node("Less", [s, ctx.node("Unsqueeze", [lengths, ctx.const([1], _INT64)])],
+                         dtype=TensorProto.BOOL)  # (B, Smax)
+        index = ctx.node("Add", [ctx.node("Unsqueeze", [starts, ctx.const([1], _INT64)]), s])
+        src = ctx.node("Reshape", [ctx.node("Where", [valid, index, ctx.const(0, _INT64)]),
+                                   ctx.const([-1], _INT64)])
+        keep = ctx.node("Unsqueeze", [ctx.cast(valid, _FLOAT), ctx.const([1, 2], _INT64)])
+        bias = ctx.node("Mul", [ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep]),
+                                ctx.const(_FLOAT32_MIN, _FLOAT)])
+        batch = ctx.dim(lengths, 0, vector=True)
+        ctx.memo[key] = dict(seq=seq, pos=pos, slots=slots, src=src, bias=bias, batch=batch)
+    return ctx.memo[key]
+
+
+def _packed_positions(ctx: Emitter, node: Node) -> str:
+    return _packed_index(ctx, node.inputs[0])["pos"]
+
+
+def _first_tokens(ctx: Emitter, node: Node) -> str:
+    x, cu = ctx.inputs(node)
+    starts = ctx.node("Slice", [ctx.cast(cu, _INT64), ctx.const([0], _INT64),
+                                ctx.const([-1], _INT64)])
+    return ctx.node("Gather", [x, starts], axis=0)  # (T, H) -> (B, H)
+
+
+def _packed_attention(ctx: Emitter, node: Node) -> str:
+    layout = _packed_index(ctx, node.inputs[7])
+    x = ctx.value(node.inputs[0])
+    heads, hidden = node.attrs["heads"], node.inputs[0].shape[1]
+    w, b = _packed_qkv(ctx, node)
+    qkv = ctx.node("Add", [ctx.node("MatMul", [x, w]), b])  # (T, 3H): real tokens only
+    # (T, 3H) -> (B*Smax, 3H) -> (B, Smax, 3, N, D) -> (3, B, N, Smax, D)
+    padded = ctx.node("Gather", [qkv, layout["src"]], axis=0)
+    shape = ctx.node("Concat", [layout["batch"],
+                                ctx.const([-1, 3, heads, hidden // heads], _INT64)], axis=0)
+    qkv = ctx.node("Transpose", [ctx.node("Reshape", [padded, shape])], perm=[2, 0, 3, 1, 4])
+    q, k, v = (ctx.node("Gather", [qkv, ctx.const(i, _INT64)], axis=0) for i in range(3))
+    scores = ctx.node("MatMul", [q, ctx.node("Transpose", [k], perm=[0, 1, 3, 2])])
+    scores = ctx.node("Mul", [scores, ctx.const(node.attrs["scale"], ctx.dtypes[scores])])
+    probs = _softmax_core(ctx, _add_core(ctx, scores, layout["bias"]), -1)
+    context = ctx.node("Transpose", [ctx.node("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+    # (B, Smax, N, D) -> (B*Smax, H) -> the real tokens (T, H)
+    flat = ctx.node("Reshape", [context, ctx.const([-1, hidden], _INT64)])
+    return ctx.node("Gather", [flat, layout["slots"]], axis=0)
+
+
 # ---------------------------------------------------------------------- fused ops, ort form
 def _ort_embed_layer_norm(ctx: Emitter, node: Node) -> str:
     ids, types, word, position, token_type, weight, bias = ctx.inputs(node)
@@ -536,6 +610,9 @@ ONNX_OPS: dict[Op, OnnxOp] = {
     Op.SKIP_LAYER_NORM: OnnxOp(_skip_layer_norm, _ort_skip_layer_norm),
     Op.BIAS_GELU: OnnxOp(_bias_gelu, _ort_bias_gelu),
     Op.ATTENTION: OnnxOp(_attention, _ort_attention),
+    Op.PACKED_POSITIONS: OnnxOp(_packed_positions),
+    Op.FIRST_TOKENS: OnnxOp(_first_tokens),
+    Op.PACKED_ATTENTION: OnnxOp(_packed_attention),
 }
 check_table(ONNX_OPS, "onnx")
 
@@ -716,7 +793,7 @@ def _metadata(graph: Graph, given: dict[str, Any], flavour: str, opset: int, fp1
         "flavour": flavour,
         "fp16": "true" if fp16 else "false",
         "opset": str(opset),
-        "padding": padding,
+        "padding": "packed" if graph.metadata.get("packed") else padding,
         "head": str(head),
         "config": json.dumps(config, sort_keys=True),
         "fusions": json.dumps(counts, sort_keys=True),

@@ -22,6 +22,7 @@ from bertrt import kernels
 from bertrt.errors import InputError
 from bertrt.graph.ir import Graph, Node, Role, Value, ValueKind
 from bertrt.graph.ops import Op, check_table
+from bertrt.kernels.attention import token_positions
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ def _softmax(x: torch.Tensor, key_mask: torch.Tensor | None = None, *, axis: int
     if key_mask is not None:
         x = x + kernels.key_mask_bias(key_mask, x.shape[-1])
     return torch.softmax(x, axis)
+
+
+def _packed_positions(cu_seqlens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return token_positions(cu_seqlens)[1]  # (B+1,) -> (T,) positions 0.. in each sequence
+
+
+def _first_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, cu_seqlens[:-1].long())  # (T, H) -> (B, H)
 
 
 def _mask_index(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -106,11 +115,15 @@ TORCH_OPS: dict[Op, TorchOp] = {
     Op.SKIP_LAYER_NORM: TorchOp(kernels.skip_layer_norm, training=True),
     Op.BIAS_GELU: TorchOp(kernels.bias_gelu),
     Op.ATTENTION: TorchOp(kernels.attention, training=True),
+    Op.PACKED_POSITIONS: TorchOp(_packed_positions),
+    Op.FIRST_TOKENS: TorchOp(_first_tokens),
+    Op.PACKED_ATTENTION: TorchOp(kernels.packed_attention, training=True),
 }
 check_table(TORCH_OPS, "torch")
 
 #: The forward's argument for each input role (the order of `LoweredModule.forward`).
-INPUT_ARGS = (Role.INPUT_IDS, Role.ATTENTION_MASK, Role.TOKEN_TYPE_IDS, Role.MASKED_POSITIONS)
+INPUT_ARGS = (Role.INPUT_IDS, Role.ATTENTION_MASK, Role.TOKEN_TYPE_IDS, Role.MASKED_POSITIONS,
+              Role.CU_SEQLENS)
 
 class LoweredModule(nn.Module):
     """A BERT graph as an `nn.Module`.
@@ -192,7 +205,7 @@ class LoweredModule(nn.Module):
             forward = self._forward_masked if grad else self._forward_masked_inference
         return forward(
             self._param_list, self.training, input_ids, attention_mask, token_type_ids,
-            masked_positions,
+            masked_positions, None,
         )
 
     def _prepare(self, input_ids, attention_mask, token_type_ids, masked_positions):
@@ -435,6 +448,60 @@ def _owns_storage(v: Value, last_use: dict[int, int], index: int) -> bool:
         v = source
 
 
+class PackedModule(LoweredModule):
+    """A packed (padding-free) BERT graph as an `nn.Module` (see `bertrt.graph.passes.pack`).
+
+    `forward(input_ids, cu_seqlens, token_type_ids=None, masked_positions=None)`: `input_ids`
+    and `token_type_ids` (T,) hold the batch's sequences one after another, `cu_seqlens`
+    (B+1,) their cumulative lengths (0 first; `bertrt.padding.pack_rows` makes both). Per-token
+    outputs are (T, ...) — `last_hidden_state` (T, H) — pooled ones (B, ...). With
+    `masked_positions` (token indices into T), the MLM head runs on those tokens only.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        device = self._param_list[0].device
+        input_ids = _as_index(input_ids, "input_ids", device)
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise InputError(f"input_ids: a packed model takes a non-empty 1-D (tokens,) "
+                             f"tensor, got shape {tuple(input_ids.shape)}")
+        cu = _as_index(cu_seqlens, "cu_seqlens", device)
+        lengths = cu[1:] - cu[:-1]
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((lengths <= 0).any()) \
+                or int(cu[-1]) != input_ids.numel():
+            raise InputError(f"cu_seqlens: expected (batch+1,) increasing offsets from 0 to "
+                             f"the token count {input_ids.numel()}, got {cu.tolist()[:8]}")
+        if self.max_positions is not None and int(lengths.max()) > self.max_positions:
+            raise InputError(f"cu_seqlens: a sequence of {int(lengths.max())} tokens exceeds "
+                             f"max_position_embeddings={self.max_positions}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            token_type_ids = _as_index(token_type_ids, "token_type_ids", device)
+            _same_shape(token_type_ids, input_ids, "token_type_ids")
+        if self.check_inputs:
+            _check_range(input_ids, self.vocab_size, "input_ids", "vocab_size")
+            _check_range(token_type_ids, self.type_vocab_size, "token_type_ids",
+                         "type_vocab_size")
+        if masked_positions is not None:
+            if not self.takes_masked_positions:
+                raise InputError("masked_positions: only the pretraining head takes it")
+            masked_positions = _as_index(masked_positions, "masked_positions", device)
+            _check_range(masked_positions, input_ids.numel(), "masked_positions", "tokens")
+        grad = torch.is_grad_enabled()
+        if masked_positions is None:
+            forward = self._forward if grad else self._forward_inference
+        else:
+            forward = self._forward_masked if grad else self._forward_masked_inference
+        return forward(self._param_list, self.training, input_ids, None, token_type_ids,
+                       masked_positions, cu.to(torch.int32))
+
+
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
           checkpoint_layers: bool = False, masked_graph: Graph | None = None) -> LoweredModule:
     """Lower `graph` to an `nn.Module` over `weights` (a dict updated in place to Parameters).
@@ -453,5 +520,6 @@ def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
         if unknown:
             raise NotImplementedError(f"graph inputs {unknown} have no role the torch forward "
                                       f"takes ({', '.join(map(str, INPUT_ARGS))})")
-    return LoweredModule(graph, weights, checkpoint_layers,  # type: ignore[arg-type]
-                         masked_graph=masked_graph)
+    cls = PackedModule if graph.by_role(Role.CU_SEQLENS) is not None else LoweredModule
+    return cls(graph, weights, checkpoint_layers,  # type: ignore[arg-type]
+               masked_graph=masked_graph)

@@ -55,6 +55,21 @@ def _attention(x, wq, bq, wk, bk, wv, bv, mask_bias, heads, scale):
 
 
 IDS = RNG.integers(0, 11, (B, S))
+CU = np.array([0, 3, 4, 9], dtype=np.int32)  # packed: three sequences of 3, 1 and 5 tokens
+T = int(CU[-1])
+
+
+def _packed_attention(x, wq, bq, wk, bk, wv, bv, cu, heads, scale):
+    out = np.empty_like(x)
+    for a, b in zip(cu[:-1], cu[1:]):  # each sequence on its own, no mask
+        def split(t):
+            return t.reshape(b - a, heads, -1).transpose(1, 0, 2)
+
+        q, k, v = (split(x[a:b] @ w.T + c) for w, c in ((wq, bq), (wk, bk), (wv, bv)))
+        p = _softmax(q @ k.transpose(0, 2, 1) * scale)
+        out[a:b] = (p @ v).transpose(1, 0, 2).reshape(b - a, -1)
+    return out
+
 TYPES = RNG.integers(0, 2, (B, S))
 MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
 
@@ -76,6 +91,13 @@ REFERENCES: dict[str, Case] = {
     "SOFTMAX": ([_f(B, N, S, S), MASK], {"axis": -1},
                 lambda x, m: _softmax(x + _mask_bias(m))),
     "MASK_INDEX": ([MASK], {}, lambda m: m.sum(1)),
+    "PACKED_POSITIONS": ([CU, RNG.integers(0, 11, T)], {},
+                         lambda cu, ids: np.array([0, 1, 2, 0, 0, 1, 2, 3, 4])),
+    "FIRST_TOKENS": ([_f(T, H), CU], {}, lambda x, cu: x[[0, 3, 4]]),
+    "PACKED_ATTENTION": (
+        [_f(T, H), _f(H, H), _f(H), _f(H, H), _f(H), _f(H, H), _f(H), CU],
+        {"heads": N, "scale": 1 / math.sqrt(D)},
+        lambda *a: _packed_attention(*a, heads=N, scale=1 / math.sqrt(D))),
     "SPLIT_HEADS": ([_f(B, S, H)], {"heads": N},
                     lambda x: x.reshape(B, S, N, D).transpose(0, 2, 1, 3)),
     "MERGE_HEADS": ([_f(B, N, S, D)], {}, lambda x: x.transpose(0, 2, 1, 3).reshape(B, S, H)),

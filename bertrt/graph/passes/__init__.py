@@ -25,6 +25,7 @@ from bertrt.graph.passes import (
     fuse_embed_layer_norm,
     fuse_skip_layer_norm,
     mask_index,
+    pack,
     shape_inference,
 )
 from bertrt.graph.passes.base import Pass, PassResult
@@ -45,6 +46,8 @@ SHAPE_INFERENCE = Pass("shape_inference", shape_inference.run, "re-run shape rul
 REWRITES: dict[str, Pass] = {
     "mask_index": Pass("mask_index", mask_index.run,
                        "right padding: attention reads per-row lengths (MASK_INDEX)"),
+    "pack": Pass("pack", pack.run, "padding-free: token-wise ops on (T, H), attention by "
+                 "cu_seqlens"),
 }
 
 #: Named pipelines. On CPU the torch lowering takes only ATTENTION (its reference runs torch's
@@ -55,6 +58,9 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "torch": ("attention",),
     "all": tuple(FUSIONS),
     "ort": (*FUSIONS, "mask_index"),
+    # packed (padding-free) forms: attention fused first, the embeddings left unfused
+    "torch-packed": ("attention", "pack"),
+    "packed": ("attention", "pack", "skip_layer_norm", "bias_gelu"),
 }
 
 #: What `fuse=True` means per target.

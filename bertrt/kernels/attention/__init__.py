@@ -6,6 +6,12 @@ per call costs a copy; caching a packed weight would go stale when an optimizer 
 parameters through `.data` or a fused kernel, which no version counter sees).
 """
 
-from bertrt.kernels.attention.reference import attention, key_mask_bias
+from bertrt.kernels.attention.reference import (
+    attention,
+    key_mask_bias,
+    packed_attention,
+    packed_layout,
+    token_positions,
+)
 
-__all__ = ["attention", "key_mask_bias"]
+__all__ = ["attention", "key_mask_bias", "packed_attention", "packed_layout", "token_positions"]

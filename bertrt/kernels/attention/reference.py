@@ -53,3 +53,67 @@ def attention(
     )
     # (B, N, S, D) -> (B, S, H)
     return context.transpose(1, 2).reshape(b, s, h)
+
+
+def token_positions(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: each token's sequence index and its position in it, both (T,) int64."""
+    cu = cu_seqlens.long()
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device),
+                                  cu[1:] - cu[:-1])
+    return seq, torch.arange(seq.numel(), device=cu.device) - cu[:-1][seq]
+
+
+def packed_layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each packed token sits in the padded (B, Smax) view of its batch.
+
+    Args:
+        cu_seqlens: (B+1,) cumulative lengths, 0 first.
+
+    Returns:
+        `slots` (T,) int64: b*Smax + s of token t (its sequence b, position s); `lengths` (B,);
+        Smax, the longest length.
+    """
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    smax = int(lengths.max()) if lengths.numel() else 0
+    seq, pos = token_positions(cu)
+    return seq * smax + pos, lengths, smax
+
+
+def packed_attention(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    heads: int,
+    scale: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Self-attention over packed tokens: (T, H) -> (T, H), each sequence on its own.
+
+    The projections run on the T real tokens; only the attention core sees the padded
+    (B, N, Smax, D) view, with the keys past each length masked as `attention` masks them.
+    """
+    t, h = x.shape
+    slots, lengths, smax = packed_layout(cu_seqlens)
+    b, d = lengths.numel(), h // heads
+
+    def padded(w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # (T, H) -> (B*Smax, H) with the tokens in their slots -> (B, N, Smax, D)
+        y = F.linear(x, w, bias)
+        out = y.new_zeros(b * smax, h).index_copy(0, slots, y)
+        return out.view(b, smax, heads, d).transpose(1, 2)
+
+    q, k, v = padded(q_weight, q_bias), padded(k_weight, k_bias), padded(v_weight, v_bias)
+    bias = key_mask_bias(lengths, smax).to(q.dtype)
+    context = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale
+    )
+    # (B, N, Smax, D) -> (B*Smax, H) -> the real tokens (T, H)
+    return context.transpose(1, 2).reshape(b * smax, h).index_select(0, slots)
