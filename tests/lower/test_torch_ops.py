@@ -62,10 +62,8 @@ T = int(CU[-1])
 def _packed_attention(x, wq, bq, wk, bk, wv, bv, cu, heads, scale):
     out = np.empty_like(x)
     for a, b in zip(cu[:-1], cu[1:]):  # each sequence on its own, no mask
-        def split(t):
-            return t.reshape(b - a, heads, -1).transpose(1, 0, 2)
-
-        q, k, v = (split(x[a:b] @ w.T + c) for w, c in ((wq, bq), (wk, bk), (wv, bv)))
+        q, k, v = ((x[a:b] @ w.T + c).reshape(b - a, heads, -1).transpose(1, 0, 2)
+                   for w, c in ((wq, bq), (wk, bk), (wv, bv)))
         p = _softmax(q @ k.transpose(0, 2, 1) * scale)
         out[a:b] = (p @ v).transpose(1, 0, 2).reshape(b - a, -1)
     return out
