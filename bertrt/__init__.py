@@ -3,8 +3,9 @@
 One IR graph (`bertrt.graph`), lowered to PyTorch for training and to ONNX for inference,
 sharing one tokenizer and the Hugging Face weight layout.
 
-`Model`, `load` and `Tokenizer` are imported on first use, so the layers that must stay free of
-torch (the IR, the ONNX lowering) can import `bertrt.errors` without loading it.
+`Model`, `load`, `Tokenizer` and `InferenceEngine` are imported on first use, so the layers
+that must stay free of torch (the IR, the ONNX lowering) can import `bertrt.errors` without
+loading it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from bertrt.errors import BertrtError, ConfigError, InputError, WeightsError
 
 if TYPE_CHECKING:
     from bertrt.model import Model, load
+    from bertrt.serve.engine import InferenceEngine
     from bertrt.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-_LAZY = {"Model": "bertrt.model", "load": "bertrt.model", "Tokenizer": "bertrt.tokenizer"}
+_LAZY = {"Model": "bertrt.model", "load": "bertrt.model", "Tokenizer": "bertrt.tokenizer",
+         "InferenceEngine": "bertrt.serve.engine"}
 
 __all__ = [
-    "BertConfig", "BertrtError", "ConfigError", "InputError", "Model", "Tokenizer",
-    "WeightsError", "__version__", "load",
+    "BertConfig", "BertrtError", "ConfigError", "InferenceEngine", "InputError", "Model",
+    "Tokenizer", "WeightsError", "__version__", "load",
 ]
 
 

@@ -1,4 +1,13 @@
-"""Serving benchmark: model path -> backends, tokenizer, workload -> batcher -> report.
+"""Inference and the serving benchmark.
+
+`InferenceEngine` (`bertrt.serve.engine`) is what users call: texts in, embeddings, labels
+or entities out, in input order (tokenized, length-sorted, cut into batches by a token budget,
+run by a backend that pads or packs each batch):
+
+    >>> from bertrt.serve import InferenceEngine
+    >>> vectors = InferenceEngine("model-dir", backend="ort").embed(["a text", "another"])
+
+serve-bench: model path -> backends, tokenizer, workload -> batcher -> report.
 
 `bertrt serve-bench` (`bertrt.serve.cli`) is a thin layer over `benchmark_model`:
 
@@ -29,6 +38,9 @@ from bertrt.serve.backends import (
 from bertrt.serve.batcher import Batch, FixedBatcher, pad_batch
 from bertrt.serve.bench import BenchOptions, BenchTarget, benchmark_model, resolve_target
 from bertrt.serve.crosscheck import BackendsDisagree, cross_check, max_abs_diff
+from bertrt.serve.engine import InferenceEngine, RunStats, TruncatedWarning, token_budget_batches
+from bertrt.serve.outputs import POOLINGS, PackedOutputs, PaddedOutputs, SequenceOutputs
+from bertrt.serve.pooling import EmbeddingDefaults, embedding_defaults
 from bertrt.serve.report import Measurement, Report, run_benchmark
 from bertrt.serve.workload import (
     Request,
@@ -40,9 +52,11 @@ from bertrt.serve.workload import (
 )
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "BackendsDisagree", "Batch", "BenchOptions",
-    "BenchTarget", "FixedBatcher", "Measurement", "OrtBackend", "OrtCudaBackend", "Report",
-    "Request", "Shape", "SyntheticWorkload", "TextWorkload", "TorchBackend", "Workload",
-    "benchmark_model", "cross_check", "make_backend", "max_abs_diff", "pad_batch",
-    "read_texts", "resolve_target", "run_benchmark",
+    "BACKENDS", "POOLINGS", "Backend", "BackendUnavailable", "BackendsDisagree", "Batch",
+    "BenchOptions", "BenchTarget", "EmbeddingDefaults", "FixedBatcher", "InferenceEngine",
+    "Measurement", "OrtBackend", "OrtCudaBackend", "PackedOutputs", "PaddedOutputs", "Report",
+    "Request", "RunStats", "SequenceOutputs", "Shape", "SyntheticWorkload", "TextWorkload",
+    "TorchBackend", "TruncatedWarning", "Workload", "benchmark_model", "cross_check",
+    "embedding_defaults", "make_backend", "max_abs_diff", "pad_batch", "read_texts",
+    "resolve_target", "run_benchmark", "token_budget_batches",
 ]

@@ -66,6 +66,10 @@ class Backend:
     reduced_precision: bool = False
     #: Runs sequences without padding: a batch costs its real tokens, not B × S.
     packed: bool = False
+    #: The engine's default budget of positions per batch on this backend. On CPU, batches of
+    #: 1-2k positions keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than
+    #: at 16384 (ONNX Runtime, 2 threads, real text).
+    batch_tokens: int = 2048
 
     def prepare(self, batch: dict[str, np.ndarray]) -> Any:
         """What `execute` takes for a batch of (B, S) inputs (untimed); the batch itself here."""
@@ -186,6 +190,8 @@ class OrtCudaBackend(OrtBackend):
     providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     #: ONNX Runtime's CUDA provider allows TF32 matrix products by default (`use_tf32`).
     reduced_precision = True
+    #: A GPU wants large batches.
+    batch_tokens = 16384
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True) -> None:

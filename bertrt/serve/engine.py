@@ -1,0 +1,565 @@
+"""`InferenceEngine`: texts in; embeddings, labels or entities out, in input order.
+
+    texts ──tokenize (CHUNK_TEXTS at a time)──▶ sequences ──sort by length, longest first──▶
+    batches cut by a token budget ──backend.run_sequences──▶ SequenceOutputs ──pool | softmax |
+    BIO spans──▶ results, each at its text's position
+
+A backend receives each batch as unpadded sequences and decides the layout: the runtimes of
+`bertrt.serve.backends` pad to the batch's longest (a batch then costs B × Smax positions of
+the budget); a packed backend (`packed = True`) runs the real tokens only and costs their sum.
+
+    >>> engine = InferenceEngine("model-dir", backend="ort", threads=2)
+    >>> engine.embed(["a text", "another one"]).shape
+    (2, 384)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bertrt.config import BertConfig
+from bertrt.errors import BertrtError
+from bertrt.serve.backends import Backend, BackendUnavailable, make_backend
+from bertrt.serve.outputs import SequenceOutputs, check_pooling
+from bertrt.serve.pooling import embedding_defaults
+from bertrt.serve.tagging import entities, words
+from bertrt.serve.workload import Request
+
+if TYPE_CHECKING:
+    from bertrt.model import Model
+    from bertrt.onnx_info import OnnxInfo
+    from bertrt.tokenizer import Tokenizer
+
+PathLike = str | os.PathLike[str]
+
+#: Names `backend=` takes.
+ENGINE_BACKENDS: tuple[str, ...] = ("auto", "ort", "ort-cuda", "torch")
+#: Names `precision=` takes, and those that run today.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "fp16")
+AVAILABLE_PRECISIONS: tuple[str, ...] = ("fp32",)
+#: Texts tokenized (and length-sorted) together: bounds the memory of a long input.
+CHUNK_TEXTS = 4096
+#: Inputs at least this long get a progress bar (on a terminal, unless `progress=` says).
+PROGRESS_MIN_TEXTS = 512
+
+#: What each head is, and the call that serves it, for the errors of the others.
+_HEADS = {"none": ("an encoder without a task head", "embed()"),
+          "pretraining": ("a pretraining model (MLM and NSP heads)", "embed()"),
+          "classification": ("a sequence classifier", "predict()"),
+          "token-classification": ("a token classifier (a tagger)", "tag()")}
+
+
+class TruncatedWarning(UserWarning):
+    """Some texts were longer than the engine's maximum length and were truncated."""
+
+
+@dataclass
+class RunStats:
+    """What the last call did."""
+
+    texts: int = 0
+    #: Texts longer than `max_length`, truncated.
+    truncated: int = 0
+    batches: int = 0
+    #: Real tokens (specials included) run.
+    tokens: int = 0
+    #: Positions computed: B × Smax summed over padded batches, the tokens for packed ones.
+    positions: int = 0
+    seconds: float = 0.0
+
+
+def token_budget_batches(lengths: np.ndarray, budget: int, packed: bool = False
+                         ) -> list[slice]:
+    """Cut sequences sorted longest first into consecutive batches within a token budget.
+
+    A padded batch costs B × its first (longest) length; a packed one the sum of its lengths.
+    Each batch is as long as the budget allows; a sequence over the budget runs alone.
+
+    Args:
+        lengths: (N,) lengths, non-increasing.
+        budget: Positions a batch may cost (at least 1).
+        packed: Cost the real tokens instead of the padded rectangle.
+    """
+    cuts: list[slice] = []
+    start, n = 0, len(lengths)
+    while start < n:
+        if packed:
+            # the longest prefix whose sum fits (at least one sequence)
+            total = np.cumsum(lengths[start:])
+            size = max(1, int(np.searchsorted(total, budget, side="right")))
+        else:
+            size = max(1, budget // max(int(lengths[start]), 1))
+        end = min(n, start + size)
+        cuts.append(slice(start, end))
+        start = end
+    return cuts
+
+
+@dataclass
+class _Chunk:
+    """Tokenized texts: the sequences, their character offsets (when asked), truncations."""
+
+    requests: list[Request]
+    offsets: list[np.ndarray] | None
+    truncated: int
+
+
+class InferenceEngine:
+    """Run a BERT model over texts: `embed`, `predict` (a classifier), `tag` (a tagger).
+
+    Args:
+        model: A Hugging Face-layout model dir (for ONNX Runtime it is exported to a temporary
+            ONNX file with bertrt's own lowering, removed once loaded), an `.onnx` file bertrt
+            exported (its metadata gives the config and head; the tokenizer comes from `vocab`,
+            else from the folder holding the file), or a `bertrt.Model`.
+        backend: "ort" (ONNX Runtime, CPU), "ort-cuda" (its CUDA provider), "torch" (bertrt's
+            torch lowering; needs the weights: a model dir or a `Model`), or "auto": today
+            "ort" when onnxruntime is installed, else "torch".
+        precision: "fp32" ("bf16", "int8", "fp16": not available yet).
+        packed: Padding-free execution (not available yet: batches are padded).
+        threads: Intra-op threads (None: the runtime's default; torch's count is
+            process-wide, set for the engine's life and restored by `close`).
+        max_batch_tokens: A batch's budget of positions, B × Smax for padded batches; a text
+            longer than the budget runs alone. None: the backend's `batch_tokens` (2048 on
+            CPU, where larger batches fall out of cache; 16384 on CUDA).
+        vocab: For an `.onnx` file: a `vocab.txt` (uncased), the model dir it was exported
+            from (its tokenizer settings and sentence-transformers config), or a `Tokenizer`.
+        max_length: Truncate texts to this many tokens, specials included (default: the
+            smallest of the model's positions, the tokenizer's `model_max_length` and
+            sentence-transformers' `max_seq_length`).
+
+    Raises:
+        BertrtError: one line: a bad argument, a missing or unreadable model, a vocabulary
+            that is not the one the `.onnx` file was exported with, a backend this machine or
+            model cannot run.
+    """
+
+    def __init__(self, model: PathLike | Model, backend: str = "auto", precision: str = "fp32",
+                 packed: bool = False, threads: int | None = None,
+                 max_batch_tokens: int | None = None, *,
+                 vocab: PathLike | Tokenizer | None = None,
+                 max_length: int | None = None) -> None:
+        _check_options(backend, precision, packed, threads, max_batch_tokens, max_length)
+        self.precision = precision
+        weights, info, self.source = _open_model(model)
+        if weights is not None:
+            if vocab is not None:
+                raise BertrtError("vocab= is for an .onnx file; a model dir or Model brings "
+                                  "its own tokenizer")
+            self.config, self.head = weights.config, weights.head
+            self.tokenizer = weights.tokenizer
+            self.defaults = embedding_defaults(model if _is_dir(model) else None)
+        else:
+            assert info is not None
+            self.config, self.head = _onnx_config(info)
+            self.tokenizer, tokenizer_dir = _onnx_tokenizer(info, vocab)
+            self.defaults = embedding_defaults(tokenizer_dir)
+        self.max_length = self._limit(max_length)
+        self.labels: dict[int, str] = self.config.id2label
+        self.backend_name = _pick_backend(backend, weights is not None)
+        self.backend: Backend = _start_backend(self.backend_name, weights, info, threads)
+        self.max_batch_tokens = max_batch_tokens or self.backend.batch_tokens
+        self.threads = threads
+        #: What the last `embed` / `predict` / `tag` call did.
+        self.stats = RunStats()
+        self._pieces: list[str] | None = None
+
+    # ------------------------------------------------------------------ description
+    @property
+    def packed(self) -> bool:
+        """Whether the backend runs batches padding-free (they then cost their real tokens)."""
+        return self.backend.packed
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def description(self) -> str:
+        """One line: the model, its head, the backend and how batches are run."""
+        layout = "packed" if self.packed else "padded"
+        return (f"{self.source} ({self.head} head) on {self.backend.description}, "
+                f"{self.precision}, {layout} batches of up to {self.max_batch_tokens} "
+                f"positions, max_length {self.max_length}")
+
+    def __repr__(self) -> str:
+        return f"InferenceEngine({self.description})"
+
+    def close(self) -> None:
+        """Release the backend (and restore torch's thread count)."""
+        self.backend.close()
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+    def embed(self, texts: str | Iterable[str], pooling: str | None = None,
+              normalize: bool | None = None, *, progress: bool | None = None) -> np.ndarray:
+        """One vector per text: the final hidden states pooled over each text's tokens.
+
+        Args:
+            texts: The texts (a str is one text).
+            pooling: "mean" or "max" over the real tokens (`[CLS]` and `[SEP]` included, as
+                sentence-transformers pools), or "cls" (the `[CLS]` token's hidden state, not
+                the pooler output). None: the model dir's sentence-transformers config, else
+                "cls".
+            normalize: L2-normalize each vector. None: True when the sentence-transformers
+                config has a Normalize module, else False.
+            progress: A progress bar on stderr (None: on a terminal, for long inputs).
+
+        Returns:
+            (N, H) float32, row i for texts[i].
+        """
+        if pooling is None:
+            if self.defaults.unsupported:
+                raise BertrtError(self.defaults.unsupported)
+            pooling = self.defaults.pooling
+        check_pooling(pooling)
+        normalize = self.defaults.normalize if normalize is None else bool(normalize)
+        items = _as_texts(texts, "texts")
+        out = np.empty((len(items), self.hidden_size), dtype=np.float32)
+
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+                    picked: np.ndarray) -> None:
+            out[rows] = outputs.pool("last_hidden_state", pooling)
+
+        self._run(items, None, consume, "embed", progress)
+        if normalize:  # as torch.nn.functional.normalize: divide by max(norm, eps)
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def predict(self, texts: str | Iterable[str], pairs: str | Iterable[str] | None = None,
+                raw_scores: bool = False, *, progress: bool | None = None
+                ) -> list[dict[str, Any]]:
+        """The label of each text (or text pair) by a sequence classifier.
+
+        Args:
+            texts: The texts.
+            pairs: Second texts, one per text (a cross-encoder's pairs), or None.
+            raw_scores: Add `logits`, the raw scores of every label in id order.
+            progress: As for `embed`.
+
+        Returns:
+            One `{"label", "score"}` per text: the most likely label (`id2label`) and its
+            softmax probability (a single-logit model: its sigmoid).
+        """
+        self._require("classification", "predict()")
+        items = _as_texts(texts, "texts")
+        pair_items = None if pairs is None else _as_texts(pairs, "pairs")
+        if pair_items is not None and len(pair_items) != len(items):
+            raise BertrtError(f"got {len(items)} texts but {len(pair_items)} pairs (expected "
+                              "one pair per text)")
+        results: list[dict[str, Any]] = [{} for _ in items]
+
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+                    picked: np.ndarray) -> None:
+            logits = outputs.sequences("logits").astype(np.float64)  # (B, C)
+            probs = _sigmoid(logits) if logits.shape[1] == 1 else _softmax(logits)
+            best = probs.argmax(axis=1)
+            for b, (row, label) in enumerate(zip(rows, best)):
+                result: dict[str, Any] = {"label": self.labels.get(int(label), str(label)),
+                                          "score": float(probs[b, label])}
+                if raw_scores:
+                    result["logits"] = logits[b].tolist()
+                results[row] = result
+
+        self._run(items, pair_items, consume, "predict", progress)
+        return results
+
+    def tag(self, texts: str | Iterable[str], *, progress: bool | None = None
+            ) -> list[list[dict[str, Any]]]:
+        """The entities of each text by a token classifier.
+
+        Each word takes the label of its first wordpiece; words are merged into entities by
+        their BIO (IOB2) labels (`bertrt.serve.tagging`).
+
+        Returns:
+            Per text, its entities in order: `{"entity", "start", "end", "text", "score"}`,
+            `start`/`end` character offsets into the text (`text[start:end]`), `score` the
+            mean probability of the entity's words' labels.
+        """
+        self._require("token-classification", "tag()")
+        items = _as_texts(texts, "texts")
+        results: list[list[dict[str, Any]]] = [[] for _ in items]
+        pieces = self._wordpieces()
+
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+                    picked: np.ndarray) -> None:
+            assert chunk.offsets is not None
+            for b, (row, i) in enumerate(zip(rows, picked)):
+                ids = chunk.requests[i].input_ids
+                probs = _softmax(outputs.tokens("logits", b).astype(np.float64))  # (L, C)
+                found = words([pieces[t] for t in ids], chunk.offsets[i], probs, self.labels)
+                results[row] = entities(found, items[row])
+
+        self._run(items, None, consume, "tag", progress, offsets=True)
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _require(self, head: str, call: str) -> None:
+        if self.head == head:
+            return
+        what, use = _HEADS[self.head]
+        raise BertrtError(f"{call} needs {_HEADS[head][0]}; {self.source} is {what} "
+                          f"({self.head} head): use {use}")
+
+    def _limit(self, max_length: int | None) -> int:
+        positions = int(self.config.max_position_embeddings)
+        if max_length is not None:
+            if max_length > positions:
+                raise BertrtError(f"max_length {max_length} exceeds the model's "
+                                  f"max_position_embeddings={positions}")
+            return max_length
+        return min(x for x in (positions, self.tokenizer.model_max_length,
+                               self.defaults.max_length) if x)
+
+    def _wordpieces(self) -> list[str]:
+        if self._pieces is None:
+            vocab = self.tokenizer.vocab
+            self._pieces = sorted(vocab, key=vocab.__getitem__)
+        return self._pieces
+
+    def _encode(self, texts: list[str], pairs: list[str] | None, offsets: bool,
+                first: int) -> _Chunk:
+        """Tokenize without truncation, then again at `max_length` only the texts over it
+        (so they are counted; the tokenizer truncates pairs longest-first)."""
+        from bertrt.tokenizer import TokenizerError
+
+        tok, limit = self.tokenizer, self.max_length
+        try:
+            enc = tok(texts, pairs, padding=False, truncation=False, return_offsets=offsets)
+            over = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > limit]
+            if over:
+                cut = tok([texts[i] for i in over],
+                          None if pairs is None else [pairs[i] for i in over],
+                          padding=False, max_length=limit, return_offsets=offsets)
+                for key in enc:
+                    for j, i in enumerate(over):
+                        enc[key][i] = cut[key][j]
+        except TokenizerError:
+            _name_bad_text(texts, pairs, first)
+            raise
+        requests = [Request(i, t) for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+        return _Chunk(requests, enc.get("offsets"), len(over))
+
+    def _run(self, texts: list[str], pairs: list[str] | None,
+             consume: Callable[[np.ndarray, SequenceOutputs, _Chunk, np.ndarray], None],
+             what: str, progress: bool | None, offsets: bool = False) -> None:
+        """Tokenize in chunks, sort each by length, cut by the budget, run, and hand each
+        batch's outputs to `consume(rows, outputs, chunk, picked)`: `rows` the batch's
+        positions in `texts`, `picked` the same within the chunk."""
+        from tqdm import tqdm
+
+        stats = self.stats = RunStats(texts=len(texts))
+        start = time.perf_counter()
+        if progress is None:  # tqdm: disable=None shows the bar only on a terminal
+            disable = None if len(texts) >= PROGRESS_MIN_TEXTS else True
+        else:
+            disable = not progress
+        pad_id = self.tokenizer.pad_id
+        with tqdm(total=len(texts), unit="text", desc=what, leave=False,
+                  disable=disable) as bar:
+            for first in range(0, len(texts), CHUNK_TEXTS):
+                last = first + CHUNK_TEXTS
+                chunk = self._encode(texts[first:last],
+                                     None if pairs is None else pairs[first:last], offsets,
+                                     first)
+                stats.truncated += chunk.truncated
+                lengths = np.array([r.length for r in chunk.requests], dtype=np.int64)
+                order = np.argsort(-lengths, kind="stable")  # longest first
+                for part in token_budget_batches(lengths[order], self.max_batch_tokens,
+                                                 self.packed):
+                    picked = order[part]
+                    outputs = self.backend.run_sequences([chunk.requests[i] for i in picked],
+                                                         pad_id)
+                    consume(first + picked, outputs, chunk, picked)
+                    sizes = lengths[picked]
+                    stats.batches += 1
+                    stats.tokens += int(sizes.sum())
+                    stats.positions += int(sizes.sum() if self.packed
+                                           else sizes.max() * len(sizes))
+                    bar.update(len(picked))
+        stats.seconds = time.perf_counter() - start
+        if stats.truncated:
+            warnings.warn(f"{stats.truncated} of {stats.texts} texts were longer than "
+                          f"{self.max_length} tokens and were truncated", TruncatedWarning,
+                          stacklevel=3)
+
+
+# ---------------------------------------------------------------------- opening a model
+def _check_options(backend: str, precision: str, packed: bool, threads: int | None,
+                   max_batch_tokens: int | None, max_length: int | None) -> None:
+    if backend not in ENGINE_BACKENDS:
+        raise BertrtError(f"backend {backend!r} is unknown; expected one of "
+                          f"{', '.join(ENGINE_BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise BertrtError(f"precision {precision!r} is unknown; expected one of "
+                          f"{', '.join(PRECISIONS)}")
+    if precision not in AVAILABLE_PRECISIONS:
+        raise BertrtError(f"precision {precision} is not available yet (fp32 only for now)")
+    if packed:
+        raise BertrtError("packed execution is not available yet (padded batches only for "
+                          "now); use packed=False")
+    for value, low, name in ((threads, 1, "threads"), (max_batch_tokens, 1, "max_batch_tokens"),
+                             (max_length, 2, "max_length")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise BertrtError(f"{name}: expected an integer of at least {low}, got {value!r}")
+
+
+def _is_dir(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
+
+
+def _open_model(model: PathLike | Model) -> tuple[Model | None, OnnxInfo | None, str]:
+    """(weights, None, name) for a model dir or `Model`; (None, info, name) for an .onnx."""
+    from bertrt.model import Model
+
+    if isinstance(model, Model):
+        return model, None, "Model"
+    if not isinstance(model, (str, os.PathLike)):
+        raise BertrtError(f"model: expected a model dir, an .onnx file or a bertrt.Model, "
+                          f"got {type(model).__name__}")
+    path = Path(model)
+    if path.is_dir():
+        return Model.load(path), None, str(path)
+    if not path.exists():
+        raise BertrtError(f"{path}: no such file or directory (expected a model dir or an "
+                          ".onnx file)")
+    from bertrt.onnx_info import describe
+
+    info = describe(path)
+    names = {spec.name for spec in info.inputs}
+    if "cu_seqlens" in names:
+        raise BertrtError(f"{path}: a packed export; packed execution is not available yet "
+                          "(export without --packed)")
+    if info.metadata.get("fp16") == "true":
+        raise BertrtError(f"{path}: an fp16 export; precision fp16 is not available yet "
+                          "(export without --fp16)")
+    return None, info, str(path)
+
+
+def _onnx_config(info: OnnxInfo) -> tuple[BertConfig, str]:
+    """The config and head bertrt's exporter wrote into the file's metadata."""
+    if info.config is None:
+        raise BertrtError(f"{info.path}: no bertrt config in its metadata (export it with "
+                          "bertrt export)")
+    config = BertConfig.from_dict(info.config, source=f"{info.path} metadata")
+    head = info.metadata.get("head") or "none"
+    if head not in _HEADS:
+        raise BertrtError(f"{info.path}: head {head!r} in its metadata is unknown; expected "
+                          f"one of {', '.join(_HEADS)}")
+    return config, head
+
+
+def _onnx_tokenizer(info: OnnxInfo, vocab: PathLike | Tokenizer | None
+                    ) -> tuple[Tokenizer, Path | None]:
+    """The tokenizer of an .onnx file (from `vocab`, else the folder holding the file), and
+    the dir it came from (for its sentence-transformers config); its vocabulary must be the
+    one the file was exported with."""
+    from bertrt.serve.bench import _load_tokenizer, _same_vocab
+    from bertrt.tokenizer import Tokenizer
+
+    folder = None
+    if isinstance(vocab, Tokenizer):
+        tokenizer = vocab
+    elif vocab is not None:
+        tokenizer = _load_tokenizer(vocab, "vocab")
+        folder = Path(vocab) if Path(vocab).is_dir() else None
+    elif any((info.path.parent / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+        folder = info.path.parent
+        tokenizer = Tokenizer.from_dir(folder)
+    else:
+        raise BertrtError(f"{info.path}: no tokenizer beside it; give vocab= (--vocab): a "
+                          "vocab.txt or the model dir it was exported from")
+    if not _same_vocab(info, tokenizer):
+        raise BertrtError(f"{info.path}: the vocabulary given is not the one it was exported "
+                          "with (vocab sha256 differs)")
+    return tokenizer, folder
+
+
+def _pick_backend(name: str, has_weights: bool) -> str:
+    if name != "auto":
+        if name == "torch" and not has_weights:
+            raise BertrtError("backend torch needs the model's weights: give the model dir "
+                              "(or a Model), not an .onnx file")
+        return name
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if has_weights:
+            return "torch"
+        raise BertrtError("an .onnx model needs onnxruntime; install bertrt[cpu]") from None
+    return "ort"
+
+
+def _start_backend(name: str, weights: Model | None, info: OnnxInfo | None,
+                   threads: int | None) -> Backend:
+    from bertrt.serve.backends import TorchBackend
+
+    try:
+        if name == "torch":
+            assert weights is not None
+            return TorchBackend(weights, threads=threads, skip_mlm=True)
+        if info is not None:
+            return make_backend(name, onnx_path=info.path, model=None, threads=threads)
+        assert weights is not None
+        # the pretraining head's (B, S, V) logits cost more than the encoder: export without
+        with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
+            path = weights.export_onnx(Path(tmp) / "model.onnx", flavour="ort",
+                                       head="none" if weights.head == "pretraining" else None)
+            return make_backend(name, onnx_path=path, model=None, threads=threads)
+    except BackendUnavailable as exc:
+        raise BertrtError(f"backend {name}: {exc}") from None
+
+
+# ---------------------------------------------------------------------- small helpers
+def _as_texts(texts: Any, what: str) -> list[str]:
+    """`texts` as a list of str (a str is one text); a non-str item is named."""
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None or isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
+        raise BertrtError(f"{what}: expected a list of strings, got {type(texts).__name__}")
+    items = list(texts)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise BertrtError(f"{what}[{i}]: expected a str, got {type(text).__name__}")
+    return items
+
+
+def _name_bad_text(texts: Sequence[str], pairs: Sequence[str] | None, first: int) -> None:
+    """Raise for the first text of a chunk that is not valid Unicode (a lone surrogate),
+    named by its position in the whole input."""
+    for what, values in (("texts", texts), ("pairs", pairs or ())):
+        for i, text in enumerate(values):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BertrtError(f"{what}[{first + i}]: character {exc.start} is a lone "
+                                  f"surrogate U+{ord(text[exc.start]):04X} (not valid Unicode)"
+                                  ) from None
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+__all__ = ["AVAILABLE_PRECISIONS", "CHUNK_TEXTS", "ENGINE_BACKENDS", "InferenceEngine",
+           "PRECISIONS", "RunStats", "TruncatedWarning", "token_budget_batches"]
