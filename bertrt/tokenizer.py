@@ -644,23 +644,29 @@ def _check_text(text: Any, what: str) -> None:
         raise TokenizerError(f"{what} must be a str, got {type(text).__name__}")
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """Raise a TokenizerError naming ``where`` and the position of a lone surrogate in ``text``
+    (Python strings allow one; UTF-8 and the library do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{where}: character {e.start} is a lone surrogate "
+                             f"U+{ord(text[e.start]):04X} (not valid Unicode)") from None
+
+
 @contextmanager
 def _invalid_text_named(**inputs: str | list[str] | None) -> Iterator[None]:
-    """Turn the library's TypeError for a lone surrogate (not encodable) into a TokenizerError
-    naming the input (``texts[i]`` in a list, ``text`` for a single str) and the position."""
+    """Turn the library's TypeError for a lone surrogate into a TokenizerError naming the input
+    (``texts[i]`` in a list, ``text`` for a single str)."""
     try:
         yield
     except TypeError:
         for what, value in inputs.items():
-            named = [(what, value)] if isinstance(value, str) else [
-                (f"{what}[{i}]", text) for i, text in enumerate(value or ())]
-            for where, text in named:
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise TokenizerError(f"{where}: character {e.start} is a lone surrogate "
-                                         f"U+{ord(text[e.start]):04X} (not valid Unicode)"
-                                         ) from None
+            if isinstance(value, str):
+                _check_unicode(value, what)
+            elif value is not None:
+                for i, text in enumerate(value):
+                    _check_unicode(text, f"{what}[{i}]")
         raise
 
 
