@@ -17,6 +17,14 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def layer_norm(y: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """LayerNorm written out: over the last axis, with the biased variance."""
+    mean = y.mean(-1, keepdim=True)
+    var = ((y - mean) ** 2).mean(-1, keepdim=True)
+    return (y - mean) / torch.sqrt(var + eps) * weight + beta
+
+
 def assert_matches_unfused(fused: Callable[..., torch.Tensor],
                            unfused: Callable[..., torch.Tensor],
                            inputs: dict[str, torch.Tensor], seed: int = 0) -> None:
@@ -45,3 +53,9 @@ def matches_unfused() -> Callable[..., None]:
 def make_randn() -> Callable[..., torch.Tensor]:
     """`make_randn(*shape, seed=...)`: a seeded float64 standard-normal tensor."""
     return randn
+
+
+@pytest.fixture(scope="session")
+def unfused_layer_norm() -> Callable[..., torch.Tensor]:
+    """`unfused_layer_norm(y, weight, beta, eps)`: see `layer_norm`."""
+    return layer_norm
