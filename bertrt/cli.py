@@ -101,12 +101,19 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
                                            "token-classification"]),
               default=None, help="Head to export (default: the model's own).")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.")
+@click.option("--packed", is_flag=True,
+              help="Padding-free: inputs input_ids, token_type_ids (tokens,) and cu_seqlens "
+                   "(batch+1,) int32; per-token outputs (tokens, ...).")
+@click.option("--int8", is_flag=True,
+              help="Dynamic int8 weight products for CPU (FFN down-projections, attention core, "
+                   "LayerNorms and embeddings stay fp32).")
 @click.option("--any-padding", is_flag=True,
               help="Exact for left padding and masks with holes (ort flavour reads the raw "
                    "mask; default assumes right padding, as the tokenizer pads, and is faster).")
 @user_errors
 def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: bool,
-           head: str | None, opset: int | None, any_padding: bool) -> None:
+           head: str | None, opset: int | None, packed: bool, int8: bool,
+           any_padding: bool) -> None:
     """Export a model dir to OUTPUT (.onnx) for ONNX Runtime or any ONNX runtime."""
     from bertrt.model import Model
 
@@ -114,10 +121,13 @@ def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: boo
         raise BertrtError(f"{output}: folder {output.parent} does not exist")
     model = Model.load(model_dir)
     path = model.export_onnx(output, flavour=flavour, fp16=fp16, opset=opset, head=head,
-                             fuse=not no_fuse, padding="any" if any_padding else "right")
+                             fuse=not no_fuse, padding="any" if any_padding else "right",
+                             packed=packed, int8=int8)
     size = path.stat().st_size / 1e6
-    click.echo(f"wrote {path} ({size:.1f} MB, flavour {flavour}"
-               f"{', fp16' if fp16 else ''}, head {head or model.head})")
+    extras = "".join(f", {name}" for name, on in (("fp16", fp16), ("int8", int8),
+                                                   ("packed", packed)) if on)
+    click.echo(f"wrote {path} ({size:.1f} MB, flavour {flavour}{extras}, "
+               f"head {head or model.head})")
 
 
 @main.command()
@@ -145,10 +155,13 @@ def vocab(corpus: tuple[Path, ...], output: Path, size: int, cased: bool,
 def _register_subcommands() -> None:
     """Commands whose code lives with its layer: training and serving."""
     from bertrt.serve.cli import serve_bench
+    from bertrt.serve.commands import embed, predict
     from bertrt.train.cli import train
 
     main.add_command(train)
     main.add_command(serve_bench)
+    main.add_command(embed)
+    main.add_command(predict)
 
 
 _register_subcommands()

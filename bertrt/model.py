@@ -172,6 +172,7 @@ class Model:
         fuse: bool = True,
         padding: str = "right",
         packed: bool = False,
+        int8: bool = False,
     ) -> Path:
         """Write the model as ONNX for inference; see `bertrt.lower.to_onnx.export`.
 
@@ -190,6 +191,8 @@ class Model:
             packed: Padding-free: inputs `input_ids`, `token_type_ids` (tokens,) int64 and
                 `cu_seqlens` (batch+1,) int32; per-token outputs (tokens, ...). The `packed`
                 pipeline (`fuse` and `padding` are then ignored).
+            int8: Dynamic int8 weight products for CPU (which ones: `bertrt.lower.int8`);
+                needs onnxruntime.
         """
         from bertrt.graph.passes import REWRITES, fused_copy, pipeline
         from bertrt.lower.to_onnx import export
@@ -214,7 +217,7 @@ class Model:
         if self.has_tokenizer:
             metadata["vocab"] = self.tokenizer.vocab
         return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
-                      metadata=metadata, padding=padding)
+                      metadata=metadata, padding=padding, int8=int8)
 
     # ------------------------------------------------------------------ saving
     def save(self, model_dir: str | os.PathLike[str]) -> Path:

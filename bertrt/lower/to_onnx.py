@@ -83,6 +83,8 @@ class Emitter:
         self._cache: dict[tuple[Any, ...], str] = {}
         #: Structured values written once per graph (the packed layout's tensors).
         self.memo: dict[tuple[Any, ...], Any] = {}
+        #: ONNX node name -> the IR node it was emitted for.
+        self.origin: dict[str, Node] = {}
 
     # ------------------------------------------------------------------ names and values
     def fresh(self, hint: str) -> str:
@@ -162,6 +164,8 @@ class Emitter:
         out = self.fresh(f"{hint}/{op_type}")
         self.nodes.append(helper.make_node(op_type, names, [out], name=out, domain=domain,
                                            **attrs))
+        if self.current is not None:
+            self.origin[out] = self.current
         self.dtypes[out] = dtype if dtype is not None else self.dtypes[next(n for n in names
                                                                             if n)]
         return out
@@ -628,6 +632,7 @@ def export(
     opset: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     padding: str = "right",
+    int8: bool = False,
 ) -> Path:
     """Write `graph` with `weights` as an ONNX inference model at `path`.
 
@@ -646,6 +651,8 @@ def export(
         padding: "right" (the default, as tokenizers pad): ONNX Runtime's Attention reads
             per-row lengths, its fastest path; "any": it reads the raw 0/1 mask, so left
             padding and masks with holes are exact too. The standard flavour handles any mask.
+        int8: Dynamic int8 for the weight products bertrt picks (`bertrt.lower.int8`); not
+            with fp16.
 
     Returns:
         The path written.
@@ -660,6 +667,8 @@ def export(
     if flavour not in FLAVOURS:
         raise BertrtError(f"flavour: {flavour!r} is unknown; expected one of "
                           f"{', '.join(FLAVOURS)}")
+    if int8 and fp16:
+        raise BertrtError("int8: choose int8 or fp16, not both")
     opset = _check_opset(opset)
     _check_destination(path)
     _check_weights(graph, weights)
@@ -674,7 +683,12 @@ def export(
         ctx.current = node
         ctx.names[id(node.output)] = ONNX_OPS[node.op](ctx, node)
     ctx.current = None
-    model = _assemble(ctx, graph, dict(metadata or {}), fp16)
+    model = _assemble(ctx, graph, {**(metadata or {}), **({"int8": "true"} if int8 else {})},
+                      fp16)
+    if int8:
+        from bertrt.lower.int8 import quantize
+
+        model = quantize(model, ctx.origin)
     _write(model, path)
     return path
 
