@@ -577,11 +577,16 @@ def _ort_attention(ctx: Emitter, node: Node) -> str:
 
 
 def _ort_skip_layer_norm(ctx: Emitter, node: Node) -> str:
-    if len(node.inputs[0].shape) != 3:  # the contrib op takes (B, S, H) only
+    rank = len(node.inputs[0].shape)
+    if rank not in (2, 3):
         return _skip_layer_norm(ctx, node)
     x, skip, weight, beta, bias = ctx.inputs(node)
-    return ctx.node("SkipLayerNormalization", [x, skip, weight, beta, bias], domain=MS_DOMAIN,
-                    epsilon=float(node.attrs["eps"]))
+    if rank == 2:  # packed (T, H): the contrib op takes (B, S, H), so view it as (1, T, H)
+        one = ctx.const([0], _INT64)
+        x, skip = (ctx.node("Unsqueeze", [v, one]) for v in (x, skip))
+    y = ctx.node("SkipLayerNormalization", [x, skip, weight, beta, bias], domain=MS_DOMAIN,
+                 epsilon=float(node.attrs["eps"]))
+    return y if rank == 3 else ctx.node("Squeeze", [y, ctx.const([0], _INT64)])
 
 
 def _ort_bias_gelu(ctx: Emitter, node: Node) -> str:
