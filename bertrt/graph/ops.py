@@ -474,13 +474,20 @@ register(OpDef(
 ))
 
 
-def _attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
-    x, wq, bq, wk, bk, wv, bv = _need("ATTENTION", types, 7)
-    _rank("ATTENTION", x, 3, "input")
+def _projections(op: str, types: Types, attrs: Mapping[str, Any], rank: int) -> TensorType:
+    """Check attention's input (rank `rank`, width H last) and its three (H, H) projections."""
+    x, wq, bq, wk, bk, wv, bv = _need(op, types, 7)
+    _rank(op, x, rank, "input")
+    width = x.shape[-1]
     for w, what in ((wq, "query"), (wk, "key"), (wv, "value")):
-        _same_dim("ATTENTION", w.shape, (x.shape[2], x.shape[2]), what + " weight shape")
-    if x.shape[2] % attrs["heads"]:  # type: ignore[operator]
-        raise GraphError(f"ATTENTION: width {x.shape[2]} not divisible by {attrs['heads']}")
+        _same_dim(op, w.shape, (width, width), what + " weight shape")
+    if width % attrs["heads"]:  # type: ignore[operator]
+        raise GraphError(f"{op}: width {width} not divisible by {attrs['heads']}")
+    return x
+
+
+def _attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    x = _projections("ATTENTION", types, attrs, rank=3)
     mask = types[7] if len(types) > 7 else None
     _key_mask("ATTENTION", x, mask)
     if mask is not None and len(mask.shape) == 2:
@@ -506,15 +513,10 @@ register(OpDef(
     "projections into one (B, S, 3H) product.",
 ))
 
+
 def _packed_attention(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
-    x, wq, bq, wk, bk, wv, bv, cu = _need("PACKED_ATTENTION", types, 8)
-    _rank("PACKED_ATTENTION", x, 2, "packed input (T, H)")
-    for w, what in ((wq, "query"), (wk, "key"), (wv, "value")):
-        _same_dim("PACKED_ATTENTION", w.shape, (x.shape[1], x.shape[1]), what + " weight shape")
-    if x.shape[1] % attrs["heads"]:  # type: ignore[operator]
-        raise GraphError(f"PACKED_ATTENTION: width {x.shape[1]} not divisible by "
-                         f"{attrs['heads']}")
-    _cu_seqlens("PACKED_ATTENTION", cu)
+    x = _projections("PACKED_ATTENTION", types, attrs, rank=2)
+    _cu_seqlens("PACKED_ATTENTION", _need("PACKED_ATTENTION", types, 8)[7])
     return [x]
 
 
