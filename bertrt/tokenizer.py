@@ -477,26 +477,8 @@ class Tokenizer:
         Raises:
             TokenizerError: bad arguments (e.g. ``pairs`` of another length than ``texts``).
         """
-        texts_l = _as_text_list(texts, "texts")
-        pairs_l = None if pairs is None else _as_text_list(pairs, "pairs")
-        if pairs_l is not None and len(pairs_l) != len(texts_l):
-            raise TokenizerError(f"got {len(texts_l)} texts but {len(pairs_l)} pairs "
-                                 "(expected one pair per text)")
-        try:
-            mode = _PADDING_MODES[padding]
-        except (KeyError, TypeError):
-            raise TokenizerError(f"padding must be 'longest', 'max_length', True, False or "
-                                 f"'do_not_pad', got {padding!r}") from None
-        if truncation == "longest_first":
-            truncation = True
-        if not isinstance(truncation, bool):
-            raise TokenizerError(f"truncation must be a bool or 'longest_first', "
-                                 f"got {truncation!r}")
-        if pad_to_multiple_of is not None:
-            _check_max_length(pad_to_multiple_of, "pad_to_multiple_of")
-        if max_length is not None:
-            _check_max_length(max_length, "max_length")
-
+        texts_l, pairs_l, mode, truncation = _call_arguments(
+            texts, pairs, padding, truncation, max_length, pad_to_multiple_of)
         is_pair = pairs_l is not None
         limit = self._resolve_max_length(max_length, truncation, is_pair)
         inputs: list[Any] = texts_l if pairs_l is None else list(zip(texts_l, pairs_l))
@@ -637,6 +619,32 @@ def _truncate(limit: int | None, is_pair: bool, ids: list[int], type_ids: list[i
         return (ids, type_ids, *rows)
     keep = _keep(len(ids), type_ids, limit, is_pair)
     return tuple([x for part in keep for x in row[part]] for row in (ids, type_ids, *rows))
+
+
+def _call_arguments(texts: Any, pairs: Any, padding: Any, truncation: Any,
+                    max_length: int | None, pad_to_multiple_of: int | None,
+                    ) -> tuple[list[str], list[str] | None, str | None, bool]:
+    """`Tokenizer.__call__`'s arguments checked: (texts, pairs, padding mode, truncation)."""
+    texts_l = _as_text_list(texts, "texts")
+    pairs_l = None if pairs is None else _as_text_list(pairs, "pairs")
+    if pairs_l is not None and len(pairs_l) != len(texts_l):
+        raise TokenizerError(f"got {len(texts_l)} texts but {len(pairs_l)} pairs "
+                             "(expected one pair per text)")
+    try:
+        mode = _PADDING_MODES[padding]
+    except (KeyError, TypeError):
+        raise TokenizerError(f"padding must be 'longest', 'max_length', True, False or "
+                             f"'do_not_pad', got {padding!r}") from None
+    if truncation == "longest_first":
+        truncation = True
+    if not isinstance(truncation, bool):
+        raise TokenizerError(f"truncation must be a bool or 'longest_first', "
+                             f"got {truncation!r}")
+    if pad_to_multiple_of is not None:
+        _check_max_length(pad_to_multiple_of, "pad_to_multiple_of")
+    if max_length is not None:
+        _check_max_length(max_length, "max_length")
+    return texts_l, pairs_l, mode, truncation
 
 
 def _check_text(text: Any, what: str) -> None:
