@@ -1,0 +1,213 @@
+"""`bertrt embed` and `bertrt predict`: the inference engine on a file of texts.
+
+One text per line (UTF-8; `-` reads stdin); every line is a text, a blank one included, so
+output line i answers input line i. Outputs are written whole or not at all
+(`bertrt.fileio`); without `-o`, JSON lines go to stdout. The main CLI (`bertrt/cli.py`)
+registers both commands; the work is `bertrt.serve.engine.InferenceEngine`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from bertrt.errors import BertrtError, user_errors
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bertrt.serve.engine import InferenceEngine
+
+
+def read_lines(source: str, option: str) -> list[str]:
+    """Every line of a UTF-8 file (`-`: stdin), blank lines kept, `\\r\\n` read as `\\n`.
+
+    Raises:
+        BertrtError: a missing or unreadable file, or a line that is not valid UTF-8 (named).
+    """
+    if source == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BertrtError(f"{option} {path}: no such file") from None
+        except IsADirectoryError:
+            raise BertrtError(f"{option} {path}: is a directory (expected a text file, one "
+                              "text per line)") from None
+        except OSError as exc:
+            raise BertrtError(f"{option} {path}: cannot read ({exc.strerror or exc})") from None
+    raw_lines = data.split(b"\n")
+    if raw_lines[-1] == b"":  # the newline that ends the last line starts no text
+        raw_lines.pop()
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BertrtError(f"{option} {source}: line {number} is not valid UTF-8 (byte "
+                              f"0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+        lines.append(line.removeprefix("\ufeff") if number == 1 else line)
+    return lines
+
+
+def _check_output(output: Path | None, suffixes: tuple[str, ...]) -> None:
+    if output is None:
+        return
+    if output.suffix not in suffixes:
+        raise BertrtError(f"-o {output}: expected a file ending in {' or '.join(suffixes)}")
+    if not output.parent.is_dir():
+        raise BertrtError(f"-o {output}: folder {output.parent} does not exist")
+
+
+def _jsonl(rows: Iterator[Any]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    from bertrt.fileio import atomic_write_text
+
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+
+
+def _open_engine(model: str, backend: str, precision: str, threads: int | None,
+                 batch_tokens: int | None, vocab: str | None) -> InferenceEngine:
+    from bertrt.serve.engine import InferenceEngine
+
+    return InferenceEngine(model, backend=backend, precision=precision, threads=threads,
+                           max_batch_tokens=batch_tokens, vocab=vocab)
+
+
+def _run(call: Callable[[], Any], engine: InferenceEngine, verb: str) -> Any:
+    """`call()`, its warnings printed as `warning: ...` lines, then one summary line (stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    stats = engine.stats
+    rate = stats.texts / stats.seconds if stats.seconds else 0.0
+    click.echo(f"{verb} {stats.texts} texts in {stats.seconds:.2f} s ({rate:,.0f} texts/s, "
+               f"{stats.batches} batches) with {engine.backend.description}", err=True)
+    return result
+
+
+def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options both commands share."""
+    options = [
+        click.argument("model"),
+        click.option("--texts", "texts_path", required=True, metavar="FILE|-",
+                     help="UTF-8 texts, one per line ('-': stdin)."),
+        click.option("--backend", default="auto", show_default=True,
+                     help="auto | ort | ort-cuda | torch (auto: ort when onnxruntime is "
+                          "installed, else torch)."),
+        click.option("--precision", default="fp32", show_default=True,
+                     help="fp32 (bf16, int8, fp16: not available yet)."),
+        click.option("--threads", type=int, default=None,
+                     help="Intra-op threads [the runtime's default: all cores]."),
+        click.option("--batch-tokens", type=int, default=None,
+                     help="Positions per batch (batch size x padded length); a longer text "
+                          "runs alone [the backend's: 2048 on CPU, 16384 on CUDA]."),
+        click.option("--vocab", metavar="PATH",
+                     help="For an .onnx MODEL: vocab.txt, or the model dir it was exported "
+                          "from [the folder holding MODEL]."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bar on stderr [on a terminal, for long inputs]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@_engine_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="OUT.npy ((N, H) float32) or OUT.jsonl ({\"embedding\": [...]} per line) "
+                   "[JSON lines on stdout].")
+@click.option("--pooling", default=None,
+              help="mean | cls | max [the model dir's sentence-transformers config, else cls: "
+                   "the [CLS] hidden state].")
+@click.option("--normalize/--no-normalize", default=None,
+              help="L2-normalize [as the sentence-transformers config says, else no].")
+@user_errors
+def embed(model: str, texts_path: str, backend: str, precision: str, threads: int | None,
+          batch_tokens: int | None, vocab: str | None, progress: bool | None,
+          output: Path | None,
+          pooling: str | None, normalize: bool | None) -> None:
+    """Embed each line of --texts with MODEL (a model dir or an .onnx file).
+
+    Pools the final hidden states over each text's tokens (mean, max or [CLS]), as the
+    model's sentence-transformers config says unless --pooling is given. The Python API:
+    `bertrt.InferenceEngine(...).embed(texts)`.
+    """
+    _check_output(output, (".npy", ".jsonl"))
+    texts = read_lines(texts_path, "--texts")
+    with _open_engine(model, backend, precision, threads, batch_tokens, vocab) as engine:
+        vectors = _run(lambda: engine.embed(texts, pooling, normalize, progress=progress),
+                       engine, "embedded")
+    if output is not None and output.suffix == ".npy":
+        _save_npy(output, vectors)
+    else:
+        _emit(_jsonl({"embedding": _floats(v)} for v in vectors), output)
+
+
+def _floats(vector: np.ndarray) -> list[float]:
+    """float32 values as the shortest decimals that read back to the same float32."""
+    return [float(str(x)) for x in vector]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import numpy as np
+
+    from bertrt.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # np.save(path) would add .npy
+        np.save(f, array)
+
+
+@click.command()
+@_engine_options
+@click.option("--pairs", "pairs_path", metavar="FILE",
+              help="Second texts, one per line of --texts (a classifier of text pairs).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="OUT.jsonl [stdout].")
+@click.option("--raw-scores", is_flag=True,
+              help="Add each classification's logits (every label, in id order).")
+@user_errors
+def predict(model: str, texts_path: str, backend: str, precision: str, threads: int | None,
+            batch_tokens: int | None, vocab: str | None, progress: bool | None,
+            pairs_path: str | None, output: Path | None, raw_scores: bool) -> None:
+    """Label each line of --texts with MODEL, by its head: one JSON line per text.
+
+    A sequence classifier gives {"label": ..., "score": ...} (labels from id2label); a token
+    classifier gives {"entities": [{"entity", "start", "end", "text", "score"}, ...]}, with
+    character offsets into the line. The Python API: `bertrt.InferenceEngine(...).predict`
+    and `.tag`.
+    """
+    _check_output(output, (".jsonl",))
+    texts = read_lines(texts_path, "--texts")
+    pairs = None if pairs_path is None else read_lines(pairs_path, "--pairs")
+    if pairs is not None and len(pairs) != len(texts):
+        raise BertrtError(f"--pairs {pairs_path}: {len(pairs)} lines, but --texts has "
+                          f"{len(texts)} (expected one pair per text)")
+    with _open_engine(model, backend, precision, threads, batch_tokens, vocab) as engine:
+        if engine.head == "token-classification":
+            if pairs is not None:
+                raise BertrtError(f"--pairs: {model} is a token classifier, which tags single "
+                                  "texts")
+            found = _run(lambda: engine.tag(texts, progress=progress), engine, "tagged")
+            rows: Iterator[Any] = ({"entities": e} for e in found)
+        else:  # the engine says what a model without a classifier is for
+            rows = iter(_run(lambda: engine.predict(texts, pairs, raw_scores,
+                                                    progress=progress), engine, "labelled"))
+        _emit(_jsonl(rows), output)

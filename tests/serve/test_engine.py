@@ -1,0 +1,495 @@
+"""InferenceEngine: texts in, embeddings / labels / entities out, in input order.
+
+Reference numbers come from sentence-transformers and transformers on the same weights (the
+real MiniLM checkpoint for embeddings, tiny random classifiers for labels); entity spans from
+a tiny tagger whose weights make each token's label a lookup (see `tagger_dir`). Tiny models
+and few texts keep the module within seconds on 2 cores, apart from MiniLM's ONNX export.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertrt import BertConfig, Model, Tokenizer
+from bertrt.errors import BertrtError
+from bertrt.serve import (
+    InferenceEngine,
+    OrtBackend,
+    PackedOutputs,
+    PaddedOutputs,
+    TruncatedWarning,
+    token_budget_batches,
+)
+
+WORDS = ["the", "cat", "sat", "on", "an", "mat", "and", "dog", "ran", "far", "away", ".", ",",
+         "john", "smith", "lives", "in", "new", "york", "mary", "##ann", "visited", "paris",
+         "city", "##ing"]
+VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list(string.ascii_lowercase)
+         + [f"##{c}" for c in string.ascii_lowercase])
+TEXTS = ["the cat sat on an mat.", "dog", "", "a dog ran far away, and the cat sat.",
+         "   ", "new york", "mary visited paris and john smith lives in new york."]
+#: The tagger's label of each word (all other tokens: O).
+TAGS = {"john": "B-PER", "smith": "I-PER", "mary": "B-PER", "##ann": "I-LOC",
+        "new": "B-LOC", "york": "I-LOC", "paris": "B-LOC", "city": "I-LOC"}
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def tiny_config(**overrides: object) -> BertConfig:
+    return BertConfig.preset("tiny", vocab_size=len(VOCAB), max_position_embeddings=32,
+                             **overrides)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    model = Model.from_config(tiny_config(), seed=0, tokenizer=tokenizer)
+    return model.save(tmp_path_factory.mktemp("encoder") / "model")
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    config = tiny_config().with_labels(["negative", "positive", "neutral"])
+    model = Model.from_config(config, head="classification", seed=3, tokenizer=tokenizer)
+    with torch.no_grad():  # logits of W (pooled - their mean): labels that vary by text
+        enc = {k: torch.from_numpy(v) for k, v in tokenizer(TEXTS).items()}
+        pooled = model.to_torch()(**enc)["pooler_output"]
+        weight = model.weights["classifier.weight"]
+        weight.mul_(40.0)
+        model.weights["classifier.bias"].copy_(-weight @ pooled.mean(0))
+    return model.save(tmp_path_factory.mktemp("classifier") / "model")
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    """A tagger whose every token's label is `TAGS`' lookup: the layers' output projections
+    are zero, so each LayerNorm passes its input on and the final hidden state is
+    LayerNorm(word embedding); the word embedding of a token with label k is one-hot at k, and
+    the classifier row k is one-hot at k (scaled), so label k wins."""
+    config = tiny_config(num_hidden_layers=1).with_labels(LABELS)
+    model = Model.from_config(config, head="token-classification", seed=0, tokenizer=tokenizer)
+    vocab = tokenizer.vocab
+    with torch.no_grad():
+        for name, tensor in model.weights.items():
+            if (name.endswith(("output.dense.weight", "output.dense.bias"))
+                    or "position_embeddings" in name or "token_type_embeddings" in name):
+                tensor.zero_()
+        table = model.weights["bert.embeddings.word_embeddings.weight"]
+        table.zero_()
+        for token, i in vocab.items():
+            table[i, LABELS.index(TAGS.get(token, "O"))] = 1.0
+        classifier = model.weights["classifier.weight"]
+        classifier.zero_()
+        classifier[:, : len(LABELS)] = 20.0 * torch.eye(len(LABELS))
+        model.weights["classifier.bias"].zero_()
+    return model.save(tmp_path_factory.mktemp("tagger") / "model")
+
+
+@pytest.fixture(scope="module")
+def encoder(encoder_dir: Path) -> InferenceEngine:
+    with InferenceEngine(encoder_dir, backend="ort", threads=2) as engine:
+        yield engine
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ---------------------------------------------------------------------- MiniLM embeddings
+MINILM_TEXTS = ["A man is eating food.", "", "   ", "The quick brown fox jumps over the dog.",
+                "Ünïcödé, accents and CJK 中文 too!",
+                " ".join(["a long text that goes on and on"] * 60)]  # over 256 tokens
+
+
+def hf_mean_pooled(model_dir: Path, texts: list[str], max_length: int) -> np.ndarray:
+    """What sentence-transformers computes for MiniLM's config, by hand: BertModel, mean over
+    the mask, L2-normalized."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    net = transformers.AutoModel.from_pretrained(model_dir).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length,
+              return_tensors="pt")
+    with torch.no_grad():
+        hidden = net(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(minilm_dir: Path) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    return st.encode(MINILM_TEXTS, convert_to_numpy=True, batch_size=4)
+
+
+def test_minilm_embeddings_equal_sentence_transformers(minilm_dir, minilm_reference):
+    # the torch backend against the ONNX one: test_a_model_object_and_a_pretraining_head
+    with InferenceEngine(minilm_dir, backend="ort", threads=2, max_batch_tokens=600) as engine:
+        assert (engine.defaults.pooling, engine.defaults.normalize) == ("mean", True)
+        assert engine.max_length == 256  # sentence_bert_config.json's max_seq_length
+        with pytest.warns(TruncatedWarning, match="1 of 6 texts"):
+            ours = engine.embed(MINILM_TEXTS)
+        assert engine.stats.batches > 1
+    assert ours.shape == (6, 384) and ours.dtype == np.float32
+    assert cosine(ours, minilm_reference).min() >= 1 - 1e-5
+    assert np.abs(ours - minilm_reference).max() < 1e-5
+    by_hand = hf_mean_pooled(minilm_dir, MINILM_TEXTS, 256)
+    assert cosine(ours, by_hand).min() >= 1 - 1e-5
+    np.testing.assert_allclose(ours[1], ours[2], atol=1e-6)  # "" and "   ": [CLS] [SEP]
+
+
+# ---------------------------------------------------------------------- batching and order
+def test_token_budget_batches():
+    lengths = np.array([9, 7, 5, 5, 3, 2, 2])
+    padded = token_budget_batches(lengths, 12)
+    assert [(s.start, s.stop) for s in padded] == [(0, 1), (1, 2), (2, 4), (4, 7)]
+    for s in padded:
+        part = lengths[s]
+        assert len(part) == 1 or len(part) * part.max() <= 12
+    packed = token_budget_batches(lengths, 12, packed=True)
+    assert [(s.start, s.stop) for s in packed] == [(0, 1), (1, 3), (3, 7)]
+    assert [(s.start, s.stop) for s in token_budget_batches(np.array([40, 3]), 10)] == [
+        (0, 1), (1, 2)]  # over the budget: alone
+    assert token_budget_batches(np.array([], dtype=np.int64), 10) == []
+
+
+def random_texts(n: int, seed: int, longest: int = 20) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS[:12], size=int(k))) for k in rng.integers(0, longest, n)]
+
+
+def test_order_kept_and_budget_respected(encoder, monkeypatch):
+    texts = random_texts(40, seed=1)
+    alone = np.stack([encoder.embed([t])[0] for t in texts])
+    shapes: list[tuple[int, int]] = []
+    run = encoder.backend.run_sequences
+
+    def recording(requests, pad_id=0):
+        shapes.append((len(requests), max(r.length for r in requests)))
+        return run(requests, pad_id)
+
+    monkeypatch.setattr(encoder.backend, "run_sequences", recording)
+    monkeypatch.setattr(encoder, "max_batch_tokens", 48)
+    together = encoder.embed(texts)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert len(shapes) > 4 and all(b * s <= 48 for b, s in shapes)
+    assert sum(b for b, _ in shapes) == len(texts)
+    assert encoder.stats.positions == sum(b * s for b, s in shapes)
+    perm = np.random.default_rng(2).permutation(len(texts))
+    np.testing.assert_allclose(encoder.embed([texts[i] for i in perm]), together[perm],
+                               atol=1e-5)
+    shapes.clear()
+    monkeypatch.setattr(encoder, "max_batch_tokens", 5)  # below every text's length
+    encoder.embed(texts[:6])
+    assert [b for b, _ in shapes] == [1] * 6
+
+
+def test_empty_whitespace_and_over_long_texts(encoder_dir, encoder):
+    assert encoder.embed([]).shape == (0, encoder.hidden_size)
+    blank = encoder.embed(["", "   ", "\n\t "])
+    np.testing.assert_allclose(blank, np.repeat(blank[:1], 3, axis=0), atol=1e-6)
+    words = (WORDS[:12] * 4)[:40]  # each a single token
+    with InferenceEngine(encoder_dir, backend="torch", max_length=16) as short:
+        with pytest.warns(TruncatedWarning, match="2 of 3 texts were longer than 16") as rec:
+            got = short.embed([" ".join(words), "cat", " ".join(words[:20])])
+        assert len(rec) == 1 and short.stats.truncated == 2
+        # [CLS] + 14 words + [SEP]
+        np.testing.assert_allclose(got[0], short.embed(" ".join(words[:14]))[0], atol=1e-5)
+        np.testing.assert_allclose(got[2], got[0], atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            short.embed(["cat"])  # nothing truncated, nothing said
+
+
+def test_poolings_and_normalize(encoder_dir, encoder, tokenizer):
+    texts = ["the cat sat", "dog", ""]
+    model = Model.load(encoder_dir)
+    enc = tokenizer(texts)
+    with torch.no_grad():
+        hidden = model.to_torch()(**{k: torch.from_numpy(v) for k, v in enc.items()}
+                                  )["last_hidden_state"].numpy()
+    mask = enc["attention_mask"][..., None].astype(bool)
+    expected = {"cls": hidden[:, 0], "mean": (hidden * mask).sum(1) / mask.sum(1),
+                "max": np.where(mask, hidden, -np.inf).max(1)}
+    assert (encoder.defaults.pooling, encoder.defaults.normalize) == ("cls", False)
+    np.testing.assert_allclose(encoder.embed(texts), expected["cls"], atol=1e-5)
+    for mode, want in expected.items():
+        np.testing.assert_allclose(encoder.embed(texts, pooling=mode), want, atol=1e-5)
+    unit = encoder.embed(texts, pooling="mean", normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    assert cosine(unit, expected["mean"]).min() > 1 - 1e-6
+    with pytest.raises(BertrtError, match="pooling 'sum' is unknown"):
+        encoder.embed(texts, pooling="sum")
+
+
+class PackingBackend(OrtBackend):
+    """A stand-in for a padding-free backend: runs padded, answers in the packed layout."""
+
+    packed = True
+
+    def run_sequences(self, requests, pad_id=0):
+        padded = super().run_sequences(requests, pad_id)
+        cu = np.concatenate([[0], np.cumsum(padded.lengths)])
+        per_token = {k: np.concatenate([padded.tokens(k, b) for b in range(len(requests))])
+                     for k in padded.per_token}
+        return PackedOutputs(per_token, padded.per_sequence, cu)
+
+
+def test_a_packed_backend_plugs_in(encoder_dir, encoder, monkeypatch, tmp_path):
+    texts = random_texts(30, seed=4)
+    padded = {mode: encoder.embed(texts, pooling=mode) for mode in ("cls", "mean", "max")}
+    path = Model.load(encoder_dir).export_onnx(tmp_path / "encoder.onnx")
+    monkeypatch.setattr(encoder, "backend", PackingBackend(path, threads=2))
+    monkeypatch.setattr(encoder, "max_batch_tokens", 64)
+    assert encoder.packed
+    for mode, want in padded.items():
+        np.testing.assert_allclose(encoder.embed(texts, pooling=mode), want, atol=1e-5)
+    assert encoder.stats.positions == encoder.stats.tokens <= 64 * encoder.stats.batches
+
+
+def test_padded_and_packed_outputs_pool_alike():
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 1, 5])
+    hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    hidden[0, 3:] = np.nan  # what a runtime leaves past a sequence's end must not leak
+    padded = PaddedOutputs.from_batch({"h": hidden, "pooled": hidden[:, 0]}, lengths)
+    packed = PackedOutputs({"h": np.concatenate([hidden[b, :n] for b, n in enumerate(lengths)])},
+                           {"pooled": hidden[:, 0]}, np.array([0, 3, 4, 9]))
+    for mode in ("cls", "mean", "max"):
+        np.testing.assert_allclose(padded.pool("h", mode), packed.pool("h", mode), rtol=1e-6)
+    np.testing.assert_array_equal(padded.tokens("h", 2), packed.tokens("h", 2))
+    np.testing.assert_array_equal(padded.sequences("pooled"), packed.sequences("pooled"))
+    with pytest.raises(BertrtError, match="no per-sequence output 'logits'"):
+        packed.sequences("logits")
+
+
+# ---------------------------------------------------------------------- predict and tag
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_predict_matches_transformers(backend, classifier_dir):
+    import transformers
+
+    texts = TEXTS + random_texts(10, seed=5, longest=8)
+    pairs = texts[1:] + texts[:1]
+    tok = transformers.BertTokenizer.from_pretrained(classifier_dir)
+    net = transformers.BertForSequenceClassification.from_pretrained(classifier_dir).eval()
+    with InferenceEngine(classifier_dir, backend=backend, threads=2,
+                         max_batch_tokens=64) as engine:
+        for second in (None, pairs):
+            got = engine.predict(texts, second, raw_scores=True)
+            enc = tok(texts, second, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                logits = net(**enc).logits.numpy()
+            probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+            assert [g["label"] for g in got] == [net.config.id2label[i]
+                                                 for i in logits.argmax(1)]
+            np.testing.assert_allclose([g["score"] for g in got], probs.max(1), atol=1e-5)
+            np.testing.assert_allclose([g["logits"] for g in got], logits, atol=1e-4)
+        assert set(engine.predict(["cat"])[0]) == {"label", "score"}
+        assert len({g["label"] for g in engine.predict(texts)}) > 1
+
+
+def test_tag_spans(tagger_dir):
+    text = "John Smith lives in New York, Maryann visited Pàris city.  mary john"
+    with InferenceEngine(tagger_dir, backend="ort", max_batch_tokens=40) as engine:
+        found = engine.tag([text, "", "the cat", "city"])
+        with InferenceEngine(tagger_dir, backend="torch") as other:
+            again = other.tag([text])[0]
+    spans = [(e["entity"], e["start"], e["end"], e["text"]) for e in found[0]]
+    assert [(e["entity"], e["start"], e["end"], e["text"]) for e in again] == spans
+    assert spans == [("PER", 0, 10, "John Smith"), ("LOC", 20, 28, "New York"),
+                     ("PER", 30, 37, "Maryann"),  # "##ann" is I-LOC, but the word is mary's
+                     ("LOC", 46, 56, "Pàris city"),  # accent stripped, offsets in the input
+                     ("PER", 59, 63, "mary"), ("PER", 64, 68, "john")]  # B B: two entities
+    assert all(0.99 < e["score"] <= 1.0 for e in found[0])
+    assert found[1:] == [[], [], [{"entity": "LOC", "start": 0, "end": 4, "text": "city",
+                                   "score": pytest.approx(found[0][3]["score"])}]]
+
+
+def test_calls_the_head_does_not_support(encoder, classifier_dir, tagger_dir):
+    with pytest.raises(BertrtError, match=r"predict\(\) needs a sequence classifier; .* is an "
+                                          r"encoder without a task head .*use embed\(\)"):
+        encoder.predict(["cat"])
+    with pytest.raises(BertrtError, match=r"tag\(\) needs a token classifier.*use embed"):
+        encoder.tag(["cat"])
+    with InferenceEngine(tagger_dir, backend="torch") as engine:
+        with pytest.raises(BertrtError, match=r"is a token classifier.*use tag\(\)"):
+            engine.predict(["cat"])
+        assert engine.embed(["cat"]).shape == (1, 128)  # every head has hidden states
+    with InferenceEngine(classifier_dir, backend="torch") as engine:
+        with pytest.raises(BertrtError, match=r"is a sequence classifier.*use predict\(\)"):
+            engine.tag(["cat"])
+        with pytest.raises(BertrtError, match="got 2 texts but 1 pairs"):
+            engine.predict(["a", "b"], ["c"])
+
+
+# ---------------------------------------------------------------------- models and options
+def test_onnx_file_with_its_vocabulary(encoder_dir, encoder, tmp_path):
+    texts = ["the cat sat", "dog ran"]
+    path = Model.load(encoder_dir).export_onnx(tmp_path / "encoder.onnx")
+    with pytest.raises(BertrtError, match="no tokenizer beside it; give vocab="):
+        InferenceEngine(path)
+    want = encoder.embed(texts)
+    for vocab in (encoder_dir, encoder_dir / "vocab.txt", Tokenizer(VOCAB)):
+        with InferenceEngine(path, vocab=vocab) as engine:
+            assert engine.head == "none" and engine.max_length == 32
+            np.testing.assert_allclose(engine.embed(texts), want, atol=1e-6)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(VOCAB[:-1] + ["##zz"]) + "\n")
+    with pytest.raises(BertrtError, match="not the one it was exported with"):
+        InferenceEngine(path, vocab=other)
+    with pytest.raises(BertrtError, match="backend torch needs the model's weights"):
+        InferenceEngine(path, backend="torch", vocab=encoder_dir)
+
+
+def test_a_model_object_and_a_pretraining_head(tokenizer):
+    model = Model.from_config(tiny_config(), head="pretraining", seed=0, tokenizer=tokenizer)
+    with InferenceEngine(model, backend="torch") as engine:
+        torch_out = engine.embed(TEXTS, pooling="mean")
+    with InferenceEngine(model, backend="ort") as engine:
+        assert "Model (pretraining head)" in engine.description
+        assert engine.max_batch_tokens == OrtBackend.batch_tokens == 2048  # the CPU default
+        np.testing.assert_allclose(engine.embed(TEXTS, pooling="mean"), torch_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(backend="openvino"), "backend 'openvino' is unknown; expected one of auto, ort"),
+    (dict(precision="int8"), "precision int8 is not available yet"),
+    (dict(precision="fp64"), "precision 'fp64' is unknown"),
+    (dict(packed=True), "packed execution is not available yet"),
+    (dict(threads=0), "threads: expected an integer of at least 1, got 0"),
+    (dict(max_batch_tokens=0), "max_batch_tokens: expected an integer of at least 1"),
+    (dict(max_length=33), "max_length 33 exceeds the model's max_position_embeddings=32"),
+    (dict(vocab="vocab.txt"), "vocab= is for an .onnx file"),
+])
+def test_bad_options(kwargs, message, encoder_dir):
+    with pytest.raises(BertrtError, match=message):
+        InferenceEngine(encoder_dir, **kwargs)
+
+
+def test_bad_models_and_texts(encoder, tmp_path):
+    with pytest.raises(BertrtError, match="no such file or directory"):
+        InferenceEngine(tmp_path / "missing")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(BertrtError, match="not a readable ONNX model"):
+        InferenceEngine(tmp_path / "bad.onnx")
+    with pytest.raises(BertrtError, match=r"texts\[1\]: expected a str, got int"):
+        encoder.embed(["cat", 3])
+    with pytest.raises(BertrtError, match="texts: expected a list of strings, got NoneType"):
+        encoder.embed(None)
+    bad = ["cat"] * 5000 + ["dog \ud800"]  # in the second tokenizer chunk
+    with pytest.raises(BertrtError, match=r"texts\[5000\]: character 4 is a lone surrogate"):
+        encoder.embed(bad)
+
+
+# ---------------------------------------------------------------------- the CLI
+def cli(*args: object, stdin: str | None = None):
+    from click.testing import CliRunner
+
+    from bertrt.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=stdin)
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture
+def texts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "texts.txt"
+    path.write_text("".join(f"{t}\n" for t in TEXTS), encoding="utf-8")
+    return path
+
+
+def test_cli_embed_round_trips(encoder_dir, encoder, texts_file, tmp_path):
+    want = encoder.embed(TEXTS, pooling="mean", normalize=True)
+    common = ("--pooling", "mean", "--normalize", "--threads", "2", "--batch-tokens", "64")
+    result = cli("embed", encoder_dir, "--texts", texts_file, "-o", tmp_path / "out.npy",
+                 *common)
+    assert result.exit_code == 0, result.output
+    assert f"embedded {len(TEXTS)} texts" in result.stderr
+    got = np.load(tmp_path / "out.npy")
+    assert got.shape == (len(TEXTS), 128) and got.dtype == np.float32  # "" and "   " kept
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert cli("embed", encoder_dir, "--texts", texts_file, "-o", tmp_path / "out.jsonl",
+               *common).exit_code == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "out.jsonl").read_text().splitlines()]
+    np.testing.assert_array_equal(np.array([r["embedding"] for r in rows], np.float32), got)
+    piped = cli("embed", encoder_dir, "--texts", "-", *common,
+                stdin=texts_file.read_text().replace("\n", "\r\n"))
+    assert piped.exit_code == 0, piped.output
+    assert [json.loads(ln) for ln in piped.stdout.splitlines()] == rows
+
+
+def test_cli_predict_labels_and_entities(classifier_dir, tagger_dir, texts_file, tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("".join(f"{t}\n" for t in TEXTS[1:] + TEXTS[:1]))
+    with InferenceEngine(classifier_dir, backend="torch") as engine:
+        want = engine.predict(TEXTS, TEXTS[1:] + TEXTS[:1])
+    result = cli("predict", classifier_dir, "--texts", texts_file, "--pairs", pairs, "-o",
+                 tmp_path / "labels.jsonl")
+    assert result.exit_code == 0, result.output
+    got = [json.loads(ln) for ln in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want],
+                               atol=1e-5)
+    tagged = cli("predict", tagger_dir, "--texts", "-", "--backend", "torch",
+                 stdin="John Smith lives in New York\n\nthe cat\n")
+    assert tagged.exit_code == 0, tagged.output
+    rows = [json.loads(ln) for ln in tagged.stdout.splitlines()]
+    assert [[(e["entity"], e["text"]) for e in r["entities"]] for r in rows] == [
+        [("PER", "John Smith"), ("LOC", "New York")], [], []]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["embed", "{missing}", "--texts", "{texts}"], "no such file or directory"),
+    (["embed", "{encoder}", "--texts", "{missing}"], "--texts {missing}: no such file"),
+    (["embed", "{encoder}", "--texts", "{latin1}"], "line 2 is not valid UTF-8 (byte 0xe9"),
+    (["embed", "{encoder}", "--texts", "{texts}", "-o", "{tmp}/out.csv"],
+     "expected a file ending in .npy or .jsonl"),
+    (["embed", "{encoder}", "--texts", "{texts}", "-o", "{tmp}/no/out.npy"],
+     "folder {tmp}/no does not exist"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--backend", "onnx"],
+     "backend 'onnx' is unknown"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--precision", "int8"],
+     "precision int8 is not available yet"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--batch-tokens", "0"],
+     "max_batch_tokens: expected an integer of at least 1"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--pooling", "sum"], "pooling 'sum'"),
+    (["predict", "{encoder}", "--texts", "{texts}", "--backend", "torch"],
+     r"predict() needs a sequence classifier"),
+    (["predict", "{classifier}", "--texts", "{texts}", "--pairs", "{latin1}"],
+     "--pairs {latin1}: line 2 is not valid UTF-8"),
+    (["predict", "{classifier}", "--texts", "{texts}", "--pairs", "{one}"],
+     "--pairs {one}: 1 lines, but --texts has 7"),
+    (["predict", "{tagger}", "--texts", "{one}", "--pairs", "{one}", "--backend", "torch"],
+     "--pairs: {tagger} is a token classifier"),
+    (["predict", "{classifier}", "--texts", "{texts}", "-o", "{tmp}/out.npy"],
+     "expected a file ending in .jsonl"),
+])
+def test_cli_errors(args, message, encoder_dir, classifier_dir, tagger_dir, texts_file,
+                    tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\u00e9\n".encode("latin-1"))
+    (tmp_path / "one.txt").write_text("cat\n")
+    names = dict(missing=tmp_path / "missing", texts=texts_file, encoder=encoder_dir,
+                 classifier=classifier_dir, tagger=tagger_dir, tmp=tmp_path,
+                 latin1=tmp_path / "latin1.txt", one=tmp_path / "one.txt")
+    line = error_line(cli(*[a.format(**names) for a in args]))
+    assert message.format(**names) in line
