@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,9 @@ TOKENIZER_FILE = "tokenizer.json"
 _PADDING_MODES = {"longest": "longest", True: "longest", "max_length": "max_length",
                   False: None, "do_not_pad": None}
 _TRAIN_BATCH_LINES = 1000
+#: Splits a whitespace-free chunk where BERT's pre-tokenizer would (punctuation, `_`), near
+#: enough to find the words longer than `MAX_INPUT_CHARS_PER_WORD`.
+_WORD_BREAKS = re.compile(r"[\W_]+")
 # What pickling keeps: the constructor's arguments (each an attribute `_<name>`).
 _STATE = ("tokens", "lowercase", "strip_accents", "tokenize_chinese_chars", "model_max_length")
 
@@ -740,11 +745,30 @@ def _corpus_lines(files: list[Path], texts: Iterable[str] | None) -> Iterator[st
         yield text
 
 
+def _drop_long_words(line: str, counter: list[int]) -> str:
+    """`line` without the words WordPiece would turn into [UNK] anyway (longer than
+    `MAX_INPUT_CHARS_PER_WORD`): the trainer's cost grows with the square of a word's length,
+    so one megabyte-long "word" would never finish. Linear in the line; ``counter[1]`` counts
+    what was dropped."""
+    if len(line) <= MAX_INPUT_CHARS_PER_WORD:
+        return line
+    kept = []
+    for chunk in line.split():
+        if len(chunk) > MAX_INPUT_CHARS_PER_WORD and any(
+                len(w) > MAX_INPUT_CHARS_PER_WORD for w in _WORD_BREAKS.split(chunk)):
+            counter[1] += 1
+            continue
+        kept.append(chunk)
+    return " ".join(kept)
+
+
 def _iter_corpus(files: list[Path], texts: Iterable[str] | None,
                  counter: list[int]) -> Iterator[list[str]]:
-    """Stream the corpus in batches of non-blank lines; ``counter[0]`` counts them."""
+    """Stream the corpus in batches of non-blank lines; ``counter[0]`` counts them and
+    ``counter[1]`` the over-long words dropped."""
     batch: list[str] = []
     for line in _corpus_lines(files, texts):
+        line = _drop_long_words(line, counter)
         if line.strip():
             counter[0] += 1
             batch.append(line)
@@ -773,7 +797,10 @@ def train_vocab(files: Iterable[str | os.PathLike[str]] | None = None, *,
         limit_alphabet: the most distinct characters kept in the alphabet.
 
     Returns:
-        A Tokenizer with the trained vocabulary (``save_vocab`` writes ``vocab.txt``).
+        A Tokenizer with the trained vocabulary (``save_vocab`` writes ``vocab.txt``). Words
+        longer than ``MAX_INPUT_CHARS_PER_WORD`` characters are left out (they encode as
+        ``[UNK]`` anyway), with a warning that counts them; a vocabulary smaller than ``size``
+        (a small corpus) is warned about too.
 
     Raises:
         TokenizerError: a file is missing or not valid UTF-8 (file and line named), the corpus
@@ -800,7 +827,7 @@ def train_vocab(files: Iterable[str | os.PathLike[str]] | None = None, *,
         special_tokens=list(SPECIAL_TOKENS), limit_alphabet=limit_alphabet,
         continuing_subword_prefix="##",
     )
-    counter = [0]
+    counter = [0, 0]
     try:
         tok.train_from_iterator(_iter_corpus(paths, texts, counter), trainer=trainer)
     except Exception as e:
@@ -810,7 +837,15 @@ def train_vocab(files: Iterable[str | os.PathLike[str]] | None = None, *,
         if isinstance(cause, TokenizerError):
             raise cause from None
         raise
+    source = ", ".join(map(str, paths)) if paths else "texts"
     if counter[0] == 0:
-        raise TokenizerError("train_vocab: the corpus is empty (no non-blank line)")
+        raise TokenizerError(f"{source}: the corpus is empty (no non-blank line)")
+    if counter[1]:
+        warnings.warn(f"{source}: left out {counter[1]:,} word(s) longer than "
+                      f"{MAX_INPUT_CHARS_PER_WORD} characters (they would be [UNK])",
+                      stacklevel=2)
     vocab = tok.get_vocab(with_added_tokens=True)
+    if len(vocab) < size:
+        warnings.warn(f"{source}: the corpus yields {len(vocab):,} tokens, fewer than the "
+                      f"{size:,} asked for (a larger corpus, or a smaller size)", stacklevel=2)
     return Tokenizer(vocab, lowercase=lowercase, _source="trained vocabulary")

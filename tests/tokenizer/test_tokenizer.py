@@ -729,3 +729,29 @@ def test_train_vocab_errors(tmp_path):
         train_vocab()
     with pytest.raises(TokenizerError, match="size must be"):
         train_vocab(texts=["a b"], size=3)
+
+
+# ----------------------------------------------------------------------------- vocab training
+def test_train_vocab_leaves_out_words_wordpiece_cannot_split(tmp_path):
+    """A 1,000,000-character "word" would make the trainer quadratic (it never finished): it
+    is left out, counted, and the rest of the corpus still trains."""
+    corpus = tmp_path / "c.txt"
+    words = "the cat sat on the mat with another cat "
+    corpus.write_text(words * 50 + "x" * 1_000_000 + " " + words * 50 + "\n"
+                      + "a-b-" * 100 + " tail\n")  # long, but short words between dashes
+    with pytest.warns(UserWarning, match=r"c.txt: left out 1 word\(s\) longer than 100"):
+        tok = train_vocab([corpus], size=60, min_frequency=1)
+    assert {"cat", "mat", "tail", "b"} <= set(tok.vocab)
+    assert not any(len(t) > 100 for t in tok.vocab)
+
+
+def test_train_vocab_names_the_file_and_says_when_the_corpus_is_small(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(TokenizerError, match=r"empty.txt: the corpus is empty"):
+        train_vocab([empty])
+    small = tmp_path / "small.txt"
+    small.write_text("tiny corpus here\n" * 3)
+    with pytest.warns(UserWarning, match=r"small.txt: the corpus yields \d+ tokens, fewer "
+                                         r"than the 8,000 asked for"):
+        train_vocab([small], size=8000)
