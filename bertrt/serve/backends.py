@@ -9,8 +9,10 @@ host. `run(batch)` does both; `close()` releases the runtime. A new backend impl
 
 The inference engine (`bertrt.serve.engine`) hands a backend unpadded sequences instead:
 `run_sequences(requests) -> SequenceOutputs`. The base class pads them to the longest and
-calls `run`; a padding-free backend sets `packed = True` (its batches then cost their real
-tokens, not B × S) and overrides `run_sequences` to feed the packed (T,) layout.
+calls `run`; a padding-free backend has `packed` true (its batches then cost their real
+tokens, not B × S) and feeds the packed layout: `input_ids`, `token_type_ids` (T,) and
+`cu_seqlens` (B+1,). `OrtBackend` is packed when its file is a packed export
+(`export_onnx(packed=True)`); `TorchBackend(..., packed=True)` runs the packed torch lowering.
 
 - `OrtBackend`: ONNX Runtime, CPU execution provider, a fixed number of intra-op threads.
 - `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs bound, and
@@ -28,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bertrt.errors import BertrtError
+from bertrt.padding import pack_rows
 from bertrt.serve.batcher import pad_batch
-from bertrt.serve.outputs import PaddedOutputs, SequenceOutputs
+from bertrt.serve.outputs import PackedOutputs, PaddedOutputs, SequenceOutputs
 from bertrt.serve.workload import Request
 
 if TYPE_CHECKING:
@@ -95,6 +98,16 @@ class Backend:
         batch = pad_batch(requests, pad_id)
         return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths)
 
+    def _run_packed(self, requests: Sequence[Request]) -> SequenceOutputs:
+        """`run` on the packed layout of `requests` (for a backend whose model is packed)."""
+        ids, cu = pack_rows([r.input_ids for r in requests])
+        types, _ = pack_rows([r.token_type_ids for r in requests])
+        outputs = self.run({"input_ids": ids, "token_type_ids": types, "cu_seqlens": cu})
+        return PackedOutputs.from_batch(outputs, cu, self.token_outputs)
+
+    #: Names of the per-token outputs of a packed model (None: those with T rows).
+    token_outputs: frozenset[str] | None = None
+
     def close(self) -> None:
         """Release the runtime's resources."""
 
@@ -144,6 +157,11 @@ class OrtBackend(Backend):
         self.input_types = {i.name: _NP_OF_ORT.get(i.type, np.int64)
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        #: A packed export: (tokens,) inputs and cu_seqlens; its per-token outputs' first
+        #: axis is the symbolic `tokens`.
+        self.packed = "cu_seqlens" in self.input_types
+        self.token_outputs = frozenset(o.name for o in self.session.get_outputs()
+                                       if o.shape and o.shape[0] == "tokens")
         self.reduced_precision = self.reduced_precision or self._computes_fp16()
         self.threads = threads
         self.description = (f"onnxruntime {ort.__version__} "
@@ -173,6 +191,12 @@ class OrtBackend(Backend):
     def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, prepared)
         return dict(zip(self.output_names, values))
+
+    def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
+        """Padded, or packed when the file is a packed export."""
+        if self.packed:
+            return self._run_packed(requests)
+        return super().run_sequences(requests, pad_id)
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
@@ -231,35 +255,46 @@ class TorchBackend(Backend):
         skip_mlm: For a pretraining head, run the MLM head on no positions (its
             `prediction_logits` come back (0, V)): what an engine that only reads hidden states
             wants, since the (B, S, V) logits cost more than the encoder.
+        packed: Run the packed (padding-free) lowering: batches are `input_ids`,
+            `token_type_ids` (T,) and `cu_seqlens` (B+1,) (`run_sequences` makes them).
     """
 
     name = "torch"
 
-    def __init__(self, model: Model, threads: int | None = None, skip_mlm: bool = False
-                 ) -> None:
+    def __init__(self, model: Model, threads: int | None = None, skip_mlm: bool = False,
+                 packed: bool = False) -> None:
         import torch
 
         self._torch = torch
         self._old_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(int(threads))
-        self.module = model.to_torch().eval()
+        self.packed = packed
+        self.module = model.to_torch(packed=packed).eval()
         self.module.check_inputs = False  # ids are valid by construction; skip the reductions
         self._no_positions = (torch.zeros(0, dtype=torch.int64)
                               if skip_mlm and model.head == "pretraining" else None)
-        self.description = (f"bertrt torch lowering, torch {torch.__version__}, eager, "
-                            f"{torch.get_num_threads()} threads")
+        self.description = (f"bertrt {'packed ' if packed else ''}torch lowering, torch "
+                            f"{torch.__version__}, eager, {torch.get_num_threads()} threads")
 
     def prepare(self, batch: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
-        """The three inputs as tensors sharing the arrays' memory (no copies)."""
+        """The three inputs as tensors sharing the arrays' memory (no copies): ids, mask and
+        type ids; packed, ids, cu_seqlens and type ids."""
         from_numpy = self._torch.from_numpy
-        return (from_numpy(batch["input_ids"]), from_numpy(batch["attention_mask"]),
+        second = batch["cu_seqlens" if self.packed else "attention_mask"]
+        return (from_numpy(batch["input_ids"]), from_numpy(second),
                 from_numpy(batch["token_type_ids"]))
 
     def execute(self, prepared: tuple[Any, Any, Any]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
             out = self.module(*prepared, masked_positions=self._no_positions)
         return {name: value.numpy() for name, value in out.items()}
+
+    def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
+        """Padded, or packed when the backend runs the packed lowering."""
+        if self.packed:
+            return self._run_packed(requests)
+        return super().run_sequences(requests, pad_id)
 
     def close(self) -> None:
         self._torch.set_num_threads(self._old_threads)

@@ -14,7 +14,7 @@ Per-sequence outputs (`pooler_output`, a classifier's `logits`: (B, X)) are the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,18 @@ class PackedOutputs(SequenceOutputs):
         cu = np.asarray(cu_seqlens, dtype=np.int64)
         super().__init__(per_token, per_sequence, np.diff(cu))
         self.cu_seqlens = cu
+
+    @classmethod
+    def from_batch(cls, outputs: Mapping[str, np.ndarray], cu_seqlens: np.ndarray,
+                   token_outputs: Collection[str] | None = None) -> PackedOutputs:
+        """Split a packed batch's outputs: `token_outputs` are per token (None: those with T
+        rows, which tells them apart whenever a sequence is longer than one token)."""
+        tokens = int(cu_seqlens[-1])
+        if token_outputs is None:
+            token_outputs = [k for k, v in outputs.items() if v.ndim and v.shape[0] == tokens]
+        per_token = {k: v for k, v in outputs.items() if k in token_outputs}
+        per_sequence = {k: v for k, v in outputs.items() if k not in token_outputs}
+        return cls(per_token, per_sequence, cu_seqlens)
 
     def tokens(self, name: str, index: int) -> np.ndarray:
         return self._token(name)[self.cu_seqlens[index]: self.cu_seqlens[index + 1]]
