@@ -8,10 +8,13 @@ registers both commands; the work is `bertrt.serve.engine.InferenceEngine`'s.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,12 +83,24 @@ def _emit(text: str, output: Path | None) -> None:
         atomic_write_text(output, text)
 
 
-def _open_engine(model: str, backend: str, precision: str, threads: int | None,
-                 batch_tokens: int | None, vocab: str | None) -> InferenceEngine:
-    from bertrt.serve.engine import InferenceEngine
+@dataclass
+class EngineArgs:
+    """The options both commands pass to `InferenceEngine`."""
 
-    return InferenceEngine(model, backend=backend, precision=precision, threads=threads,
-                           max_batch_tokens=batch_tokens, vocab=vocab)
+    model: str
+    backend: str
+    precision: str
+    packed: bool | None
+    threads: int | None
+    batch_tokens: int | None
+    vocab: str | None
+
+    def open(self) -> InferenceEngine:
+        from bertrt.serve.engine import InferenceEngine
+
+        return InferenceEngine(self.model, backend=self.backend, precision=self.precision,
+                               packed=self.packed, threads=self.threads,
+                               max_batch_tokens=self.batch_tokens, vocab=self.vocab)
 
 
 def _run(call: Callable[[], Any], engine: InferenceEngine, verb: str) -> Any:
@@ -103,7 +118,13 @@ def _run(call: Callable[[], Any], engine: InferenceEngine, verb: str) -> Any:
 
 
 def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options both commands share."""
+    """The options both commands share; the command gets the engine's as one `EngineArgs`."""
+    names = [field.name for field in dataclasses.fields(EngineArgs)]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        return fn(EngineArgs(**{name: kwargs.pop(name) for name in names}), **kwargs)
+
     options = [
         click.argument("model"),
         click.option("--texts", "texts_path", required=True, metavar="FILE|-",
@@ -112,12 +133,17 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="auto | ort | ort-cuda | torch (auto: ort when onnxruntime is "
                           "installed, else torch)."),
         click.option("--precision", default="fp32", show_default=True,
-                     help="fp32 (bf16, int8, fp16: not available yet)."),
+                     help="fp32 | int8 (ONNX Runtime on the CPU; bf16, fp16: not available "
+                          "yet)."),
+        click.option("--packed/--padded", default=None,
+                     help="Padding-free batches, or each padded to its longest [packed on "
+                          "ort, padded on torch; an .onnx MODEL: as exported]."),
         click.option("--threads", type=int, default=None,
                      help="Intra-op threads [the runtime's default: all cores]."),
         click.option("--batch-tokens", type=int, default=None,
-                     help="Positions per batch (batch size x padded length); a longer text "
-                          "runs alone [the backend's: 2048 on CPU, 16384 on CUDA]."),
+                     help="Positions per batch: batch size x longest when padded, the real "
+                          "tokens when packed; a longer text runs alone [the backend's: 2048 "
+                          "on CPU, 16384 on CUDA]."),
         click.option("--vocab", metavar="PATH",
                      help="For an .onnx MODEL: vocab.txt, or the model dir it was exported "
                           "from [the folder holding MODEL]."),
@@ -125,8 +151,8 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Progress bar on stderr [on a terminal, for long inputs]."),
     ]
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
 
 
 @click.command()
@@ -140,10 +166,8 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--normalize/--no-normalize", default=None,
               help="L2-normalize [as the sentence-transformers config says, else no].")
 @user_errors
-def embed(model: str, texts_path: str, backend: str, precision: str, threads: int | None,
-          batch_tokens: int | None, vocab: str | None, progress: bool | None,
-          output: Path | None,
-          pooling: str | None, normalize: bool | None) -> None:
+def embed(engine_args: EngineArgs, texts_path: str, progress: bool | None,
+          output: Path | None, pooling: str | None, normalize: bool | None) -> None:
     """Embed each line of --texts with MODEL (a model dir or an .onnx file).
 
     Pools the final hidden states over each text's tokens (mean, max or [CLS]), as the
@@ -152,7 +176,7 @@ def embed(model: str, texts_path: str, backend: str, precision: str, threads: in
     """
     _check_output(output, (".npy", ".jsonl"))
     texts = read_lines(texts_path, "--texts")
-    with _open_engine(model, backend, precision, threads, batch_tokens, vocab) as engine:
+    with engine_args.open() as engine:
         vectors = _run(lambda: engine.embed(texts, pooling, normalize, progress=progress),
                        engine, "embedded")
     if output is not None and output.suffix == ".npy":
@@ -184,8 +208,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @click.option("--raw-scores", is_flag=True,
               help="Add each classification's logits (every label, in id order).")
 @user_errors
-def predict(model: str, texts_path: str, backend: str, precision: str, threads: int | None,
-            batch_tokens: int | None, vocab: str | None, progress: bool | None,
+def predict(engine_args: EngineArgs, texts_path: str, progress: bool | None,
             pairs_path: str | None, output: Path | None, raw_scores: bool) -> None:
     """Label each line of --texts with MODEL, by its head: one JSON line per text.
 
@@ -200,11 +223,11 @@ def predict(model: str, texts_path: str, backend: str, precision: str, threads: 
     if pairs is not None and len(pairs) != len(texts):
         raise BertrtError(f"--pairs {pairs_path}: {len(pairs)} lines, but --texts has "
                           f"{len(texts)} (expected one pair per text)")
-    with _open_engine(model, backend, precision, threads, batch_tokens, vocab) as engine:
+    with engine_args.open() as engine:
         if engine.head == "token-classification":
             if pairs is not None:
-                raise BertrtError(f"--pairs: {model} is a token classifier, which tags single "
-                                  "texts")
+                raise BertrtError(f"--pairs: {engine_args.model} is a token classifier, which "
+                                  "tags single texts")
             found = _run(lambda: engine.tag(texts, progress=progress), engine, "tagged")
             rows: Iterator[Any] = ({"entities": e} for e in found)
         else:  # the engine says what a model without a classifier is for

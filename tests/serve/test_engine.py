@@ -97,7 +97,8 @@ def tagger_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -
 
 @pytest.fixture(scope="module")
 def encoder(encoder_dir: Path) -> InferenceEngine:
-    with InferenceEngine(encoder_dir, backend="ort", threads=2) as engine:
+    """The padded ONNX Runtime engine (packed ones are checked against it)."""
+    with InferenceEngine(encoder_dir, backend="ort", packed=False, threads=2) as engine:
         yield engine
 
 
@@ -136,8 +137,9 @@ def minilm_reference(minilm_dir: Path) -> np.ndarray:
 
 
 def test_minilm_embeddings_equal_sentence_transformers(minilm_dir, minilm_reference):
-    # the torch backend against the ONNX one: test_a_model_object_and_a_pretraining_head
-    with InferenceEngine(minilm_dir, backend="ort", threads=2, max_batch_tokens=600) as engine:
+    # the default path (ONNX Runtime, packed); the others against it: test_packed_and_int8
+    with InferenceEngine(minilm_dir, threads=2, max_batch_tokens=200) as engine:
+        assert engine.packed and engine.backend_name == "ort"
         assert (engine.defaults.pooling, engine.defaults.normalize) == ("mean", True)
         assert engine.max_length == 256  # sentence_bert_config.json's max_seq_length
         with pytest.warns(TruncatedWarning, match="1 of 6 texts"):
@@ -235,29 +237,22 @@ def test_poolings_and_normalize(encoder_dir, encoder, tokenizer):
         encoder.embed(texts, pooling="sum")
 
 
-class PackingBackend(OrtBackend):
-    """A stand-in for a padding-free backend: runs padded, answers in the packed layout."""
-
-    packed = True
-
-    def run_sequences(self, requests, pad_id=0):
-        padded = super().run_sequences(requests, pad_id)
-        cu = np.concatenate([[0], np.cumsum(padded.lengths)])
-        per_token = {k: np.concatenate([padded.tokens(k, b) for b in range(len(requests))])
-                     for k in padded.per_token}
-        return PackedOutputs(per_token, padded.per_sequence, cu)
-
-
-def test_a_packed_backend_plugs_in(encoder_dir, encoder, monkeypatch, tmp_path):
-    texts = random_texts(30, seed=4)
+def test_packed_and_int8_backends_agree_with_padded(encoder_dir, encoder, monkeypatch):
+    texts = random_texts(30, seed=4) + ["", " "]
     padded = {mode: encoder.embed(texts, pooling=mode) for mode in ("cls", "mean", "max")}
-    path = Model.load(encoder_dir).export_onnx(tmp_path / "encoder.onnx")
-    monkeypatch.setattr(encoder, "backend", PackingBackend(path, threads=2))
-    monkeypatch.setattr(encoder, "max_batch_tokens", 64)
-    assert encoder.packed
-    for mode, want in padded.items():
-        np.testing.assert_allclose(encoder.embed(texts, pooling=mode), want, atol=1e-5)
-    assert encoder.stats.positions == encoder.stats.tokens <= 64 * encoder.stats.batches
+    for backend in ("ort", "torch"):
+        with InferenceEngine(encoder_dir, backend=backend, packed=True,
+                             max_batch_tokens=64) as engine:
+            assert engine.packed and "packed batches" in engine.description
+            for mode, want in padded.items():
+                np.testing.assert_allclose(engine.embed(texts, pooling=mode), want, atol=1e-5)
+            stats = engine.stats
+            assert stats.positions == stats.tokens <= 64 * stats.batches  # real tokens only
+    with InferenceEngine(encoder_dir, precision="int8") as engine:
+        assert engine.packed and engine.precision == "int8"
+        assert cosine(engine.embed(texts, pooling="mean"), padded["mean"]).min() > 0.999
+    with pytest.raises(BertrtError, match="precision int8 runs on ONNX Runtime's CPU"):
+        InferenceEngine(encoder_dir, backend="torch", precision="int8")
 
 
 def test_padded_and_packed_outputs_pool_alike():
@@ -277,16 +272,17 @@ def test_padded_and_packed_outputs_pool_alike():
 
 
 # ---------------------------------------------------------------------- predict and tag
-@pytest.mark.parametrize("backend", ["ort", "torch"])
-def test_predict_matches_transformers(backend, classifier_dir):
+@pytest.mark.parametrize("backend,packed", [("ort", None), ("ort", False), ("torch", True)])
+def test_predict_matches_transformers(backend, packed, classifier_dir):
     import transformers
 
     texts = TEXTS + random_texts(10, seed=5, longest=8)
     pairs = texts[1:] + texts[:1]
     tok = transformers.BertTokenizer.from_pretrained(classifier_dir)
     net = transformers.BertForSequenceClassification.from_pretrained(classifier_dir).eval()
-    with InferenceEngine(classifier_dir, backend=backend, threads=2,
+    with InferenceEngine(classifier_dir, backend=backend, packed=packed, threads=2,
                          max_batch_tokens=64) as engine:
+        assert engine.packed is (packed is not False)
         for second in (None, pairs):
             got = engine.predict(texts, second, raw_scores=True)
             enc = tok(texts, second, padding=True, return_tensors="pt")
@@ -352,6 +348,20 @@ def test_onnx_file_with_its_vocabulary(encoder_dir, encoder, tmp_path):
         InferenceEngine(path, vocab=other)
     with pytest.raises(BertrtError, match="backend torch needs the model's weights"):
         InferenceEngine(path, backend="torch", vocab=encoder_dir)
+    with pytest.raises(BertrtError, match="a padded export, but packed=True was asked for"):
+        InferenceEngine(path, vocab=encoder_dir, packed=True)
+    model = Model.load(encoder_dir)
+    packed = model.export_onnx(tmp_path / "packed.onnx", packed=True)
+    with InferenceEngine(packed, vocab=encoder_dir) as engine:
+        assert engine.packed
+        np.testing.assert_allclose(engine.embed(texts), want, atol=1e-5)
+    int8 = model.export_onnx(tmp_path / "int8.onnx", flavour="standard", int8=True)
+    with pytest.raises(BertrtError, match=r"an int8 export, but precision fp32 was asked for "
+                                          r"\(pass precision='int8'\)"):
+        InferenceEngine(int8, vocab=encoder_dir)
+    with InferenceEngine(int8, vocab=encoder_dir, precision="int8") as engine:
+        assert not engine.packed
+        assert cosine(engine.embed(texts), want).min() > 0.999
 
 
 def test_a_model_object_and_a_pretraining_head(tokenizer):
@@ -366,9 +376,8 @@ def test_a_model_object_and_a_pretraining_head(tokenizer):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(backend="openvino"), "backend 'openvino' is unknown; expected one of auto, ort"),
-    (dict(precision="int8"), "precision int8 is not available yet"),
+    (dict(precision="bf16"), "precision bf16 is not available yet"),
     (dict(precision="fp64"), "precision 'fp64' is unknown"),
-    (dict(packed=True), "packed execution is not available yet"),
     (dict(threads=0), "threads: expected an integer of at least 1, got 0"),
     (dict(max_batch_tokens=0), "max_batch_tokens: expected an integer of at least 1"),
     (dict(max_length=33), "max_length 33 exceeds the model's max_position_embeddings=32"),
@@ -422,16 +431,17 @@ def test_cli_embed_round_trips(encoder_dir, encoder, texts_file, tmp_path):
     want = encoder.embed(TEXTS, pooling="mean", normalize=True)
     common = ("--pooling", "mean", "--normalize", "--threads", "2", "--batch-tokens", "64")
     result = cli("embed", encoder_dir, "--texts", texts_file, "-o", tmp_path / "out.npy",
-                 *common)
+                 "--padded", "--precision", "fp32", *common)
     assert result.exit_code == 0, result.output
     assert f"embedded {len(TEXTS)} texts" in result.stderr
     got = np.load(tmp_path / "out.npy")
     assert got.shape == (len(TEXTS), 128) and got.dtype == np.float32  # "" and "   " kept
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert cli("embed", encoder_dir, "--texts", texts_file, "-o", tmp_path / "out.jsonl",
-               *common).exit_code == 0
+               *common).exit_code == 0  # packed, by default
     rows = [json.loads(ln) for ln in (tmp_path / "out.jsonl").read_text().splitlines()]
-    np.testing.assert_array_equal(np.array([r["embedding"] for r in rows], np.float32), got)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows], np.float32), got,
+                               atol=1e-5)
     piped = cli("embed", encoder_dir, "--texts", "-", *common,
                 stdin=texts_file.read_text().replace("\n", "\r\n"))
     assert piped.exit_code == 0, piped.output
@@ -450,7 +460,7 @@ def test_cli_predict_labels_and_entities(classifier_dir, tagger_dir, texts_file,
     assert [g["label"] for g in got] == [w["label"] for w in want]
     np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want],
                                atol=1e-5)
-    tagged = cli("predict", tagger_dir, "--texts", "-", "--backend", "torch",
+    tagged = cli("predict", tagger_dir, "--texts", "-", "--backend", "torch", "--packed",
                  stdin="John Smith lives in New York\n\nthe cat\n")
     assert tagged.exit_code == 0, tagged.output
     rows = [json.loads(ln) for ln in tagged.stdout.splitlines()]
@@ -468,8 +478,8 @@ def test_cli_predict_labels_and_entities(classifier_dir, tagger_dir, texts_file,
      "folder {tmp}/no does not exist"),
     (["embed", "{encoder}", "--texts", "{texts}", "--backend", "onnx"],
      "backend 'onnx' is unknown"),
-    (["embed", "{encoder}", "--texts", "{texts}", "--precision", "int8"],
-     "precision int8 is not available yet"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--precision", "fp16"],
+     "precision fp16 is not available yet"),
     (["embed", "{encoder}", "--texts", "{texts}", "--batch-tokens", "0"],
      "max_batch_tokens: expected an integer of at least 1"),
     (["embed", "{encoder}", "--texts", "{texts}", "--pooling", "sum"], "pooling 'sum'"),
