@@ -19,8 +19,9 @@ Correctness first: with dropout off (`eval()`), the first batch's losses must ag
 and one optimizer step of each must leave every parameter within 1e-5 of the other's. Then
 warm-up steps, then steps timed interleaved (A B A B ...) so load drift hits both alike.
 Printed: median / min / max / IQR step time, tokens/s (B x S / step), the ratio, FLOPs per step
-(3 x forward matrix-product FLOPs from `graph.flops`: bertrt's with `masked=M`, HF's over all
-positions) and the utilisation of the machine's measured fp32 matmul rate.
+(3 x forward matrix-product FLOPs from `graph.flops`: bertrt's of the masked-MLM graph with
+`masked=M`, HF's of the graph with the head on all positions) and the utilisation of the
+machine's measured fp32 matmul rate.
 
     python tools/bench_train.py --threads 2 --repeats 10
     python tools/bench_train.py --shape-preset tiny          # a quick smoke run
@@ -49,12 +50,14 @@ import torch  # noqa: E402
 from bench_torch import matmul_gflops, minilm_dir, spread, time_interleaved  # noqa: E402
 
 from bertrt.config import BertConfig  # noqa: E402
+from bertrt.graph import build_bert  # noqa: E402
 from bertrt.model import Model  # noqa: E402
 from bertrt.tokenizer import Tokenizer  # noqa: E402
 from bertrt.train import losses  # noqa: E402
-from bertrt.train.data import Example, collate_pretraining  # noqa: E402
-from bertrt.train.loop import Dist, Task  # noqa: E402
-from bertrt.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from bertrt.train.data import Example  # noqa: E402
+from bertrt.train.optim import build_optimizer, build_scheduler, no_decay_names  # noqa: E402
+from bertrt.train.setup import Dist  # noqa: E402
+from bertrt.train.task import PretrainTask, Task  # noqa: E402
 
 LOSS_TOL = 1e-4
 PARAM_TOL = 1e-5
@@ -155,8 +158,8 @@ class HFTrainer:
         return value
 
 
-def optimizer_and_schedule(module: torch.nn.Module):
-    opt = build_optimizer(module.named_parameters(), "adamw", LR, WEIGHT_DECAY)
+def optimizer_and_schedule(module: torch.nn.Module, no_decay: frozenset[str]):
+    opt = build_optimizer(module.named_parameters(), "adamw", LR, WEIGHT_DECAY, no_decay)
     # no warm-up: the checked first step runs at the full lr; never reaches zero here
     return opt, build_scheduler(opt, "linear", 0.0, 10**6)
 
@@ -248,12 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     env = Dist(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
     examples = random_examples(args.batches * batch_size, seq, tok, seed=0)
 
-    def collate(exs: list, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate_pretraining(exs, indices, tok, seed=0)
-
-    task = Task("pretrain", examples, None, collate, losses.pretraining_counts,
-                losses.pretraining_loss, losses.PRETRAINING_STATS, None,
-                batch_size=batch_size, grad_accum=1)
+    task = PretrainTask(examples, None, tok, seed=0, batch_size=batch_size, grad_accum=1)
     batches = []
     for step in range(args.batches):
         b = task.batch(step, 0, env)
@@ -261,11 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         batches.append(b)
     masked = statistics.mean(len(b["masked_positions"]) for b in batches)
 
-    ours = BertrtTrainer(net, task, env, *optimizer_and_schedule(net),
+    no_decay = no_decay_names(model.graph)  # the same groups for both (names are HF's)
+    ours = BertrtTrainer(net, task, env, *optimizer_and_schedule(net, no_decay),
                          torch.amp.GradScaler("cpu", enabled=False),
                          torch.autocast("cpu", enabled=False),
                          [p for p in net.parameters() if p.requires_grad])
-    theirs = HFTrainer(hf_model, *optimizer_and_schedule(hf_model),
+    theirs = HFTrainer(hf_model, *optimizer_and_schedule(hf_model, no_decay),
                        [p for p in hf_model.parameters() if p.requires_grad])
 
     # ------------------------------------------------------------------ correctness, timing
@@ -287,8 +286,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ report
     tokens = batch_size * seq
-    flops_ours = 3 * model.graph.flops(batch=batch_size, seq=seq, masked=round(masked))
-    flops_hf = 3 * model.graph.flops(batch=batch_size, seq=seq)  # masked = all B*S rows
+    # bertrt's step runs the masked-MLM form of the graph (the MLM head on M rows);
+    # `model.graph` is the form with the head on every position, as transformers runs it.
+    masked_form = build_bert(cfg, "pretraining", masked_lm=True)
+    flops_ours = 3 * masked_form.flops(batch=batch_size, seq=seq, masked=round(masked))
+    flops_hf = 3 * model.graph.flops(batch=batch_size, seq=seq)  # all B*S rows
     a, b = spread(t_ours), spread(t_hf)
     ratio = b["median"] / a["median"]
     paired = statistics.median(h / o for o, h in zip(t_ours, t_hf))

@@ -101,7 +101,7 @@ def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int], None] | None) -
     task = kind.build(cfg, tokenizer, data_paths, begin.label2id, say)
     model = setup.build_model(cfg, tokenizer, task.labels, begin, say)
     net, module = setup.lower(model, cfg, env)
-    opt = setup.optimization(cfg, net, env, begin.state)
+    opt = setup.optimization(cfg, model, net, env, begin.state)
     run = _Run(cfg, env, out, task, model, net, module, opt, threads, begin.best)
 
     # ------------------------------------------------------------------ the loop

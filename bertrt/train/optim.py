@@ -1,20 +1,21 @@
 """Optimizers and learning-rate schedules as the BERT recipe uses them.
 
 AdamW (torch's) or LAMB, both with decoupled weight decay that skips biases and LayerNorm
-parameters; a linear warm-up followed by a linear or polynomial decay to zero. Everything here
-keeps its state in `state_dict()`s of plain numbers and tensors, so a checkpoint of it loads with
-`torch.load(weights_only=True)`.
+parameters (which ones, the IR says: `no_decay_names`); a linear warm-up followed by a linear or
+polynomial decay to zero. Everything here keeps its state in `state_dict()`s of plain numbers
+and tensors, so a checkpoint of it loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from bertrt.errors import BertrtError
+from bertrt.graph import Graph, Op
 
 #: Adam's epsilon in the BERT recipe.
 ADAM_EPS = 1e-6
@@ -23,21 +24,30 @@ BETAS = (0.9, 0.999)
 POLY_POWER = 2.0
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: not to biases, LayerNorm parameters or 1-D tensors."""
-    return param.dim() >= 2 and "LayerNorm" not in name and not name.endswith("bias")
+#: Per op, the inputs that take no weight decay: LayerNorm's weight and bias, a linear's bias.
+NO_DECAY_INPUTS = {Op.LAYER_NORM: (1, 2), Op.LINEAR: (2,)}
+
+
+def no_decay_names(graph: Graph) -> frozenset[str]:
+    """The parameters that take no weight decay, read from the IR: those that some node takes
+    at a `NO_DECAY_INPUTS` position (every LayerNorm's weight and bias, every linear bias, the
+    MLM decoder's included). `graph` is a model's graph as built (`Model.graph`)."""
+    return frozenset(name for name, value in graph.params.items()
+                     if any(index in NO_DECAY_INPUTS.get(node.op, ())
+                            for node, index in value.users))
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
-                 weight_decay: float) -> list[dict]:
-    """Two groups: parameters with weight decay, and those without (biases, LayerNorm)."""
-    decay, no_decay = [], []
+                 weight_decay: float, no_decay: Collection[str]) -> list[dict]:
+    """Two groups: parameters with weight decay, and those named in `no_decay` (biases and
+    LayerNorm: `no_decay_names`)."""
+    decayed, kept = [], []
     for name, param in named_params:
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
+            (kept if name in no_decay else decayed).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay, "adapt": True},
-        {"params": no_decay, "weight_decay": 0.0, "adapt": False},
+        {"params": decayed, "weight_decay": weight_decay, "adapt": True},
+        {"params": kept, "weight_decay": 0.0, "adapt": False},
     ]
 
 
@@ -88,9 +98,10 @@ class Lamb(Optimizer):
 
 
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], name: str,
-                    lr: float, weight_decay: float) -> Optimizer:
-    """AdamW or LAMB over `named_params`, no decay on biases and LayerNorm weights."""
-    groups = param_groups(named_params, weight_decay)
+                    lr: float, weight_decay: float, no_decay: Collection[str]) -> Optimizer:
+    """AdamW or LAMB over `named_params`, no decay on those named in `no_decay` (biases and
+    LayerNorm weights: `no_decay_names(model.graph)`)."""
+    groups = param_groups(named_params, weight_decay, no_decay)
     if name == "adamw":
         for group in groups:
             group.pop("adapt")

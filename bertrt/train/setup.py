@@ -24,13 +24,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bertrt
 from bertrt.config import BertConfig
 from bertrt.errors import BertrtError
+from bertrt.graph.ir import HEAD
 from bertrt.model import Model
 from bertrt.tokenizer import Tokenizer
 from bertrt.train import checkpoint as ckpt
 from bertrt.train.config import TrainConfig, check_same_run
-from bertrt.train.optim import build_optimizer, build_scheduler
+from bertrt.train.optim import build_optimizer, build_scheduler, no_decay_names
 from bertrt.train.report import LOSS_PNG, METRICS, RUN, Say
-from bertrt.weights import HEAD_PREFIXES, match_tensors
+from bertrt.weights import match_tensors
 
 DATA_DIR = "data"
 #: The files `model.save(OUT)` writes into OUT (removed by --overwrite with the rest).
@@ -264,8 +265,9 @@ def _copy_weights(base: Model, model: Model, where: str, say: Say) -> None:
     """Copy `base`'s weights into `model`, names mapped by `match_tensors`; the head's only when
     it is the same head with the same labels."""
     same_head = base.head == model.head and base.config.id2label == model.config.id2label
+    graph = base.graph
     tensors = base.weights if same_head else {
-        name: t for name, t in base.weights.items() if not name.startswith(HEAD_PREFIXES)}
+        name: t for name, t in base.weights.items() if graph.scope_of(graph.params[name]) != HEAD}
     found = match_tensors(model.graph, tensors, where)
     with torch.no_grad():
         for name, tensor in found.matched.items():
@@ -300,12 +302,12 @@ class Optimization:
     params: list[torch.nn.Parameter]
 
 
-def optimization(cfg: TrainConfig, net: torch.nn.Module, env: Dist,
+def optimization(cfg: TrainConfig, model: Model, net: torch.nn.Module, env: Dist,
                  state: dict[str, Any] | None) -> Optimization:
-    """Build the optimizer, schedule and scaler; resuming, restore their states and this
-    rank's RNG from the checkpoint."""
+    """Build the optimizer (no weight decay where the model's graph says so), schedule and
+    scaler; resuming, restore their states and this rank's RNG from the checkpoint."""
     optimizer = build_optimizer(net.named_parameters(), cfg.optimizer, cfg.lr,  # type: ignore
-                                cfg.weight_decay)
+                                cfg.weight_decay, no_decay_names(model.graph))
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(env.device.type, dtype=AUTOCAST.get(cfg.precision),

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import bertrt
-from bertrt.train.optim import ADAM_EPS, BETAS, Lamb, WarmupDecay, build_optimizer, param_groups
+from bertrt.train.optim import (
+    ADAM_EPS,
+    BETAS,
+    Lamb,
+    WarmupDecay,
+    build_optimizer,
+    no_decay_names,
+    param_groups,
+)
 
 LR, DECAY = 2e-2, 0.1
 
@@ -92,8 +100,9 @@ def test_lamb_without_the_trust_ratio_is_adamw(problem) -> None:
 def test_no_weight_decay_on_biases_and_layer_norm() -> None:
     config = bertrt.BertConfig(vocab_size=30, hidden_size=16, num_attention_heads=2,
                                num_hidden_layers=1, intermediate_size=32)
-    net = bertrt.Model.from_config(config, head="pretraining").to_torch()
-    decay, no_decay = param_groups(net.named_parameters(), 0.01)
+    model = bertrt.Model.from_config(config, head="pretraining")
+    net = model.to_torch()
+    decay, no_decay = param_groups(net.named_parameters(), 0.01, no_decay_names(model.graph))
     names = {id(p): n for n, p in net.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
@@ -104,8 +113,24 @@ def test_no_weight_decay_on_biases_and_layer_norm() -> None:
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert len(decayed) + len(kept) == len(list(net.parameters()))
     for name in ("adamw", "lamb"):
-        opt = build_optimizer(net.named_parameters(), name, 1e-3, 0.01)
+        opt = build_optimizer(net.named_parameters(), name, 1e-3, 0.01,
+                              no_decay_names(model.graph))
         assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize("head", ["pretraining", "classification", "token-classification"])
+def test_the_graph_decides_weight_decay_as_the_names_did(head: str) -> None:
+    config = bertrt.BertConfig.preset("tiny", vocab_size=50).with_labels(["a", "b", "c"])
+    model = bertrt.Model.from_config(config, head=head)
+    net = model.to_torch()
+    by_name = {n for n, p in net.named_parameters()  # the rule before the IR decided
+               if p.dim() >= 2 and "LayerNorm" not in n and not n.endswith("bias")}
+    skipped = no_decay_names(model.graph)
+    assert skipped == set(model.graph.params) - by_name
+    decay, no_decay = param_groups(net.named_parameters(), 0.01, skipped)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == by_name
+    assert {names[id(p)] for p in no_decay["params"]} == skipped
 
 
 def test_warmup_then_linear_or_polynomial_decay() -> None:
