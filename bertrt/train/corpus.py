@@ -22,6 +22,7 @@ import ast
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from bertrt.errors import BertrtError
 from bertrt.fileio import atomic_write_text
 
 __all__ = [
-    "DataError", "docstring_sentences", "embedded_corpus", "iter_lines", "read_documents",
-    "split_sentences",
+    "DataError", "docstring_sentences", "embedded_corpus", "invalid_utf8", "iter_lines",
+    "read_documents", "split_sentences",
 ]
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -42,6 +43,16 @@ class DataError(BertrtError):
 
 
 # --------------------------------------------------------------------------------- lines
+
+def invalid_utf8(path: Path, lineno: int, offset: int) -> DataError:
+    """The one error for a line that is not UTF-8: the file, the line, the byte (`offset` from
+    0 in the line), and a command that converts the file (text from Windows or older Unix
+    tools is most often Latin-1) rather than one that deletes what it cannot read."""
+    source, target = shlex.quote(str(path)), shlex.quote(f"{path}.utf8")
+    return DataError(f"{path}: line {lineno}: invalid UTF-8 (byte {offset + 1} of the line); "
+                     f"convert the file to UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8 "
+                     f"{source} > {target}")
+
 
 def _check_file(path: Path) -> None:
     if not path.exists():
@@ -69,9 +80,7 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: invalid UTF-8 (byte {e.start + 1} of "
-                                "the line); the corpus must be UTF-8, fix or drop the line "
-                                "(e.g. iconv -f utf-8 -t utf-8 -c)") from None
+                raise invalid_utf8(path, lineno, e.start) from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             yield lineno, line

@@ -437,13 +437,16 @@ class PretrainingSource:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Corpus and instance counts (documents, sentences, tokens, instances, is_next)."""
+        """Corpus and instance counts: documents, sentences, tokens, instances, is_next, and
+        long_sentences, those with more tokens than an example holds (``seq_len - 3``): only
+        that many of each are trained on."""
         return {
             "documents": self.index.num_documents,
             "sentences": len(self.index.sentence_starts) - 1,
             "tokens": len(self.index.tokens),
             "instances": len(self.instances),
             "is_next": int((self.instances[:, 4] == 0).sum()),
+            "long_sentences": int((np.diff(self.index.sentence_starts) > self.seq_len - 3).sum()),
         }
 
 

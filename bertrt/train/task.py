@@ -8,18 +8,19 @@ The pre-training data is `data.py`'s; the fine-tuning file readers and metrics a
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from bertrt.errors import BertrtError
-from bertrt.tokenizer import Tokenizer, train_vocab
+from bertrt.tokenizer import Tokenizer, TokenizerError, train_vocab
 from bertrt.train import data, losses, tasks
 from bertrt.train.config import TrainConfig
-from bertrt.train.corpus import read_documents
+from bertrt.train.corpus import DataError, read_documents
 
 if TYPE_CHECKING:
     from bertrt.train.setup import Dist
@@ -159,13 +160,23 @@ class PretrainTask(Task):
             eval_source = (data.pretraining_source([Path(p) for p in cfg.eval_data], tokenizer,
                                                    cfg.seq_len, cfg.seed)
                            if cfg.eval_data else None)
+        # A sentence longer than an example is cut at random: say so, as fine-tuning does (of
+        # the user's files: the embedded corpus is what it is).
+        long = source.stats["long_sentences"]
+        if cfg.eval_split:
+            long += eval_source.stats["long_sentences"]
+        if cfg.data:
+            _warn_truncated(say, paths, long, cfg.seq_len, _LONG_SENTENCES)
+        if cfg.eval_data:
+            _warn_truncated(say, cfg.eval_data, eval_source.stats["long_sentences"], cfg.seq_len,
+                            _LONG_SENTENCES)
         return cls(source, eval_source, tokenizer, cfg.seed, cfg.mask_prob,
                    cfg.whole_word_mask, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
 
     @staticmethod
     def train_vocab(paths: list[Path], size: int) -> Tokenizer:
-        texts = (line for p in paths for doc in read_documents(p) for line in doc)
-        return train_vocab(texts=texts, size=size)
+        return _vocab(paths, size, (line for p in paths for doc in read_documents(p)
+                                    for line in doc))
 
     def collate(self, examples: list, indices: list[int]) -> Batch:
         return data.collate_pretraining(examples, indices, self.tokenizer, self.seed,
@@ -193,6 +204,8 @@ class _FineTuneTask(Task):
     read: ClassVar[Callable[..., tuple[Any, list[str], int]]]
     #: `tasks.collate_*`: pads examples with the pad id.
     pad_collate: ClassVar[Callable[[Sequence[data.Example], int], Batch]]
+    #: `tasks.*_texts`: a file's text fields (what a vocabulary is trained on, not labels).
+    texts: ClassVar[Callable[[Path], Iterator[str]]]
 
     def __init__(self, source: Any, eval_source: Any | None, labels: list[str], pad_id: int, *,
                  batch_size: int, grad_accum: int) -> None:
@@ -222,9 +235,9 @@ class _FineTuneTask(Task):
         return cls(source, eval_source, list(labels), tokenizer.pad_id,
                    batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
 
-    @staticmethod
-    def train_vocab(paths: list[Path], size: int) -> Tokenizer:
-        return train_vocab(paths, size=size)
+    @classmethod
+    def train_vocab(cls, paths: list[Path], size: int) -> Tokenizer:  # type: ignore[override]
+        return _vocab(paths, size, (text for p in paths for text in cls.texts(p)))
 
     def collate(self, examples: list, indices: list[int]) -> Batch:
         return self.pad_collate(examples, self.pad_id)
@@ -245,10 +258,44 @@ class _FineTuneTask(Task):
         """The task's eval metrics over every rank's predictions."""
 
 
-def _warn_truncated(say: Say, path: Path, truncated: int, seq_len: int) -> None:
-    if truncated:
-        say(f"warning: {path}: {truncated} input(s) longer than --seq-len {seq_len} were "
-            f"truncated")
+_INPUTS_CUT = "input(s) longer than --seq-len {seq_len} were truncated"
+_LONG_SENTENCES = ("sentence(s) longer than --seq-len {seq_len} allows ({tokens} tokens) were "
+                   "cut to fit; write one sentence per line to train on all of them")
+
+
+def _warn_truncated(say: Say, paths: Path | Sequence[str | Path], count: int, seq_len: int,
+                    what: str = _INPUTS_CUT) -> None:
+    """A warning naming the file(s) and how many of their inputs were cut to --seq-len."""
+    if count:
+        names = paths if isinstance(paths, Path) else ", ".join(map(str, paths))
+        say(f"warning: {names}: {count} " + what.format(seq_len=seq_len, tokens=seq_len - 3))
+
+
+def _vocab(paths: list[Path], size: int, texts: Iterable[str]) -> Tokenizer:
+    """A WordPiece vocabulary of `size` trained on `texts`, the text of `paths`: no text at all
+    is an error naming the files, and `train_vocab`'s warnings name them too."""
+    names, found = ", ".join(map(str, paths)), 0
+
+    def counted() -> Iterator[str]:
+        nonlocal found
+        for text in texts:
+            found += bool(text.strip())
+            yield text
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokenizer = train_vocab(texts=counted(), size=size)
+    except TokenizerError:
+        if found:
+            raise
+        raise DataError(f"{names}: the corpus is empty (no text to train a vocabulary on)"
+                        ) from None
+    for warning in caught:  # they name their source "texts": it is these files
+        message = str(warning.message)
+        warnings.warn(f"{names}: {message.removeprefix('texts: ')}", warning.category,
+                      stacklevel=2)
+    return tokenizer
 
 
 class ClassifyTask(_FineTuneTask):
@@ -257,6 +304,7 @@ class ClassifyTask(_FineTuneTask):
     best_metric = "macro_f1"
     read = staticmethod(tasks.classification_source)
     pad_collate = staticmethod(tasks.collate_classification)
+    texts = staticmethod(tasks.classification_texts)
 
     def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
         return outputs["logits"].argmax(-1).cpu().tolist(), batch["labels"].tolist()
@@ -271,6 +319,7 @@ class TagTask(_FineTuneTask):
     best_metric = "f1"
     read = staticmethod(tasks.tagging_source)
     pad_collate = staticmethod(tasks.collate_tagging)
+    texts = staticmethod(tasks.conll_texts)
 
     def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
         names = self.labels or []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,14 @@ from bertrt.train.data import IGNORE_INDEX, Example, PackedSource
 
 __all__ = [
     "classification_metrics", "classification_source", "collate_classification",
-    "collate_tagging", "get_entities", "read_classification", "read_conll", "tagging_metrics",
-    "tagging_source",
+    "classification_texts", "collate_tagging", "conll_texts", "get_entities",
+    "read_classification", "read_conll", "tagging_metrics", "tagging_source",
 ]
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+#: The longest field of a CSV/TSV file, in characters (the `csv` module's own limit, 128 Ki, is
+#: below a long document's text; inputs are cut to --seq-len tokens after reading anyway).
+CSV_FIELD_LIMIT = 64 * 2**20
 DOCSTART = "-DOCSTART-"
 _INT = re.compile(r"[+-]?\d+")
 
@@ -68,12 +72,27 @@ def _label_table(seen: dict[str, str], label2id: dict[str, int] | None,
 
 # ------------------------------------------------------------------------- classification
 
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """The `csv` module's field limit (process-wide) raised to `limit` while a file is read."""
+    before = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
 def _rows_table(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV/TSV file with a header, as ``(line number, {column: value})``."""
     lines = (line for _, line in iter_lines(path))
     # TSV (as GLUE's) is not quoted: a '"' inside a text is just a character.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
+    with _csv_field_limit(CSV_FIELD_LIMIT):
+        yield from _table_rows(path, reader, delimiter)
+
+
+def _table_rows(path: Path, reader: Any, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     try:
         header = next((row for row in reader if any(c.strip() for c in row)), None)
         if header is None:
@@ -92,6 +111,10 @@ def _rows_table(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str
                                 f"fields ({delimiter!r}-separated), got {len(row)}")
             yield reader.line_num, dict(zip(header, row))
     except csv.Error as e:
+        if "field larger than field limit" in str(e):
+            raise DataError(f"{path}: line {reader.line_num}: a field is larger than the CSV "
+                            f"field limit ({CSV_FIELD_LIMIT:,} characters, "
+                            f"bertrt.train.tasks.CSV_FIELD_LIMIT)") from None
         raise DataError(f"{path}: line {reader.line_num}: malformed row ({e})") from None
 
 
@@ -131,6 +154,15 @@ def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]
             values.append(value)
         text, pair = values
         yield lineno, text or "", pair, label
+
+
+def classification_texts(path: Path) -> Iterator[str]:
+    """The texts (and text pairs) of a classification file, without its labels: what a
+    vocabulary is trained on."""
+    for _, text, pair, _ in read_classification(path):
+        yield text
+        if pair:
+            yield pair
 
 
 def classification_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: int,
@@ -227,6 +259,12 @@ def read_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
         tags.append(cols[-1])
     if tokens:
         yield start, tokens, tags
+
+
+def conll_texts(path: Path) -> Iterator[str]:
+    """The sentences of a CoNLL file as text (its tokens only, no tag or other column)."""
+    for _, tokens, _ in read_conll(path):
+        yield " ".join(tokens)
 
 
 def tagging_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: int,

@@ -11,6 +11,7 @@ import json
 import pickle
 import random
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
-from bertrt.train.corpus import DataError, embedded_corpus, read_documents, split_sentences
+from bertrt.train.config import TrainConfig
+from bertrt.train.corpus import (
+    DataError,
+    embedded_corpus,
+    invalid_utf8,
+    read_documents,
+    split_sentences,
+)
 from bertrt.train.data import (
     Example,
     ExampleSource,
@@ -250,6 +258,32 @@ def test_invalid_utf8_fails_with_line_number(tok: Tokenizer, tmp_path: Path) -> 
     jsonl.write_bytes(b'{"text": "ok"}\n{"text": "\xc3("}\n')
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: invalid UTF-8"):
         list(read_documents(jsonl))
+
+
+def test_invalid_utf8_hint_converts_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "my corpus.txt"
+    path.write_bytes("caf\xe9 au lait.\n".encode("latin-1"))
+    with pytest.raises(DataError) as caught:
+        list(read_documents(path))
+    quoted = shlex.quote(str(path))
+    assert str(caught.value) == (
+        f"{path}: line 1: invalid UTF-8 (byte 4 of the line); convert the file to UTF-8, e.g. "
+        f"from Latin-1: iconv -f latin1 -t utf-8 {quoted} > {shlex.quote(str(path) + '.utf8')}")
+    assert str(caught.value) == str(invalid_utf8(path, 1, 3))  # the one wording
+
+
+def test_sentences_longer_than_an_example_are_counted(tok: Tokenizer, tmp_path: Path) -> None:
+    from bertrt.train.task import PretrainTask
+
+    long_line = " ".join(f"d1t{p % 150}" for p in range(400))  # no sentence end: one sentence
+    path = write_text(tmp_path / "long.txt", [[["d0t0", "d0t1"], ["d0t2"]], [[long_line]]])
+    source = pretraining_source([path], tok, seq_len=32, seed=0)
+    assert source.stats["long_sentences"] == 1
+    said: list[str] = []
+    cfg = TrainConfig(data=(str(path),), seq_len=32)
+    PretrainTask.build(cfg, tok, [path], None, said.append)
+    assert said == [f"warning: {path}: 1 sentence(s) longer than --seq-len 32 allows (29 tokens) "
+                    "were cut to fit; write one sentence per line to train on all of them"]
 
 
 def test_read_documents_formats(tmp_path: Path) -> None:

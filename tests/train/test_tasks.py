@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bertrt.tokenizer import SPECIAL_TOKENS, Tokenizer
-from bertrt.train.corpus import DataError
+from bertrt.train import tasks
+from bertrt.train.corpus import DataError, invalid_utf8
 from bertrt.train.data import ExampleSource
 from bertrt.train.tasks import (
     classification_metrics,
@@ -139,8 +140,28 @@ def test_eval_labels_follow_training_and_unseen_is_an_error(tok: Tokenizer,
 def test_invalid_utf8_in_csv(tok: Tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_bytes(b"text,label\ngood,pos\nb\xe9d,neg\n")
-    with pytest.raises(DataError, match="bad.csv: line 3: invalid UTF-8"):
+    with pytest.raises(DataError, match="bad.csv: line 3: invalid UTF-8") as caught:
         classification_source(path, tok, seq_len=8, seed=0)
+    assert str(caught.value) == str(invalid_utf8(path, 3, 1))  # one wording, CoNLL's too
+    conll = tmp_path / "bad.conll"
+    conll.write_bytes(b"John B-PER\nb\xe9d O\n")
+    with pytest.raises(DataError) as caught:
+        tagging_source(conll, tok, seq_len=8, seed=0)
+    assert str(caught.value) == str(invalid_utf8(conll, 2, 1))
+
+
+def test_a_long_csv_field_is_read_and_one_over_the_limit_named(tok: Tokenizer, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text(f'text,label\n"{"good " * 60_000}",pos\nbad,neg\n')  # 300 kB > csv's 128 kB
+    source, labels, truncated = classification_source(path, tok, seq_len=8, seed=0)
+    assert len(source) == 2 and labels == ["neg", "pos"] and truncated == 1
+    monkeypatch.setattr(tasks, "CSV_FIELD_LIMIT", 1000)
+    with pytest.raises(DataError) as caught:
+        classification_source(path, tok, seq_len=8, seed=0)
+    assert str(caught.value) == (
+        f"{path}: line 2: a field is larger than the CSV field limit (1,000 characters, "
+        "bertrt.train.tasks.CSV_FIELD_LIMIT)")
 
 
 def test_collate_classification(tok: Tokenizer, tmp_path: Path) -> None:
@@ -261,3 +282,29 @@ def test_tagging_metrics_by_hand() -> None:
     assert m["f1"] == 1.0 and m["accuracy"] == 0.5
     with pytest.raises(ValueError, match="sentence 0"):
         tagging_metrics([["O"]], [["O", "O"]])
+
+
+# ----------------------------------------------------------------------- vocabularies
+def test_a_task_vocabulary_is_trained_on_its_text_only(tmp_path: Path) -> None:
+    from bertrt.train.task import ClassifyTask, PretrainTask, TagTask
+
+    texts = ["the film was good", "the plot was bad", "a good movie", "a bad film"] * 20
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("text,label\n" + "".join(f"{t},zzpositive\n" for t in texts))
+    conll = tmp_path / "train.conll"
+    conll.write_text("".join(f"{w} XXPOS B-QQORG\n" + ("\n" if k % 4 == 3 else "")
+                             for k, w in enumerate(" ".join(texts).split())))
+    for task, path, label in ((ClassifyTask, csv_path, "zzpositive"),
+                              (TagTask, conll, "qqorg"), (TagTask, conll, "xxpos")):
+        with pytest.warns(UserWarning) as said:  # a small corpus gives fewer tokens than asked
+            vocab = task.train_vocab([path], 1000).vocab
+        assert "film" in vocab and label not in vocab, (task, label)
+        assert [str(w.message).split(": ")[0] for w in said] == [str(path)]  # named by file
+    empty = tmp_path / "header.csv"
+    empty.write_text("text,label\n\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    for task, path in ((ClassifyTask, empty), (PretrainTask, blank)):
+        with pytest.raises(DataError) as caught:
+            task.train_vocab([path], 200)
+        assert str(caught.value).startswith(f"{path}: ") and "train_vocab" not in str(caught.value)
