@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 #: What a complete checkpoint folder holds.
 REQUIRED = ("config.json", "model.safetensors", STATE_FILE)
 
@@ -62,7 +62,7 @@ def save_model_dir(model: Model, target: Path, files: dict[str, Any] | None = No
     An older `target` is replaced."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{_TMP_PREFIX}{target.name}-{os.getpid()}"
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save(tmp)
@@ -74,10 +74,10 @@ def save_model_dir(model: Model, target: Path, files: dict[str, Any] | None = No
     _fsync_tree(tmp)
     old = None
     if target.exists():
-        old = target.parent / f"{_TMP_PREFIX}old-{target.name}-{os.getpid()}"
+        old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
         os.replace(target, old)
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -107,7 +107,7 @@ def remove_partial(out: Path) -> None:
     for root in (checkpoint_root(out), Path(out)):
         if root.is_dir():
             for child in root.iterdir():
-                if child.name.startswith(_TMP_PREFIX) and child.is_dir():
+                if child.name.startswith(TMP_PREFIX) and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
 
 
@@ -142,10 +142,11 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (renames into it) durable, where the system allows."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -25,12 +25,19 @@ _PATH = click.Path(path_type=str)
 
 
 def _option(f: dataclasses.Field, hint: Any) -> Callable[[Callable], Callable]:
-    """The click option of one `TrainConfig` field: its flag, type, default and help."""
+    """The click option of one `TrainConfig` field: its flag, type, default and help (which
+    ends with the default: click's, or the field's `shown` words)."""
     if isinstance(hint, types.UnionType):  # `X | None`: a setting with a computed default
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     kind = typing.get_origin(hint) or hint
-    settings: dict[str, Any] = {"help": f.metadata["help"]}
-    if kind is bool:
+    flag = "--" + f.name.replace("_", "-")
+    shown = f.metadata.get("shown", "off" if f.default is False else None)
+    settings: dict[str, Any] = {"help": f.metadata["help"] + (
+        f"  [default: {shown}]" if shown is not None else "")}
+    if kind is bool and f.default is None:  # an on/off switch whose default is computed
+        flag = f"{flag}/--no-{flag[2:]}"
+        settings["default"] = None
+    elif kind is bool:
         settings["is_flag"] = True
     elif kind is tuple:
         settings.update(multiple=True, type=_PATH)
@@ -43,7 +50,7 @@ def _option(f: dataclasses.Field, hint: Any) -> Callable[[Callable], Callable]:
         settings["type"] = click.Choice(choices) if choices else _PATH
     if f.default is not None and kind not in (bool, tuple):
         settings.update(default=f.default, show_default=True)
-    return click.option("--" + f.name.replace("_", "-"), **settings)
+    return click.option(flag, **settings)
 
 
 def _train_options(command: Callable) -> Callable:
@@ -69,7 +76,10 @@ def train(**options: Any) -> None:
     cfg = TrainConfig(**options)
     if cfg.nproc > 1 and not loop.is_distributed_launch():
         sys.exit(_launch(cfg))
-    loop.train(cfg)
+    try:
+        loop.train(cfg)
+    except KeyboardInterrupt:  # the loop has said where the run stands
+        sys.exit(130)
 
 
 def _launch(cfg: TrainConfig) -> int:

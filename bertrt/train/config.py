@@ -45,11 +45,15 @@ TRAJECTORY_FIELDS = (
 )
 
 
-def _setting(default: Any, help: str, **option: Any) -> Any:
-    """A field and its `bertrt train` option: a one-line `help`, and for the option `min` (an
-    integer's least value) or `choices` (a string's values); `bertrt.train.cli` builds the
+def _setting(default: Any, help: str, shown: str | None = None, **option: Any) -> Any:
+    """A field and its `bertrt train` option: a one-line `help`; `shown`, the default in words
+    where it is computed or empty (None, no file, a flag that is off); and for the option `min`
+    (an integer's least value) or `choices` (a string's values). `bertrt.train.cli` builds the
     option from the field's type, default and these."""
-    return field(default=default, metadata={"help": help, **option})
+    metadata = {"help": help, **option}
+    if shown is not None:
+        metadata["shown"] = shown
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -65,26 +69,29 @@ class TrainConfig:
                          "(token labels).", choices=TASKS)
     data: tuple[str, ...] = _setting(
         (), "Training file(s). Pretrain: text (a sentence per line, blank line between "
-        "documents) or JSONL with 'text'; none = the embedded corpus. Classify: "
-        ".csv/.tsv/.jsonl (text, text_pair, label). Tag: CoNLL.")
+        "documents) or JSONL with 'text'. Classify: .csv/.tsv/.jsonl (text, text_pair, "
+        "label). Tag: CoNLL.", shown="pretrain: the embedded corpus")
     eval_data: tuple[str, ...] = _setting(
-        (), "Held-out file(s), evaluated every --eval-every steps and at the end.")
+        (), "Held-out file(s), evaluated every --eval-every steps and at the end.",
+        shown="none")
     eval_split: float | None = _setting(
         None, "Pretrain: hold out this fraction of the documents (by --seed) to evaluate, in "
-        "[0, 0.5) [default: 0.02 for the embedded corpus, else 0].")
+        "[0, 0.5).", shown="0.02 for the embedded corpus, else 0")
     model: str | None = _setting(
-        None, "Start from this Hugging Face-layout BERT dir (missing heads start fresh).")
-    preset: str | None = _setting(None, "Start from a fresh model of this size [default: tiny].",
+        None, "Start from this Hugging Face-layout BERT dir (missing heads start fresh).",
+        shown="none: --preset")
+    preset: str | None = _setting(None, "Start from a fresh model of this size.", shown="tiny",
                                   choices=tuple(sorted(PRESETS)))
-    vocab: str | None = _setting(None, "vocab.txt (default: the model's, else trained).")
+    vocab: str | None = _setting(None, "A vocab.txt; give one for runs that repeat exactly.",
+                                 shown="the model's, else one trained on the data")
     vocab_size: int = _setting(8000, "Size of a freshly trained vocabulary.", min=10)
     out: str = _setting("bertrt-out", "Output dir: checkpoints/, metrics.jsonl, run.json; at "
                         "the end the model.")
     batch_size: int = _setting(32, "Examples per micro-batch, per process.", min=1)
     seq_len: int = _setting(128, "Longest sequence in tokens, special tokens included.", min=8)
     max_steps: int = _setting(800, "Optimizer steps.", min=1)
-    lr: float | None = _setting(None, "Peak learning rate [default: 1e-3 pretrain, 1e-4 "
-                                "fine-tuning].")
+    lr: float | None = _setting(None, "Peak learning rate.",
+                                shown="1e-3 pretrain, 1e-4 fine-tuning")
     weight_decay: float = _setting(0.01, "AdamW/LAMB weight decay (never on biases and "
                                    "LayerNorm).")
     warmup: float = _setting(0.1, "Linear warm-up, as a fraction of --max-steps.")
@@ -100,19 +107,22 @@ class TrainConfig:
     keep: int = _setting(3, "Checkpoints kept (the newest).", min=1)
     log_every: int = _setting(10, "A metrics.jsonl line every this many steps (and the first, "
                               "the last and eval steps).", min=1)
-    eval_every: int | None = _setting(None, "Evaluate every this many steps [default: "
-                                      "--save-every].", min=1)
+    eval_every: int | None = _setting(None, "Evaluate every this many steps.",
+                                      shown="--save-every", min=1)
     seed: int = _setting(0, "Seeds the model, the data order, the masking and dropout.", min=0)
-    threads: int | None = _setting(None, "Torch threads per process [default: the "
-                                   "checkpoint's, else cores/procs].", min=1)
+    threads: int | None = _setting(None, "Torch threads per process.",
+                                   shown="the checkpoint's, else cores / processes", min=1)
     checkpoint_activations: bool = _setting(
         False, "Recompute encoder layers in the backward pass (less memory).")
     mask_prob: float = _setting(0.15, "Fraction of the tokens masked for MLM, in (0, 1).")
     whole_word_mask: bool = _setting(False, "Mask whole words.")
     resume: bool = _setting(False, "Continue from the newest checkpoint in --out.")
-    overwrite: bool = _setting(False, "Replace an earlier run's outputs in --out.")
+    overwrite: bool = _setting(False, "Replace the run in --out, once the new one is complete "
+                               "(other files there stay).")
     nproc: int = _setting(1, "Processes on this machine (launches torchrun; data parallel).",
                           min=1)
+    progress: bool | None = _setting(None, "Show a progress bar (else a line per checkpoint).",
+                                     shown="on a terminal")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -186,19 +196,26 @@ class TrainConfig:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name != "extra"}
 
-    def to_argv(self) -> list[str]:
-        """The `bertrt train` arguments that rebuild this config (for re-launching)."""
+    def to_argv(self, changed_only: bool = False) -> list[str]:
+        """The `bertrt train` arguments that rebuild this config (for re-launching; without
+        --nproc, the launcher's); with `changed_only`, only the settings that differ from
+        what they would be without their flag (for a command shown to the user)."""
+        base = TrainConfig(task=self.task, data=self.data, eval_data=self.eval_data,
+                           save_every=self.save_every) if changed_only else None
         argv: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in ("extra", "nproc") or value is None:
                 continue
+            if base is not None and value == (getattr(base, f.name) if f.name not in _BASE
+                                              else f.default):
+                continue
             if f.name in ("data", "eval_data"):
                 for path in value:
                     argv += [_flag(f.name), str(path)]
             elif isinstance(value, bool):
-                if value:
-                    argv.append(_flag(f.name))
+                if value or f.default is None:  # an on/off switch says both
+                    argv.append(_flag(f.name) if value else "--no-" + _flag(f.name)[2:])
             else:
                 argv += [_flag(f.name), str(value)]
         return argv
@@ -222,6 +239,8 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -
             )
 
 
+#: The fields `to_argv(changed_only=True)` keeps unless they have their own default.
+_BASE = ("task", "data", "eval_data", "save_every")
 #: Trajectory fields left out when they have this value (added after the first checkpoints).
 _ABSENT: dict[str, Any] = {"eval_split": 0.0}
 

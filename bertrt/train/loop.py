@@ -33,7 +33,7 @@ import bertrt
 from bertrt.errors import BertrtError
 from bertrt.model import Model
 from bertrt.train import checkpoint as ckpt
-from bertrt.train import report, setup
+from bertrt.train import outdir, report, setup
 from bertrt.train.config import TrainConfig, config_hash
 from bertrt.train.setup import Dist, Optimization, is_distributed_launch
 from bertrt.train.task import TASKS, Task
@@ -67,7 +67,8 @@ class _Run:
 
     cfg: TrainConfig
     env: Dist
-    out: Path
+    out: Path  # where the run writes: OUT, or the folder that replaces it (--overwrite)
+    replaces: bool  # --overwrite: `out` becomes OUT once the run is complete
     task: Task
     model: Model
     net: torch.nn.Module  # the model's module; `module` is DDP's wrapper of it, or itself
@@ -82,11 +83,24 @@ def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int], None] | None) -
     out = Path(cfg.out)
     say = report.Say(env.master)
 
-    # ------------------------------------------------------------------ the output folder
-    # Every rank checks the settings (and loads a resumed checkpoint) before rank 0 writes.
+    # ------------------------------------------------------------------ where the run starts
+    # Every rank checks the settings and OUT (and loads a resumed checkpoint) first.
     begin = setup.start(cfg, out, env)
-    setup.prepare_out(cfg, out, env, begin, say)
+    if begin.resumed and begin.step >= cfg.max_steps:
+        return _finished(cfg, begin, env, say)
+    if cfg.resume:
+        say(f"resuming from step {begin.step} (checkpoint {begin.where})" if begin.resumed
+            else f"notice: {out} has no complete checkpoint; starting from step 0")
+    try:
+        return _run(cfg, env, begin, say, on_step, t_start)
+    except BaseException:
+        if env.master:
+            setup.discard_out(begin)  # an --overwrite run that failed: OUT stays as it was
+        raise
 
+
+def _run(cfg: TrainConfig, env: Dist, begin: setup.Start, say: report.Say,
+         on_step: Callable[[int], None] | None, t_start: float) -> Path:
     # ------------------------------------------------------------------ threads and seeds
     threads = setup.threads(cfg, env, begin.state, say)
     torch.set_num_threads(threads)
@@ -95,40 +109,64 @@ def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int], None] | None) -
     setup.seed_everything(cfg.seed + env.rank)
 
     # ------------------------------------------------------------------ tokenizer, data, model
+    # All read and checked before the run writes a file (the embedded corpus aside: nothing
+    # of the user's to check, and it is written into the run's folder).
     kind = TASKS[cfg.task]
-    data_paths = setup.data_paths(cfg, out, env, say)
-    tokenizer = setup.choose_tokenizer(cfg, out, env, begin, data_paths, kind.train_vocab, say)
+    data_paths = setup.data_paths(cfg, begin, env, say)
+    tokenizer, trained = setup.choose_tokenizer(cfg, env, begin, data_paths, kind.train_vocab,
+                                                say)
     task = kind.build(cfg, tokenizer, data_paths, begin.label2id, say)
     model = setup.build_model(cfg, tokenizer, task.labels, begin, say)
     net, module = setup.lower(model, cfg, env)
-    opt = setup.optimization(cfg, model, net, env, begin.state)
-    run = _Run(cfg, env, out, task, model, net, module, opt, threads, begin.best)
+    opt = setup.optimization(cfg, model, net, env, begin.state, say)
+    setup.open_out(begin, env, tokenizer if trained else None)
+    run = _Run(cfg, env, begin.work, begin.replaces, task, model, net, module, opt, threads,
+               begin.best)
 
     # ------------------------------------------------------------------ the loop
     if env.master:
-        report.write_run_record(cfg, out, env, threads, model, task, data_paths, begin.step,
-                                say)
-    with report.Progress(cfg, out, begin.step, task, say, t_start) as progress:
-        for step in range(begin.step, cfg.max_steps):
-            row = _step(run, step)
-            done = step + 1
-            if on_step is not None:
-                on_step(done)
-            final = done == cfg.max_steps
-            if task.eval_source is not None and (done % cfg.eval_every == 0 or final):
-                row.update(_evaluate(run, done))
-            progress.log(row)
-            if done % cfg.save_every == 0 or final:
-                _checkpoint(run, done)
+        report.write_run_record(cfg, begin.work, env, threads, model, task,
+                                [begin.final(p) for p in data_paths], begin.step, say)
+    done = begin.step
+    try:
+        with report.Progress(cfg, begin.work, begin.step, task, say, t_start) as progress:
+            for step in range(begin.step, cfg.max_steps):
+                row = _step(run, step)
+                done = step + 1
+                if on_step is not None:
+                    on_step(done)
+                final = done == cfg.max_steps
+                if task.eval_source is not None and (done % cfg.eval_every == 0 or final):
+                    row.update(_evaluate(run, done))
+                progress.log(row)
+                if done % cfg.save_every == 0 or final:
+                    _checkpoint(run, done)
+    except KeyboardInterrupt:
+        report.interrupted(cfg, begin, done, env.world, say)
+        raise
 
     # ------------------------------------------------------------------ the final model
     if env.master:
-        model.save(out)
-        png = report.plot(out)
-        report.summary(cfg, out, model, task, progress.last, run.best, png,
-                       time.perf_counter() - t_start)
+        model.save(begin.work)
+        png = report.plot(begin.work)
+        setup.finish_out(begin)  # --overwrite: the complete new run replaces OUT now
+        report.summary(cfg, begin.out, model, task, progress.last, run.best,
+                       png and begin.final(png), time.perf_counter() - t_start)
     env.barrier()
-    return out
+    return begin.out
+
+
+def _finished(cfg: TrainConfig, begin: setup.Start, env: Dist, say: report.Say) -> Path:
+    """--resume of a run that has reached --max-steps: nothing to train (the final model
+    written if a stop came between the last checkpoint and it)."""
+    if env.master:
+        if not all((begin.out / name).is_file() for name in outdir.MODEL_FILES):
+            begin.model.save(begin.out)  # type: ignore[union-attr]
+        say(f"{begin.out}: the run is finished ({begin.step} of {cfg.max_steps} steps), "
+            f"nothing to train; its model is {begin.out}. To train it further, start a new "
+            f"run from it: bertrt train --model {begin.out} --out NEW_DIR ...")
+    env.barrier()
+    return begin.out
 
 
 def _step(run: _Run, step: int) -> dict[str, Any]:
@@ -155,7 +193,7 @@ def _step(run: _Run, step: int) -> dict[str, Any]:
     stats = env.all_sum(stats).cpu()
     metrics = task.summarize(stats[:-1])  # the step's, over all ranks
     if not math.isfinite(metrics["loss"]):
-        raise _non_finite(f"the loss is {metrics['loss']}", step + 1, run.out)
+        raise _non_finite(f"the loss is {metrics['loss']}", step + 1, run)
     grad_norm, lr = _update(run, step)
     return {"step": step + 1, "loss": metrics["loss"], "lr": lr,
             "tokens_per_s": float(stats[-1]) / (time.perf_counter() - t0), **metrics,
@@ -169,7 +207,7 @@ def _update(run: _Run, step: int) -> tuple[float, float]:
     max_norm = run.cfg.clip if run.cfg.clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, max_norm))
     if not math.isfinite(grad_norm) and not opt.scaler.is_enabled():
-        raise _non_finite(f"the gradient norm is {grad_norm}", step + 1, run.out)
+        raise _non_finite(f"the gradient norm is {grad_norm}", step + 1, run)
     lr = opt.scheduler.get_last_lr()[0]
     opt.scaler.step(opt.optimizer)  # with fp16 a step with inf gradients is skipped
     opt.scaler.update()
@@ -194,7 +232,7 @@ def _checkpoint(run: _Run, done: int) -> None:
     """`OUT/checkpoints/step-<done>`: the model and everything an exact resume needs."""
     cfg, env, opt = run.cfg, run.env, run.opt
     if not all(bool(torch.isfinite(p).all()) for p in opt.params):
-        raise _non_finite("the parameters are no longer finite", done, run.out)
+        raise _non_finite("the parameters are no longer finite", done, run)
     rng = env.gather(ckpt.rng_state())  # every rank's dropout RNG
     if env.master:
         ckpt.save_checkpoint(run.out, done, run.model, {
@@ -217,9 +255,14 @@ def _checkpoint(run: _Run, done: int) -> None:
     env.barrier()
 
 
-def _non_finite(what: str, step: int, out: Path) -> TrainingError:
-    latest = ckpt.latest_checkpoint(out)
-    kept = (f"the last good checkpoint is kept: {latest[1]} (step {latest[0]}); continue "
-            f"from it with --resume, or start again with a lower --lr"
-            if latest else "no checkpoint had been saved yet; try a lower --lr")
+def _non_finite(what: str, step: int, run: _Run) -> TrainingError:
+    latest = ckpt.latest_checkpoint(run.out)
+    if run.replaces:
+        kept = (f"--out {run.cfg.out} keeps the earlier run (--overwrite replaces it only with a "
+                f"complete one); start again with a lower --lr")
+    elif latest:
+        kept = (f"the last good checkpoint is kept: {latest[1]} (step {latest[0]}); continue "
+                f"from it with --resume, or start again with a lower --lr")
+    else:
+        kept = "no checkpoint had been saved yet; try a lower --lr"
     return TrainingError(f"step {step}: {what}; training stopped, {kept}")

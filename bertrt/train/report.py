@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from bertrt.train.config import TrainConfig, config_hash
 
 if TYPE_CHECKING:
     from bertrt.model import Model
-    from bertrt.train.setup import Dist
+    from bertrt.train.setup import Dist, Start
     from bertrt.train.task import Task
 
 METRICS = "metrics.jsonl"
@@ -64,14 +65,16 @@ def write_run_record(cfg: TrainConfig, out: Path, env: Dist, threads: int, model
     atomic_write_text(out / RUN, json.dumps(run, indent=2) + "\n")
     say(f"training {model!r} on {len(task.source):,} examples/epoch; {env.world} "
         f"process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum} x seq "
-        f"{cfg.seq_len}; {threads} thread(s); out: {out}")
+        f"{cfg.seq_len}; {threads} thread(s); out: {cfg.out}")
 
 
 class Progress:
     """The progress bar and `metrics.jsonl` of a run, as a context manager; on ranks other
     than 0 it shows and writes nothing.
 
-    Resuming from step k, the metrics of later steps (written before a kill) are dropped first.
+    The bar is drawn on a terminal only (or as `--progress/--no-progress` say); without it, a
+    line per checkpoint shows the same numbers, so a redirected log stays readable. Resuming
+    from step k, the metrics of later steps (written before a kill) are dropped first.
     """
 
     def __init__(self, cfg: TrainConfig, out: Path, start_step: int, task: Task, say: Say,
@@ -84,9 +87,12 @@ class Progress:
         self.file = open(path, "a", encoding="utf-8") if self.master else None  # noqa: SIM115
         #: The last row shown (the summary's numbers).
         self.last: dict[str, Any] = _last_metrics(path) if self.master else {}
-        self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not self.master,
+        self.shown = self.master and (sys.stderr.isatty() if cfg.progress is None
+                                      else cfg.progress)
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not self.shown,
                         dynamic_ncols=True, unit="step", file=sys.stderr)
-        say.bar = self.bar
+        if self.shown:
+            say.bar = self.bar
 
     def __enter__(self) -> Progress:
         return self
@@ -106,6 +112,8 @@ class Progress:
         done = row["step"]
         self.bar.update(1)
         self.bar.set_postfix_str(postfix(self.task, row), refresh=False)
+        if not self.shown and (done % self.cfg.save_every == 0 or done == self.cfg.max_steps):
+            self.say(f"step {done}/{self.cfg.max_steps}: {postfix(self.task, row)}")
         if (done == 1 or done % self.cfg.log_every == 0 or done == self.cfg.max_steps
                 or "eval_loss" in row):
             row["elapsed_s"] = time.perf_counter() - self.t_start
@@ -184,12 +192,11 @@ def plot(out: Path) -> Path | None:
 
 def summary(cfg: TrainConfig, out: Path, model: Model, task: Task, last: dict[str, Any],
             best: float | None, png: Path | None, seconds: float) -> None:
-    """The closing lines: steps, time and the last numbers; where the model, metrics, curve
-    and best checkpoint are; the commands that come next."""
+    """The closing lines: steps, time and the held-out evaluation (else the last batch's
+    numbers); where the model, metrics, curve and best checkpoint are; the commands that come
+    next."""
     minutes, secs = divmod(int(seconds), 60)
-    parts = [f"loss {last['loss']:.3f}"] if "loss" in last else []
-    parts += [f"{label} {last[key]:.1%}" for key, _, label in task.shown if key in last]
-    click.echo(f"done: {cfg.max_steps} steps in {minutes}m{secs:02d}s; {', '.join(parts)}")
+    click.echo(f"done: {cfg.max_steps} steps in {minutes}m{secs:02d}s; {scores(task, last)}")
     click.echo(f"model ({model.head} head, Hugging Face layout): {out}")
     click.echo(f"metrics: {out / METRICS}" + (f", curve: {png}" if png else ""))
     if best is not None:
@@ -198,3 +205,31 @@ def summary(cfg: TrainConfig, out: Path, model: Model, task: Task, last: dict[st
     click.echo("next:")
     click.echo(f"  bertrt export {out / 'model.onnx'} --model {out}")
     click.echo(f"  bertrt serve-bench {out / 'model.onnx'}")
+    click.echo(f"  bertrt inspect {out} --batch 8 --seq 128")
+
+
+def scores(task: Task, row: dict[str, Any]) -> str:
+    """A row's numbers in words: its evaluation when it has one, else its training batch's."""
+    held_out = "eval_loss" in row
+    key = "eval_{}" if held_out else "{}"
+    parts = [f"loss {row[key.format('loss')]:.3f}"]
+    parts += [f"{label} {row[key.format(name)]:.1%}" for name, _, label in task.shown
+              if key.format(name) in row]
+    return "eval " + ", eval ".join(parts) if held_out else "last batch: " + ", ".join(parts)
+
+
+def interrupted(cfg: TrainConfig, begin: Start, done: int, world: int, say: Say) -> None:
+    """After Ctrl-C: where the run's newest checkpoint is, and the command that continues it
+    (an --overwrite run instead leaves OUT as it was)."""
+    if begin.replaces:
+        say(f"interrupted at step {done}; --out {begin.out} keeps the earlier run "
+            f"(--overwrite replaces it only with a complete one)")
+        return
+    latest = ckpt.latest_checkpoint(begin.work)
+    say(f"interrupted at step {done}; " + (
+        f"the last checkpoint is {latest[1]} (step {latest[0]})" if latest
+        else "no checkpoint was written yet"))
+    argv = [a for a in cfg.to_argv(changed_only=True) if a not in ("--overwrite", "--resume")]
+    if world > 1:
+        argv += ["--nproc", str(world)]
+    say(f"continue with: bertrt train {shlex.join([*argv, '--resume'])}")

@@ -8,9 +8,10 @@ label ids and tokenizer the later steps take from it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,13 @@ from bertrt.graph.ir import HEAD
 from bertrt.model import Model
 from bertrt.tokenizer import Tokenizer
 from bertrt.train import checkpoint as ckpt
+from bertrt.train import outdir
 from bertrt.train.config import TrainConfig, check_same_run
 from bertrt.train.optim import build_optimizer, build_scheduler, no_decay_names
-from bertrt.train.report import LOSS_PNG, METRICS, RUN, Say
+from bertrt.train.outdir import DATA_DIR
+from bertrt.train.report import Say
 from bertrt.weights import match_tensors
 
-DATA_DIR = "data"
-#: The files `model.save(OUT)` writes into OUT (removed by --overwrite with the rest).
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
-RUN_OUTPUTS = (METRICS, RUN, LOSS_PNG, DATA_DIR, ckpt.CHECKPOINTS, ckpt.BEST, *MODEL_FILES)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -70,6 +69,14 @@ class Dist:
             dist.all_reduce(moved)
             tensor.copy_(moved.to(tensor.device))
         return tensor
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        objs = [obj]
+        dist.broadcast_object_list(objs, src=0)
+        return objs[0]
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""
@@ -105,17 +112,27 @@ def setup_distributed() -> Dist:
 @dataclass
 class Start:
     """What a run starts from: the checkpoint it resumes (its state and model), or `--model`'s
-    model, or nothing but a preset's config."""
+    model, or nothing but a preset's config; and where it writes."""
 
     step: int  #: the first step to run
     state: dict[str, Any] | None  #: the checkpoint's training state, when resuming
     model: Model | None  #: the checkpoint's model (resuming) or --model's
     config: BertConfig  #: the model's config, or the preset's
     where: str  #: names the source in messages
+    out: Path  #: --out
+    #: Where the run writes: OUT, or for --overwrite of a used OUT the folder beside it that
+    #: replaces OUT once the run is complete (`outdir`).
+    work: Path
+    opened: bool = False  #: whether `work` has been made (`open_out`)
 
     @property
     def resumed(self) -> bool:
         return self.state is not None
+
+    @property
+    def replaces(self) -> bool:
+        """An --overwrite run that builds beside OUT, and replaces it at the end."""
+        return self.work != self.out
 
     @property
     def label2id(self) -> dict[str, int] | None:
@@ -126,23 +143,32 @@ class Start:
     def best(self) -> float | None:
         return self.state.get("best") if self.state is not None else None
 
+    def final(self, path: Path) -> Path:
+        """`path`, a file the run wrote, as it is named once the run is OUT."""
+        return self.out / path.relative_to(self.work) if path.is_relative_to(self.work) else path
+
 
 def start(cfg: TrainConfig, out: Path, env: Dist) -> Start:
     """Check OUT and the settings, and load what the run starts from; every rank does this
-    before rank 0 writes anything."""
+    before rank 0 writes anything (but tidying what a stopped --overwrite left beside OUT)."""
+    if env.master:
+        outdir.recover_out(out)
+    env.barrier()
     resume_from = _check_out(cfg, out)
+    used = out.is_dir() and any(out.iterdir())
+    work = outdir.staging_dir(out) if cfg.overwrite and used else out
     if resume_from is not None:
         step, folder = resume_from
         state = ckpt.load_state(folder)
         check_same_run(state["trajectory"], cfg.trajectory(env.world), str(folder))
         model = bertrt.load(folder, head=cfg.head)
-        begin = Start(step, state, model, model.config, str(folder))
+        begin = Start(step, state, model, model.config, str(folder), out, work)
     elif cfg.model is not None:
         model = bertrt.load(cfg.model)
-        begin = Start(0, None, model, model.config, str(cfg.model))
+        begin = Start(0, None, model, model.config, str(cfg.model), out, work)
     else:
         name = cfg.preset or "tiny"
-        begin = Start(0, None, None, BertConfig.preset(name), f"preset {name}")
+        begin = Start(0, None, None, BertConfig.preset(name), f"preset {name}", out, work)
     if begin.config.max_position_embeddings < cfg.seq_len:
         raise BertrtError(f"--seq-len {cfg.seq_len} exceeds max_position_embeddings="
                           f"{begin.config.max_position_embeddings} of {begin.where}")
@@ -152,17 +178,33 @@ def start(cfg: TrainConfig, out: Path, env: Dist) -> Start:
     return begin
 
 
-def prepare_out(cfg: TrainConfig, out: Path, env: Dist, begin: Start, say: Say) -> None:
-    """Rank 0 clears OUT (--overwrite) and what a killed run left, and creates it."""
-    env.barrier()
-    if env.master:
-        if cfg.overwrite:
-            _clear_outputs(out)
-        ckpt.remove_partial(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and not begin.resumed:
-            say(f"notice: {out} has no complete checkpoint; starting from step 0")
-    env.barrier()
+def open_out(begin: Start, env: Dist, vocab: Tokenizer | None = None) -> None:
+    """Rank 0 makes the folder the run writes (`begin.work`) once everything the run reads has
+    been checked, clearing what a killed run left there; and writes a freshly trained `vocab`
+    into its data/. Every rank calls this."""
+    if not begin.opened:
+        env.barrier()  # every rank has checked OUT (`start`) before it changes
+        if env.master:
+            ckpt.remove_partial(begin.work)
+            begin.work.mkdir(parents=True, exist_ok=True)
+        begin.opened = True
+    if vocab is not None and env.master:
+        (begin.work / DATA_DIR).mkdir(exist_ok=True)
+        vocab.save_vocab(begin.work / DATA_DIR / "vocab.txt")
+
+
+def finish_out(begin: Start) -> None:
+    """Rank 0, at the end of a run that replaces OUT: the new run becomes OUT."""
+    if begin.replaces:
+        outdir.replace_out(begin.work, begin.out)
+
+
+def discard_out(begin: Start) -> None:
+    """Rank 0, when a run that replaces OUT fails: its half-built folder goes, OUT stays (or,
+    failing during the exchange itself, is made whole: `outdir.recover_out`)."""
+    if begin.replaces:
+        with contextlib.suppress(OSError):  # what is left, the next run tidies
+            outdir.recover_out(begin.out)
 
 
 def _check_out(cfg: TrainConfig, out: Path) -> tuple[int, Path] | None:
@@ -175,16 +217,6 @@ def _check_out(cfg: TrainConfig, out: Path) -> tuple[int, Path] | None:
         raise BertrtError(f"--out {out}: not empty; continue it with --resume, replace it "
                           f"with --overwrite, or choose another --out")
     return None
-
-
-def _clear_outputs(out: Path) -> None:
-    """Remove what a bertrt run writes into OUT (other files are left alone)."""
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 # ====================================================================== threads and seeds
@@ -208,37 +240,43 @@ def seed_everything(seed: int) -> None:
 
 
 # ====================================================================== data and tokenizer
-def data_paths(cfg: TrainConfig, out: Path, env: Dist, say: Say) -> list[Path]:
-    """The training files; for pretraining without --data, the embedded corpus in OUT/data."""
+def data_paths(cfg: TrainConfig, begin: Start, env: Dist, say: Say) -> list[Path]:
+    """The training files; for pretraining without --data, the embedded corpus in OUT/data
+    (there is nothing of the user's to check first, so this opens OUT)."""
     if cfg.data:
         return [Path(p) for p in cfg.data]
     from bertrt.train.corpus import embedded_corpus
 
-    corpus = out / DATA_DIR / "corpus.txt"
+    open_out(begin, env)
+    corpus = begin.work / DATA_DIR / "corpus.txt"
     if env.master and not corpus.is_file():
         say("building the embedded corpus (docstrings of the Python standard library)...")
-        corpus = embedded_corpus(out / DATA_DIR)
+        corpus = embedded_corpus(begin.work / DATA_DIR)
     env.barrier()
     return [corpus]
 
 
-def choose_tokenizer(cfg: TrainConfig, out: Path, env: Dist, begin: Start, paths: list[Path],
-                     train_vocab: Callable[[list[Path], int], Tokenizer], say: Say) -> Tokenizer:
+def choose_tokenizer(cfg: TrainConfig, env: Dist, begin: Start, paths: list[Path],
+                     train_vocab: Callable[[list[Path], int], Tokenizer],
+                     say: Say) -> tuple[Tokenizer, bool]:
     """The checkpoint's, --vocab, the --model's, or one `train_vocab` makes from the data (on
-    rank 0, into OUT/data/vocab.txt)."""
+    rank 0, for every rank); and whether it was trained (`open_out` then saves it)."""
     if begin.resumed:
-        return begin.model.tokenizer  # type: ignore[union-attr]
+        return begin.model.tokenizer, False  # type: ignore[union-attr]
     if cfg.vocab is not None:
-        return Tokenizer.from_vocab(cfg.vocab)
+        return Tokenizer.from_vocab(cfg.vocab), False
     if begin.model is not None and begin.model.has_tokenizer:
-        return begin.model.tokenizer
-    vocab = out / DATA_DIR / "vocab.txt"
+        return begin.model.tokenizer, False
+    vocab = None
     if env.master:
         say(f"training a {cfg.vocab_size}-token WordPiece vocabulary on "
             f"{', '.join(map(str, paths))}...")
-        train_vocab(paths, cfg.vocab_size).save_vocab(vocab)
-    env.barrier()
-    return Tokenizer.from_vocab(vocab)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vocab = train_vocab(paths, cfg.vocab_size).vocab
+        for warning in caught:  # a small corpus, words too long to split: one line each
+            say(f"warning: {warning.message}")
+    return Tokenizer(env.broadcast(vocab)), True
 
 
 # ====================================================================== model and optimizer
@@ -303,9 +341,12 @@ class Optimization:
 
 
 def optimization(cfg: TrainConfig, model: Model, net: torch.nn.Module, env: Dist,
-                 state: dict[str, Any] | None) -> Optimization:
+                 state: dict[str, Any] | None, say: Say) -> Optimization:
     """Build the optimizer (no weight decay where the model's graph says so), schedule and
     scaler; resuming, restore their states and this rank's RNG from the checkpoint."""
+    if cfg.precision == "fp16" and env.device.type == "cpu":
+        say("warning: --precision fp16 on the CPU is several times slower than fp32 (CPUs "
+            "have no fast fp16 arithmetic); use --precision bf16 for mixed precision on a CPU")
     optimizer = build_optimizer(net.named_parameters(), cfg.optimizer, cfg.lr,  # type: ignore
                                 cfg.weight_decay, no_decay_names(model.graph))
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import bertrt
-from bertrt.train import losses
+from bertrt.train import loop, losses, outdir
 from bertrt.train.checkpoint import list_checkpoints
 from bertrt.train.cli import train
 from bertrt.train.config import TASK_KINDS, TrainConfig
@@ -87,6 +87,7 @@ def test_pretraining_lowers_the_mlm_loss(world, tmp_path: Path) -> None:
     assert final.head == "pretraining" and final.has_tokenizer
     assert f"bertrt export {out / 'model.onnx'} --model {out}" in result.output
     assert "bertrt serve-bench" in result.output
+    assert f"bertrt inspect {out} --batch 8 --seq 128" in result.output
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["settings"]["max_steps"] == 200 and run_json["world_size"] == 1
     assert [s for s, _ in list_checkpoints(out)] == [100, 200]
@@ -107,6 +108,10 @@ def test_pretraining_evaluates_held_out_text(world, tmp_path: Path) -> None:
     assert {"eval_mlm_acc", "eval_nsp_acc", "eval_mlm_loss"} <= evals[0].keys()
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert not (out / "best").exists()  # pretraining keeps no best-by-eval model
+    # the closing line reports the held-out evaluation, not the last training batch
+    done = next(line for line in result.output.splitlines() if line.startswith("done: "))
+    assert f"eval loss {evals[1]['eval_loss']:.3f}" in done, done
+    assert f"MLM acc {evals[1]['eval_mlm_acc']:.1%}" in done, done
 
 
 # ---------------------------------------------------------------------- MLM on masked rows
@@ -191,6 +196,10 @@ def test_options_train(world, tmp_path: Path, flags: tuple[str, ...]) -> None:
     loss = [r["mlm_loss"] for r in metrics(out)]
     print(flags, [round(x, 2) for x in loss])
     assert len(loss) == 30 and sum(loss[-5:]) / 5 < loss[0] - 0.2
+    # fp16 autocast on a CPU is slow: the run says so and names bf16
+    warned = "warning: --precision fp16 on the CPU" in result.output
+    assert warned == ("fp16" in flags), result.output
+    assert not warned or "--precision bf16" in result.output
 
 
 def test_every_task_has_its_class_and_its_kind() -> None:
@@ -211,10 +220,12 @@ def test_empty_corpus_is_one_clear_error(world, tmp_path: Path) -> None:
     _, model = world
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    result = run("--data", empty, "--model", model, "--out", tmp_path / "out", "--seq-len", 32)
-    assert result.exit_code == 2
-    assert result.output.startswith("error: ") and str(empty) in result.output
-    assert "Traceback" not in result.output
+    for model_args in (("--model", model), ()):  # the model's vocabulary, or one trained
+        result = run("--data", empty, *model_args, "--out", tmp_path / "out", "--seq-len", 32)
+        assert result.exit_code == 2
+        assert result.output.splitlines()[-1].startswith(f"error: {empty}: ")
+        assert "train_vocab" not in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()  # a refused run leaves no --out behind
 
 
 def test_seq_len_above_max_positions(world, tmp_path: Path) -> None:
@@ -223,6 +234,7 @@ def test_seq_len_above_max_positions(world, tmp_path: Path) -> None:
                  "--seq-len", 100)
     assert result.exit_code == 2
     assert "--seq-len 100 exceeds max_position_embeddings=64" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_empty_out_is_refused(world, tmp_path: Path) -> None:
@@ -316,3 +328,121 @@ def test_eval_split_defaults_and_errors(world, tmp_path: Path) -> None:
         "error: give --eval-data FILE or --eval-split F, not both"]
     result = run("--data", corpus, "--eval-split", 0.5, "--out", tmp_path / "out")
     assert result.exit_code == 2 and "--eval-split" in result.output
+
+
+# ---------------------------------------------------------------------- OUT is never lost
+def quick(corpus: Path, model: Path, out: Path, *flags):
+    return run("--data", corpus, "--model", model, "--out", out, "--batch-size", 4,
+               "--seq-len", 32, "--max-steps", 2, "--threads", 1, *flags)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def finished(world, tmp_path: Path) -> Path:
+    """A complete run in `tmp_path/ow`, with a file of the user's beside it."""
+    corpus, model = world
+    out = tmp_path / "ow"
+    result = quick(corpus, model, out)
+    assert result.exit_code == 0, result.output
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def test_overwrite_checks_everything_before_touching_out(world, finished: Path,
+                                                         tmp_path: Path) -> None:
+    corpus, model = world
+    before = snapshot(finished)
+    nolabel = tmp_path / "nolabel.csv"
+    nolabel.write_text("text\nthe cat sees the ball .\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("the cat sees the caf\xe9 .\n".encode("latin-1"))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("the\ncat\n")  # no special tokens
+    for args in (("--task", "classify", "--data", nolabel, "--model", model),
+                 ("--task", "classify", "--data", nolabel),  # a vocabulary trained first
+                 ("--data", latin1, "--model", model),
+                 ("--data", corpus, "--vocab", vocab),
+                 ("--data", corpus, "--model", tmp_path / "no-such-model")):
+        result = run(*args, "--out", finished, "--overwrite", "--seq-len", 32,
+                     "--max-steps", 2, "--threads", 1)
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[-1].startswith("error: "), result.output
+        assert snapshot(finished) == before, args  # the earlier run is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latin1.txt", "nolabel.csv", "ow", "vocab.txt"]  # and nothing was left beside it
+
+
+def test_overwrite_replaces_the_run_only_when_the_new_one_is_complete(world, finished: Path,
+                                                                      tmp_path: Path) -> None:
+    corpus, model = world
+    (finished / "model.onnx").write_bytes(b"an export of the earlier model")
+    before = snapshot(finished)
+
+    def stop(done: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(data=(str(corpus),), model=str(model), out=str(finished), overwrite=True,
+                      batch_size=4, seq_len=32, max_steps=3, save_every=1, threads=1, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, on_step=stop)  # fails mid-run, a checkpoint already written
+    assert snapshot(finished) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
+    # A kill leaves the new run's folder half-built: the next --overwrite discards it.
+    leftover = outdir.staging_dir(finished)
+    (leftover / "checkpoints").mkdir(parents=True)
+    result = quick(corpus, model, finished, "--overwrite", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    after = snapshot(finished)
+    assert after["model.safetensors"] != before["model.safetensors"]  # the new run
+    assert "model.onnx" not in after  # an export of the old model went with it
+    assert after["notes.txt"] == b"mine"  # the user's own file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
+    assert json.loads((finished / "run.json").read_text())["settings"]["seed"] == 1
+
+
+def test_the_swap_keeps_the_users_files_whenever_it_stops(tmp_path: Path) -> None:
+    out, new = tmp_path / "ow", outdir.staging_dir(tmp_path / "ow")
+    for folder, text in ((out, "old"), (new, "new")):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "model.safetensors").write_text(text)
+    (out / "notes.txt").write_text("mine")
+    outdir.replace_out(new, out)
+    assert snapshot(out) == {"model.safetensors": b"new", "notes.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
+    # stopped after the exchange, before the user's file moved: the next run finishes the move
+    old = outdir.staging_dir(out)
+    old.mkdir()
+    (old / "model.safetensors").write_text("older")
+    (old / "todo.txt").write_text("also mine")
+    outdir.recover_out(out)
+    assert snapshot(out) == {"model.safetensors": b"new", "notes.txt": b"mine",
+                             "todo.txt": b"also mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
+
+
+# ---------------------------------------------------------------------- what it shows
+def test_the_progress_bar_is_for_terminals(world, tmp_path: Path) -> None:
+    corpus, model = world
+    piped = quick(corpus, model, tmp_path / "a")  # CliRunner's stderr is not a terminal
+    assert piped.exit_code == 0, piped.output
+    assert "\r" not in piped.output and "step/s" not in piped.output, piped.output
+    assert "step 2/2: loss " in piped.output  # a plain line per checkpoint instead
+    shown = quick(corpus, model, tmp_path / "b", "--progress")
+    assert shown.exit_code == 0 and "\r" in shown.output, shown.output
+    assert TrainConfig(progress=False).to_argv()[-1] == "--no-progress"
+
+
+def test_every_option_has_one_help_line_with_its_default() -> None:
+    ctx = train.make_context("train", [])
+    for param in train.params:
+        if param.name == "help":
+            continue
+        record = param.get_help_record(ctx)
+        assert record is not None and record[1], param.name
+        assert "[default: " in record[1], (param.name, record[1])

@@ -102,9 +102,38 @@ def test_stop_and_resume_is_bitwise_exact(world, tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "not empty" in refused.output
     result = CliRunner().invoke(train, [*world["args"], "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
+    assert f"resuming from step 4 (checkpoint {out / 'checkpoints' / 'step-4'})" in result.output
     assert_bitwise_equal(world["straight"], out)
     assert_same_metrics(world["straight"], out)
     assert [s for s, _ in list_checkpoints(out)] == [8, 12]  # --keep 2
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_continue(world, tmp_path: Path,
+                                                               capsys, monkeypatch) -> None:
+    out = tmp_path / "out"
+
+    def interrupt_at_6(done: int) -> None:
+        if done == 6:
+            raise KeyboardInterrupt
+
+    cfg = config([*world["args"], "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, on_step=interrupt_at_6)
+    said = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert said[0] == (f"interrupted at step 6; the last checkpoint is "
+                       f"{out / 'checkpoints' / 'step-4'} (step 4)"), said
+    assert said[1].startswith("continue with: bertrt train ") and said[1].endswith(" --resume")
+    again = config(said[1].removeprefix("continue with: bertrt train ").split())
+    assert again.trajectory(1) == cfg.trajectory(1) and again.out == str(out)
+
+    def ctrl_c(*args) -> None:
+        raise KeyboardInterrupt
+
+    # the command says so too, and exits as an interrupted program does (not "Aborted!")
+    monkeypatch.setattr(loop, "_step", ctrl_c)
+    result = CliRunner().invoke(train, [*world["args"], "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 130 and "Aborted!" not in result.output, result.output
+    assert "interrupted at step 0; no checkpoint was written yet" in result.output
 
 
 #: `python -c KILL_AT N ARGS...`: `bertrt train ARGS` that SIGKILLs itself after step N.
@@ -188,5 +217,7 @@ def test_resume_of_a_finished_run_changes_nothing(world, tmp_path: Path) -> None
     shutil.copytree(world["straight"], out)
     result = CliRunner().invoke(train, [*world["args"], "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
+    assert f"{out}: the run is finished ({STEPS} of {STEPS} steps)" in result.output
+    assert "done: " not in result.output
     assert_bitwise_equal(world["straight"], out)
     assert [r["step"] for r in metric_rows(out)] == list(range(1, STEPS + 1))
