@@ -406,7 +406,11 @@ def test_overwrite_replaces_the_run_only_when_the_new_one_is_complete(world, fin
     assert json.loads((finished / "run.json").read_text())["settings"]["seed"] == 1
 
 
-def test_the_swap_keeps_the_users_files_whenever_it_stops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("atomic", [True, False], ids=["renameat2", "two-renames"])
+def test_the_swap_keeps_the_users_files_whenever_it_stops(tmp_path: Path, monkeypatch,
+                                                          atomic: bool) -> None:
+    if not atomic:  # a system without renameat2
+        monkeypatch.setattr(outdir, "_rename_exchange", lambda a, b: False)
     out, new = tmp_path / "ow", outdir.staging_dir(tmp_path / "ow")
     for folder, text in ((out, "old"), (new, "new")):
         (folder / "checkpoints").mkdir(parents=True)
@@ -423,6 +427,13 @@ def test_the_swap_keeps_the_users_files_whenever_it_stops(tmp_path: Path) -> Non
     outdir.recover_out(out)
     assert snapshot(out) == {"model.safetensors": b"new", "notes.txt": b"mine",
                              "todo.txt": b"also mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
+    # stopped between the two renames of the fallback: OUT is missing, the old run comes back
+    out.rename(tmp_path / ".ow.bertrt-old")
+    new.mkdir()
+    (new / "model.safetensors").write_text("newer")
+    outdir.recover_out(out)
+    assert snapshot(out)["model.safetensors"] == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ow"]
 
 
