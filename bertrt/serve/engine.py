@@ -47,9 +47,10 @@ ENGINE_BACKENDS: tuple[str, ...] = ("auto", "ort", "ort-cuda", "torch")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "fp16")
 AVAILABLE_PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 #: Whether `packed=None` runs padding-free, by backend. Measured on MiniLM (2 threads, real
-#: text, each backend at its default budget): ONNX Runtime's CPU provider embeds ~1.2x faster
-#: packed (int8 ~1.7x); the torch lowering ~0.8x (eager gathers around each attention core
-#: cost more than the padding saves); CUDA is not measured yet, so it stays padded.
+#: text, each backend at its default budget; docs/inference.md): ONNX Runtime's CPU provider
+#: embeds 1.15x faster packed than padded (int8 1.6x); the torch lowering 0.8x (its eager
+#: gathers around each attention core cost more than the padding saves); CUDA is not
+#: measured yet, so it stays padded.
 PACKED_BY_DEFAULT = {"ort": True, "ort-cuda": False, "torch": False}
 #: Texts tokenized (and length-sorted) together: bounds the memory of a long input.
 CHUNK_TEXTS = 4096
@@ -138,9 +139,10 @@ class InferenceEngine:
             (`PACKED_BY_DEFAULT`: packed on ONNX Runtime's CPU provider, padded on torch).
         threads: Intra-op threads (None: the runtime's default; torch's count is
             process-wide, set for the engine's life and restored by `close`).
-        max_batch_tokens: A batch's budget of positions, B × Smax for padded batches; a text
-            longer than the budget runs alone. None: the backend's `batch_tokens` (2048 on
-            CPU, where larger batches fall out of cache; 16384 on CUDA).
+        max_batch_tokens: A batch's budget of positions: B × Smax for a padded batch, its real
+            tokens for a packed one; a text longer than the budget runs alone. None: the
+            backend's `batch_tokens` (2048 on CPU, where larger batches fall out of cache;
+            16384 on CUDA).
         vocab: For an `.onnx` file: a `vocab.txt` (uncased), the model dir it was exported
             from (its tokenizer settings and sentence-transformers config), or a `Tokenizer`.
         max_length: Truncate texts to this many tokens, specials included (default: the
@@ -525,9 +527,10 @@ def _pick_backend(name: str, has_weights: bool, precision: str) -> str:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        if has_weights:
+        if has_weights and precision != "int8":
             return "torch"
-        raise BertrtError("an .onnx model needs onnxruntime; install bertrt[cpu]") from None
+        needs = "precision int8" if has_weights else "an .onnx model"
+        raise BertrtError(f"{needs} needs onnxruntime; install bertrt[cpu]") from None
     return "ort"
 
 
