@@ -44,3 +44,15 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def invalid_utf8_message(path: object, lineno: int, offset: int) -> str:
+    """The one wording for a line that is not UTF-8: the file, the line, the byte (`offset`
+    from 0 in the line), and a command that converts the file (text from Windows or older Unix
+    tools is most often Latin-1) rather than one that deletes what it cannot read."""
+    import shlex
+
+    source, target = shlex.quote(str(path)), shlex.quote(f"{path}.utf8")
+    return (f"{path}: line {lineno}: invalid UTF-8 (byte {offset + 1} of the line); convert "
+            f"the file to UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8 {source} > "
+            f"{target}")

@@ -36,7 +36,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
-from bertrt.errors import BertrtError
+from bertrt.errors import BertrtError, invalid_utf8_message
 from bertrt.fileio import atomic_write_text
 from bertrt.padding import length_mask, pad_rows
 
@@ -737,8 +737,7 @@ def _corpus_lines(files: list[Path], texts: Iterable[str] | None) -> Iterator[st
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise TokenizerError(f"{path}: line {lineno} is not valid UTF-8 "
-                                         f"(byte {e.start + 1})") from None
+                    raise TokenizerError(invalid_utf8_message(path, lineno, e.start)) from None
                 yield line
     for i, text in enumerate(() if texts is None else texts):
         _check_text(text, f"texts[{i}]")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bertrt.errors import BertrtError, user_errors
+from bertrt.errors import BertrtError, invalid_utf8_message, user_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,8 +55,8 @@ def read_lines(source: str, option: str) -> list[str]:
         try:
             line = raw.removesuffix(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BertrtError(f"{option} {source}: line {number} is not valid UTF-8 (byte "
-                              f"0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+            raise BertrtError(f"{option} {invalid_utf8_message(source, number, exc.start)}"
+                              ) from None
         lines.append(line.removeprefix("\ufeff") if number == 1 else line)
     return lines
 

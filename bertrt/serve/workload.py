@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bertrt.errors import BertrtError
+from bertrt.errors import BertrtError, invalid_utf8_message
 
 if TYPE_CHECKING:
     from bertrt.tokenizer import Tokenizer
@@ -151,8 +151,7 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BertrtError(f"{path}: line {number} is not valid UTF-8 (byte "
-                              f"0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+            raise BertrtError(invalid_utf8_message(path, number, exc.start)) from None
         if number == 1:
             line = line.removeprefix("\ufeff")  # a byte-order mark is not text
         if line.strip():

@@ -22,11 +22,10 @@ import ast
 import json
 import os
 import re
-import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bertrt.errors import BertrtError
+from bertrt.errors import BertrtError, invalid_utf8_message
 from bertrt.fileio import atomic_write_text
 
 __all__ = [
@@ -48,10 +47,7 @@ def invalid_utf8(path: Path, lineno: int, offset: int) -> DataError:
     """The one error for a line that is not UTF-8: the file, the line, the byte (`offset` from
     0 in the line), and a command that converts the file (text from Windows or older Unix
     tools is most often Latin-1) rather than one that deletes what it cannot read."""
-    source, target = shlex.quote(str(path)), shlex.quote(f"{path}.utf8")
-    return DataError(f"{path}: line {lineno}: invalid UTF-8 (byte {offset + 1} of the line); "
-                     f"convert the file to UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8 "
-                     f"{source} > {target}")
+    return DataError(invalid_utf8_message(path, lineno, offset))
 
 
 def _check_file(path: Path) -> None:

@@ -183,7 +183,7 @@ def bad_files(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     (["{truncated}"], "truncated or corrupt"),
     (["{corrupt}"], "truncated or corrupt"),
     (["{model}", "--texts", "{empty_texts}"], "empty.txt: empty"),
-    (["{model}", "--texts", "{latin1_texts}"], "line 2 is not valid UTF-8"),
+    (["{model}", "--texts", "{latin1_texts}"], "line 2: invalid UTF-8"),
     (["{model}", "--texts", "{blank_texts}"], "has no text"),
     (["{model}", "--texts", "{missing}"], "no such file"),
     (["{missing}"], "no such file or directory"),
@@ -267,7 +267,8 @@ def test_synthetic_workload_ids_are_valid_and_framed():
 def test_read_texts_names_the_bad_line(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"fine\nstill fine\nnot \xff fine\n")
-    with pytest.raises(BertrtError, match=r"line 3 is not valid UTF-8 \(byte 0xff at column 5\)"):
+    with pytest.raises(BertrtError, match=r"line 3: invalid UTF-8 \(byte 5 of the line\); "
+                       r"convert the file to UTF-8, e\.g\. from Latin-1: iconv -f latin1"):
         read_texts(path)
 
 
