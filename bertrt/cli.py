@@ -92,9 +92,9 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 @click.option("--model", "model_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Hugging Face-layout model dir (config.json + model.safetensors).")
-@click.option("--flavour", type=click.Choice(["ort", "standard"]), default="ort",
-              show_default=True,
-              help="ort: ONNX Runtime's fused com.microsoft ops; standard: core ONNX only.")
+@click.option("--flavour", type=click.Choice(["ort", "standard"]), default=None,
+              help="ort: ONNX Runtime's fused com.microsoft ops; standard: core ONNX only "
+                   "[default: ort; standard with --int8].")
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute.")
 @click.option("--no-fuse", is_flag=True, help="Export the graph as built, without fusions.")
 @click.option("--head", type=click.Choice(["none", "pretraining", "classification",
@@ -126,6 +126,7 @@ def export(output: Path, model_dir: Path, flavour: str, fp16: bool, no_fuse: boo
     size = path.stat().st_size / 1e6
     extras = "".join(f", {name}" for name, on in (("fp16", fp16), ("int8", int8),
                                                    ("packed", packed)) if on)
+    flavour = flavour or ("standard" if int8 else "ort")
     click.echo(f"wrote {path} ({size:.1f} MB, flavour {flavour}{extras}, "
                f"head {head or model.head})")
 

@@ -165,7 +165,7 @@ class Model:
     def export_onnx(
         self,
         path: str | os.PathLike[str],
-        flavour: str = "ort",
+        flavour: str | None = None,
         fp16: bool = False,
         opset: int | None = None,
         head: str | None = None,
@@ -178,7 +178,9 @@ class Model:
 
         Args:
             path: The `.onnx` file to write (atomically: nothing is left on failure).
-            flavour: "ort" (ONNX Runtime's com.microsoft fused ops) or "standard" (core ONNX).
+            flavour: "ort" (ONNX Runtime's com.microsoft fused ops) or "standard" (core ONNX);
+                default "ort", or "standard" with `int8` (the int8 form of the ort flavour
+                is not supported).
             fp16: fp16 weights and compute (LayerNorm and softmax accumulate accurately).
             opset: The ONNX opset (default: the lowering's).
             head: Export another head than the model's own ("none": encoder + pooler).
@@ -197,6 +199,8 @@ class Model:
         from bertrt.graph.passes import REWRITES, fused_copy, pipeline
         from bertrt.lower.to_onnx import export
 
+        if flavour is None:
+            flavour = "standard" if int8 else "ort"
         graph, tensors = self.graph, self.weights
         if head is not None and canonical_head(head) != self.head:
             graph, tensors = _graph_for_head(self, canonical_head(head))

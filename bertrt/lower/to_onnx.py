@@ -674,6 +674,9 @@ def export(
                           f"{', '.join(FLAVOURS)}")
     if int8 and fp16:
         raise BertrtError("int8: choose int8 or fp16, not both")
+    if int8 and flavour == "ort":
+        raise BertrtError("int8: export it with flavour 'standard' (ONNX Runtime's quantizer "
+                          "cannot type the ort flavour's contrib ops)")
     opset = _check_opset(opset)
     _check_destination(path)
     _check_weights(graph, weights)

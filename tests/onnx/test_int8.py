@@ -67,3 +67,14 @@ def test_int8_and_fp16_are_exclusive(minilm, tmp_path):
 
     with pytest.raises(bertrt.BertrtError, match="int8 or fp16"):
         minilm.export_onnx(tmp_path / "x.onnx", fp16=True, int8=True)
+
+
+def test_int8_defaults_to_the_standard_flavour_and_refuses_ort(tmp_path):
+    import bertrt
+
+    model = bertrt.Model.from_config(bertrt.BertConfig.preset("tiny", vocab_size=80))
+    path = model.export_onnx(tmp_path / "q.onnx", int8=True, packed=True)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert (meta["flavour"], meta["int8"], meta["padding"]) == ("standard", "true", "packed")
+    with pytest.raises(bertrt.BertrtError, match="int8: export it with flavour 'standard'"):
+        model.export_onnx(tmp_path / "o.onnx", flavour="ort", int8=True)
