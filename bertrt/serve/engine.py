@@ -403,10 +403,10 @@ class InferenceEngine:
                                                          pad_id)
                     consume(first + picked, outputs, chunk, picked)
                     sizes = lengths[picked]
+                    tokens = int(sizes.sum())
                     stats.batches += 1
-                    stats.tokens += int(sizes.sum())
-                    stats.positions += int(sizes.sum() if self.packed
-                                           else sizes.max() * len(sizes))
+                    stats.tokens += tokens
+                    stats.positions += tokens if self.packed else int(sizes.max()) * len(sizes)
                     bar.update(len(picked))
         stats.seconds = time.perf_counter() - start
         if stats.truncated:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bertrt.errors import BertrtError
+from bertrt.padding import length_mask
 
 #: The ways `pool` reduces a sequence's tokens to one vector.
 POOLINGS: tuple[str, ...] = ("mean", "cls", "max")
@@ -97,7 +98,7 @@ class PaddedOutputs(SequenceOutputs):
         values = self._token(name)  # (B, S, X)
         if check_pooling(mode) == "cls":
             return np.ascontiguousarray(values[:, 0], dtype=np.float32)
-        mask = (np.arange(values.shape[1])[None, :] < self.lengths[:, None])[..., None]
+        mask = length_mask(self.lengths, values.shape[1])[..., None]
         if mode == "max":
             return np.where(mask, values, -np.inf).max(axis=1).astype(np.float32)
         # padded positions hold whatever the runtime left there: select, never multiply
