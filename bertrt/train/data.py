@@ -35,7 +35,7 @@ __all__ = [
     "IGNORE_INDEX", "CorpusIndex", "Example", "ExampleSource", "PackedSource",
     "PretrainingSource", "batch_indices", "collate_pretraining", "create_instances",
     "epoch_permutation", "holdout_documents", "index_corpus",
-    "mask_example", "pretraining_source", "pretraining_sources",
+    "mask_example", "pretraining_source", "pretraining_sources", "starts",
 ]
 
 IGNORE_INDEX = -100
@@ -77,6 +77,13 @@ class ExampleSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Example: ...
+
+
+def starts(sizes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The (N+1,) int64 offsets of `sizes` laid end to end: 0, s0, s0+s1, ..., sum."""
+    out = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=out[1:])
+    return out
 
 
 def _check_seed(seed: int) -> int:
@@ -197,16 +204,12 @@ class CorpusIndex:
         doc_sizes = np.empty(len(docs), dtype=np.int64)
         for k, d in enumerate(docs):
             s0, s1 = int(self.document_starts[d]), int(self.document_starts[d + 1])
-            starts = self.sentence_starts[s0:s1 + 1]
-            tok_parts.append(self.tokens[int(starts[0]):int(starts[-1])])
-            sent_lens.append(np.diff(starts))
+            bounds = self.sentence_starts[s0:s1 + 1]
+            tok_parts.append(self.tokens[int(bounds[0]):int(bounds[-1])])
+            sent_lens.append(np.diff(bounds))
             doc_sizes[k] = s1 - s0
-        lens = np.concatenate(sent_lens)
-        sentence_starts = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=sentence_starts[1:])
-        document_starts = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum(doc_sizes, out=document_starts[1:])
-        return CorpusIndex(np.concatenate(tok_parts), sentence_starts, document_starts)
+        return CorpusIndex(np.concatenate(tok_parts), starts(np.concatenate(sent_lens)),
+                           starts(doc_sizes))
 
 
 def holdout_documents(num_documents: int, fraction: float, seed: int) -> np.ndarray:
@@ -278,11 +281,8 @@ def index_corpus(paths: Sequence[Path], tokenizer: Tokenizer) -> CorpusIndex:
         names = ", ".join(str(p) for p in paths) or "(no file given)"
         raise DataError(f"{names}: the corpus is empty (no text to build instances from)")
     tokens = np.concatenate(token_chunks)
-    lens = np.concatenate(sent_lens)
-    sentence_starts = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=sentence_starts[1:])
-    document_starts = np.zeros(len(doc_sizes) + 1, dtype=np.int64)
-    np.cumsum(doc_sizes, out=document_starts[1:])
+    sentence_starts = starts(np.concatenate(sent_lens))
+    document_starts = starts(doc_sizes)
     assert sentence_starts[-1] == len(tokens)
     return CorpusIndex(tokens, sentence_starts, document_starts)
 

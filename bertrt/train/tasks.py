@@ -26,7 +26,7 @@ import torch
 from bertrt.padding import length_mask, pad_rows
 from bertrt.tokenizer import Tokenizer
 from bertrt.train.corpus import JSON_SUFFIXES, DataError, iter_json_objects, iter_lines
-from bertrt.train.data import IGNORE_INDEX, Example, PackedSource
+from bertrt.train.data import IGNORE_INDEX, Example, PackedSource, starts
 
 __all__ = [
     "classification_metrics", "classification_source", "collate_classification",
@@ -219,8 +219,7 @@ def classification_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: 
             one = tokenizer([texts[k]], [pairs[k]] if has_pair else None, max_length=seq_len,
                             padding=False)
             ids_list[k], types_list[k] = one["input_ids"][0], one["token_type_ids"][0]
-    offsets = np.zeros(len(ids_list) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in ids_list], out=offsets[1:])
+    offsets = starts([len(x) for x in ids_list])
     labels = np.array([mapping[x] for x in raw_labels], dtype=np.int64)
     source = PackedSource(np.concatenate(ids_list).astype(np.int32),
                           np.concatenate(types_list).astype(np.int8), offsets, labels, seed,
@@ -332,8 +331,7 @@ def tagging_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: int,
         ids_out.append(np.array([*ids, tokenizer.sep_id], dtype=np.int32))
         tags_out.append(np.array([*pos_tags, IGNORE_INDEX], dtype=np.int32))
         words_out.append(np.array([*pos_words, -1], dtype=np.int32))
-    offsets = np.zeros(len(ids_out) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in ids_out], out=offsets[1:])
+    offsets = starts([len(x) for x in ids_out])
     flat_ids = np.concatenate(ids_out)
     source = PackedSource(flat_ids, np.zeros(len(flat_ids), dtype=np.int8), offsets,
                           np.full(len(ids_out), IGNORE_INDEX, dtype=np.int64), seed,
