@@ -196,7 +196,7 @@ class Model:
             int8: Dynamic int8 weight products for CPU (which ones: `bertrt.lower.int8`);
                 needs onnxruntime.
         """
-        from bertrt.graph.passes import REWRITES, fused_copy, pipeline
+        from bertrt.graph.passes import fused_copy
         from bertrt.lower.to_onnx import export
 
         if flavour is None:
@@ -204,16 +204,7 @@ class Model:
         graph, tensors = self.graph, self.weights
         if head is not None and canonical_head(head) != self.head:
             graph, tensors = _graph_for_head(self, canonical_head(head))
-        passes = pipeline(fuse, f"onnx-{flavour}" if flavour in ("ort", "standard") else
-                          "onnx-standard")
-        if padding != "right":
-            if fuse is True:
-                passes = tuple(p for p in passes if p not in REWRITES)
-            elif "mask_index" in passes:
-                raise BertrtError("fuse: the mask_index pass assumes right padding; "
-                                  f"padding={padding!r} needs a pipeline without it ('all')")
-        if packed:
-            passes = pipeline("packed", "torch")
+        passes = _export_passes(fuse, flavour, padding, packed)
         graph, _ = fused_copy(graph, passes)
         weights = {name: tensors[name].detach().to("cpu", torch.float32).numpy()
                    for name in graph.params}
@@ -259,6 +250,25 @@ class Model:
         return (f"Model(head={self.head!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"heads={c.num_attention_heads}, vocab={c.vocab_size}, "
                 f"params={self.num_parameters():,})")
+
+
+def _export_passes(fuse: bool | str, flavour: str, padding: str,
+                   packed: bool) -> tuple[str, ...]:
+    """The passes an ONNX export runs: the packed pipeline, or `fuse`'s (True: the flavour's
+    default, without the right-padding-only rewrites when `padding` is not "right")."""
+    from bertrt.graph.passes import PIPELINES, REWRITES, pipeline
+
+    if packed:
+        return PIPELINES["packed"]
+    passes = pipeline(fuse, "onnx-ort" if flavour == "ort" else "onnx-standard")
+    if padding == "right":
+        return passes
+    if fuse is True:
+        return tuple(p for p in passes if p not in REWRITES)
+    if "mask_index" in passes:
+        raise BertrtError("fuse: the mask_index pass assumes right padding; "
+                          f"padding={padding!r} needs a pipeline without it ('all')")
+    return passes
 
 
 def _graph_for_head(model: Model, head: str) -> tuple[Graph, dict[str, torch.Tensor]]:

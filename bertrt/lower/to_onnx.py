@@ -251,16 +251,17 @@ def _add_core(ctx: Emitter, a: str, b: str) -> str:
     return ctx.node("Add", [a, b])
 
 
-def _key_mask_bias(ctx: Emitter, mask: Value, keys_of: str) -> str:
+def _key_mask_bias(ctx: Emitter, mask: Value, keys_of: str, axis: int) -> str:
     """The additive (B, 1, 1, S) fp32 bias of a key mask ((B, S) 1/0, or (B,) int32 lengths
-    over the S keys of `keys_of` (B, S, ...)): 0 where attended, float32 min where not. Written
-    once per mask; every layer reads it."""
+    over the S keys on axis `axis` of `keys_of`): 0 where attended, float32 min where not.
+    Written once per mask; every layer reads it."""
     name = ctx.value(mask)
     key = ("mask_bias", name)
     if ctx.cached(key) is None:
         if len(mask.shape) == 1:  # lengths -> (B, S) keep = arange(S) < length
-            arange = ctx.node("Range", [ctx.const(0, _INT32), ctx.cast(ctx.dim(keys_of, 1), _INT32),
-                                        ctx.const(1, _INT32)], dtype=_INT32)
+            keys = ctx.cast(ctx.dim(keys_of, axis), _INT32)
+            arange = ctx.node("Range", [ctx.const(0, _INT32), keys, ctx.const(1, _INT32)],
+                              dtype=_INT32)
             lengths = ctx.node("Unsqueeze", [name, ctx.const([1], _INT64)])
             keep = ctx.node("Less", [ctx.node("Unsqueeze", [arange, ctx.const([0], _INT64)]),
                                      lengths], dtype=TensorProto.BOOL)
@@ -362,16 +363,8 @@ def _softmax(ctx: Emitter, node: Node) -> str:
     x = ctx.value(node.inputs[0])
     mask = node.inputs[1] if len(node.inputs) > 1 else None
     if mask is not None:  # scores (B, N, S, S): the keys are axis 3
-        x = _add_core(ctx, x, _key_mask_bias(ctx, mask, _keys_source(ctx, node.inputs[0])))
+        x = _add_core(ctx, x, _key_mask_bias(ctx, mask, x, axis=3))
     return _softmax_core(ctx, x, node.attrs["axis"])
-
-
-def _keys_source(ctx: Emitter, scores: Value) -> str:
-    """A (B, S, ...) tensor whose axis 1 is the key count of (B, N, S, S) scores: the scores
-    transposed would do, but the graph's input_ids are at hand and cheaper."""
-    ids = ctx.graph.by_role(Role.INPUT_IDS)
-    return ctx.value(ids) if ids is not None else ctx.node("Transpose", [ctx.value(scores)],
-                                                          perm=[0, 3, 1, 2])
 
 
 def _mask_index(ctx: Emitter, node: Node) -> str:
@@ -474,7 +467,7 @@ def _attention(ctx: Emitter, node: Node) -> str:
     scores = ctx.node("MatMul", [q, ctx.node("Transpose", [k], perm=[0, 1, 3, 2])])
     scores = ctx.node("Mul", [scores, ctx.const(node.attrs["scale"], ctx.dtypes[scores])])
     if mask is not None:
-        scores = _add_core(ctx, scores, _key_mask_bias(ctx, mask, x))
+        scores = _add_core(ctx, scores, _key_mask_bias(ctx, mask, x, axis=1))
     probs = _softmax_core(ctx, scores, -1)
     context = ctx.node("MatMul", [probs, v])  # (B, N, S, D)
     context = ctx.node("Transpose", [context], perm=[0, 2, 1, 3])

@@ -198,15 +198,17 @@ class LoweredModule(nn.Module):
         input_ids, attention_mask, token_type_ids, masked_positions = self._prepare(
             input_ids, attention_mask, token_type_ids, masked_positions
         )
-        grad = torch.is_grad_enabled()
-        if masked_positions is None:
-            forward = self._forward if grad else self._forward_inference
-        else:
-            forward = self._forward_masked if grad else self._forward_masked_inference
-        return forward(
+        return self._generated(masked_positions is not None)(
             self._param_list, self.training, input_ids, attention_mask, token_type_ids,
             masked_positions, None,
         )
+
+    def _generated(self, masked: bool) -> Callable[..., dict[str, torch.Tensor]]:
+        """The generated forward for this call: masked-MLM form or not, autograd or not."""
+        grad = torch.is_grad_enabled()
+        if masked:
+            return self._forward_masked if grad else self._forward_masked_inference
+        return self._forward if grad else self._forward_inference
 
     def _prepare(self, input_ids, attention_mask, token_type_ids, masked_positions):
         device = self._param_list[0].device
@@ -493,13 +495,9 @@ class PackedModule(LoweredModule):
                 raise InputError("masked_positions: only the pretraining head takes it")
             masked_positions = _as_index(masked_positions, "masked_positions", device)
             _check_range(masked_positions, input_ids.numel(), "masked_positions", "tokens")
-        grad = torch.is_grad_enabled()
-        if masked_positions is None:
-            forward = self._forward if grad else self._forward_inference
-        else:
-            forward = self._forward_masked if grad else self._forward_masked_inference
-        return forward(self._param_list, self.training, input_ids, None, token_type_ids,
-                       masked_positions, cu.to(torch.int32))
+        return self._generated(masked_positions is not None)(
+            self._param_list, self.training, input_ids, None, token_type_ids,
+            masked_positions, cu.to(torch.int32))
 
 
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor],
