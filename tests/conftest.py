@@ -122,3 +122,21 @@ def make_hf_model() -> Callable[..., torch.nn.Module]:
         return randomise_(model, seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_texts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """500 real texts: the first 500 documents of the embedded docstring corpus, each cut at
+    400 characters (the accuracy gates of int8 and bf16 are taken over them)."""
+    from bertrt.train.corpus import embedded_corpus, read_documents
+
+    corpus = embedded_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=300_000)
+    out = []
+    for doc in read_documents(corpus):
+        text = " ".join(doc).strip()
+        if text:
+            out.append(text[:400])
+        if len(out) == 500:
+            break
+    assert len(out) == 500
+    return out

@@ -17,6 +17,8 @@ tokens, not B × S) and feeds the packed layout: `input_ids`, `token_type_ids` (
 - `OrtBackend`: ONNX Runtime, CPU execution provider, a fixed number of intra-op threads.
 - `OrtCudaBackend`: ONNX Runtime's CUDA execution provider with IO binding (inputs bound, and
   so copied to the device, in `prepare`; outputs bound on the device and copied back once).
+- `OpenVinoBackend`: OpenVINO's CPU plugin on bertrt's `standard` export, at f32 or (on a CPU
+  with native bf16) bf16 inference precision.
 - `TorchBackend`: bertrt's torch lowering, eager, under `torch.inference_mode`.
 """
 
@@ -39,9 +41,11 @@ if TYPE_CHECKING:
     from bertrt.model import Model
 
 #: Backend names serve-bench accepts.
-BACKENDS: tuple[str, ...] = ("ort", "ort-cuda", "torch")
+BACKENDS: tuple[str, ...] = ("ort", "ort-cuda", "openvino", "torch")
 #: Those that run an .onnx file.
-ONNX_BACKENDS = frozenset({"ort", "ort-cuda"})
+ONNX_BACKENDS = frozenset({"ort", "ort-cuda", "openvino"})
+#: The ONNX flavour each ONNX backend runs best (OpenVINO does not read com.microsoft ops).
+FLAVOURS = {"ort": "ort", "ort-cuda": "ort", "openvino": "standard"}
 
 INSTALL_HINT = "install bertrt[cpu] (or bertrt[gpu] for CUDA)"
 
@@ -59,6 +63,24 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def import_openvino() -> Any:
+    """`openvino`, or a one-line `BackendUnavailable` saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable("openvino is not installed; install bertrt[openvino]"
+                                 ) from None
+    return openvino
+
+
+def native_bf16(core: Any = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as OpenVINO's CPU plugin
+    reports it (`OPTIMIZATION_CAPABILITIES` lists "BF16")."""
+    if core is None:
+        core = import_openvino().Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class Backend:
     """The interface every backend implements."""
 
@@ -69,6 +91,8 @@ class Backend:
     reduced_precision: bool = False
     #: Runs sequences without padding: a batch costs its real tokens, not B × S.
     packed: bool = False
+    #: What it computes in: "fp32", "int8", "fp16" (the file's), "bf16" (OpenVINO's hint).
+    precision: str = "fp32"
     #: The engine's default budget of positions per batch on this backend. On CPU, batches of
     #: 1-2k positions keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than
     #: at 16384 (ONNX Runtime, 2 threads, real text).
@@ -88,13 +112,16 @@ class Backend:
         return self.execute(self.prepare(batch))
 
     def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
-        """Outputs of unpadded sequences, per sequence: here, padded to the longest (right
-        padding with `pad_id`, mask 0) and run as one batch.
+        """Outputs of unpadded sequences, per sequence, run as one batch: packed when the
+        backend is (`_run_packed`), else padded to the longest (right padding with `pad_id`,
+        mask 0).
 
         Args:
             requests: At least one sequence (ids and type ids, (L,) each, L >= 1).
             pad_id: The tokenizer's `[PAD]` id.
         """
+        if self.packed:
+            return self._run_packed(requests)
         batch = pad_batch(requests, pad_id)
         return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths)
 
@@ -163,6 +190,9 @@ class OrtBackend(Backend):
         self.token_outputs = frozenset(o.name for o in self.session.get_outputs()
                                        if o.shape and o.shape[0] == "tokens")
         self.reduced_precision = self.reduced_precision or self._computes_fp16()
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.precision = ("fp16" if self._computes_fp16() else
+                          "int8" if meta.get("int8") == "true" else "fp32")
         self.threads = threads
         self.description = (f"onnxruntime {ort.__version__} "
                             f"{self.session.get_providers()[0]}, "
@@ -191,12 +221,6 @@ class OrtBackend(Backend):
     def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, prepared)
         return dict(zip(self.output_names, values))
-
-    def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
-        """Padded, or packed when the file is a packed export."""
-        if self.packed:
-            return self._run_packed(requests)
-        return super().run_sequences(requests, pad_id)
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
@@ -246,6 +270,99 @@ class OrtCudaBackend(OrtBackend):
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
+class OpenVinoBackend(Backend):
+    """OpenVINO's CPU plugin on an `.onnx` file of bertrt's `standard` flavour, padded or
+    packed (its dynamic shapes take any T; see docs/inference.md for what a new shape costs).
+
+    Args:
+        path: The `.onnx` file (standard flavour: OpenVINO does not read com.microsoft ops).
+        threads: Inference threads (None: OpenVINO's default, one per core).
+        precision: "fp32" (OpenVINO's f32 inference precision, set explicitly: on a CPU with
+            native bf16 its default is bf16) or "bf16" (matrix products and most of the rest
+            in bf16; only where the CPU has native bf16, else `BackendUnavailable`).
+
+    Raises:
+        BackendUnavailable: openvino is not installed, or bf16 on a CPU without native bf16.
+        BertrtError: OpenVINO cannot read or compile the file.
+    """
+
+    name = "openvino"
+    _HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 precision: str = "fp32") -> None:
+        ov = import_openvino()
+        if precision not in self._HINTS:
+            raise BertrtError(f"backend openvino runs fp32 or bf16, not {precision}")
+        self.path = Path(path)
+        core = ov.Core()
+        if precision == "bf16" and not native_bf16(core):
+            raise BackendUnavailable("this CPU has no native bf16 (AVX-512 BF16 or AMX), "
+                                     "where OpenVINO would emulate it slower than fp32")
+        config = {"INFERENCE_PRECISION_HINT": self._HINTS[precision],
+                  "PERFORMANCE_HINT": "LATENCY"}  # one stream: a batch uses every thread
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line trace
+            line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise BertrtError(f"{self.path}: openvino cannot compile it ({line.strip()[:300]})"
+                              ) from None
+        self.request = self.compiled.create_infer_request()
+        # a port may carry several tensor names (e.g. cu_seqlens and a Cast's output): each
+        # is named by the ONNX graph's own input or output name
+        graph = _onnx_graph(self.path)
+        inputs = {i.name for i in graph.input}
+        self.inputs = {_port_name(port, inputs): port for port in self.compiled.inputs}
+        self.input_types = {name: port.get_element_type().to_dtype()
+                            for name, port in self.inputs.items()}
+        outputs = {o.name for o in graph.output}
+        self.outputs = {_port_name(port, outputs): port for port in self.compiled.outputs}
+        self.output_names = list(self.outputs)
+        self.packed = "cu_seqlens" in self.input_types
+        self.token_outputs = _token_outputs(graph) if self.packed else None
+        self.precision = precision
+        self.reduced_precision = precision != "fp32"
+        self.threads = threads
+        self.description = (f"openvino {ov.__version__.split('-')[0]} CPU, {precision}, "
+                            f"{threads or 'default'} threads")
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.input_types if name not in batch]
+        if missing:
+            raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
+                              "were not given")
+        return {self.inputs[name]: np.ascontiguousarray(batch[name], dtype=dtype)
+                for name, dtype in self.input_types.items()}
+
+    def execute(self, prepared: dict[Any, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer(prepared)  # copies the outputs out of the request
+        return {name: result[port] for name, port in self.outputs.items()}
+
+    def close(self) -> None:
+        self.request = self.compiled = None  # type: ignore[assignment]
+
+
+def _onnx_graph(path: Path) -> Any:
+    """The graph of an `.onnx` file (its names and dims; weights are not needed)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def _port_name(port: Any, names: set[str]) -> str:
+    """The one of an OpenVINO port's tensor names that the ONNX graph gave it."""
+    return next(iter(port.get_names() & names), port.get_any_name())
+
+
+def _token_outputs(graph: Any) -> frozenset[str]:
+    """The outputs of a packed graph whose first axis is the symbolic `tokens`."""
+    return frozenset(o.name for o in graph.output
+                     if o.type.tensor_type.shape.dim
+                     and o.type.tensor_type.shape.dim[0].dim_param == "tokens")
+
+
 class TorchBackend(Backend):
     """bertrt's torch lowering of a model, eager, CPU, under `torch.inference_mode`.
 
@@ -290,18 +407,13 @@ class TorchBackend(Backend):
             out = self.module(*prepared, masked_positions=self._no_positions)
         return {name: value.numpy() for name, value in out.items()}
 
-    def run_sequences(self, requests: Sequence[Request], pad_id: int = 0) -> SequenceOutputs:
-        """Padded, or packed when the backend runs the packed lowering."""
-        if self.packed:
-            return self._run_packed(requests)
-        return super().run_sequences(requests, pad_id)
-
     def close(self) -> None:
         self._torch.set_num_threads(self._old_threads)
 
 
 def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
-                 threads: int | None, spinning: bool = True) -> Backend:
+                 threads: int | None, spinning: bool = True, precision: str = "fp32"
+                 ) -> Backend:
     """A backend by name.
 
     Raises:
@@ -313,6 +425,8 @@ def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
     if name in ONNX_BACKENDS:
         if onnx_path is None:
             raise BertrtError(f"backend {name}: no ONNX model to run")
+        if name == "openvino":
+            return OpenVinoBackend(onnx_path, threads=threads, precision=precision)
         cls = OrtCudaBackend if name == "ort-cuda" else OrtBackend
         return cls(onnx_path, threads=threads, spinning=spinning)
     if model is None:

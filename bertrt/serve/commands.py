@@ -113,7 +113,8 @@ def _run(call: Callable[[], Any], engine: InferenceEngine, verb: str) -> Any:
     stats = engine.stats
     rate = stats.texts / stats.seconds if stats.seconds else 0.0
     click.echo(f"{verb} {stats.texts} texts in {stats.seconds:.2f} s ({rate:,.0f} texts/s, "
-               f"{stats.batches} batches) with {engine.backend.description}", err=True)
+               f"{stats.batches} batches) with {engine.backend.description}"
+               + (f" ({engine.choice})" if engine.choice else ""), err=True)
     return result
 
 
@@ -130,11 +131,13 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--texts", "texts_path", required=True, metavar="FILE|-",
                      help="UTF-8 texts, one per line ('-': stdin)."),
         click.option("--backend", default="auto", show_default=True,
-                     help="auto | ort | ort-cuda | torch (auto: ort when onnxruntime is "
-                          "installed, else torch)."),
+                     help="auto | ort | ort-cuda | openvino | torch (auto: the fastest "
+                          "installed CPU runtime at the precisions --precision admits, timed "
+                          "at load)."),
         click.option("--precision", default="fp32", show_default=True,
-                     help="fp32 | int8 (ONNX Runtime on the CPU; bf16, fp16: not available "
-                          "yet)."),
+                     help="fp32 | int8 (ort) | bf16 (openvino, on a CPU with native bf16) | "
+                          "fp16 (ort-cuda). With --backend auto: the loosest accepted (bf16 "
+                          "admits fp32 and bf16; int8 all three)."),
         click.option("--packed/--padded", default=None,
                      help="Padding-free batches, or each padded to its longest [packed on "
                           "ort, padded on torch; an .onnx MODEL: as exported]."),

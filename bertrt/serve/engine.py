@@ -28,9 +28,20 @@ import numpy as np
 
 from bertrt.config import BertConfig
 from bertrt.errors import BertrtError
-from bertrt.serve.backends import Backend, BackendUnavailable, make_backend
+from bertrt.serve.backends import FLAVOURS, Backend, BackendUnavailable, make_backend
 from bertrt.serve.outputs import SequenceOutputs, check_pooling
 from bertrt.serve.pooling import embedding_defaults
+from bertrt.serve.selection import (
+    ACCURACY,
+    RUNS,
+    Candidate,
+    Trial,
+    auto_candidates,
+    probe_requests,
+    remember,
+    remembered,
+    time_backend,
+)
 from bertrt.serve.tagging import entities, words
 from bertrt.serve.workload import Request
 
@@ -42,16 +53,15 @@ if TYPE_CHECKING:
 PathLike = str | os.PathLike[str]
 
 #: Names `backend=` takes.
-ENGINE_BACKENDS: tuple[str, ...] = ("auto", "ort", "ort-cuda", "torch")
-#: Names `precision=` takes, and those that run today (int8: ONNX Runtime on the CPU).
+ENGINE_BACKENDS: tuple[str, ...] = ("auto", "ort", "ort-cuda", "openvino", "torch")
+#: Names `precision=` takes (which backend runs which: `bertrt.serve.selection.RUNS`).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "fp16")
-AVAILABLE_PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 #: Whether `packed=None` runs padding-free, by backend. Measured on MiniLM (2 threads, real
 #: text, each backend at its default budget; docs/inference.md): ONNX Runtime's CPU provider
-#: embeds 1.15x faster packed than padded (int8 1.6x); the torch lowering 0.8x (its eager
-#: gathers around each attention core cost more than the padding saves); CUDA is not
-#: measured yet, so it stays padded.
-PACKED_BY_DEFAULT = {"ort": True, "ort-cuda": False, "torch": False}
+#: embeds 1.15x faster packed than padded (int8 1.6x), OpenVINO 2.4x; the torch lowering 0.8x
+#: (its eager gathers around each attention core cost more than the padding saves); CUDA is
+#: not measured yet, so it stays padded.
+PACKED_BY_DEFAULT = {"ort": True, "ort-cuda": False, "openvino": True, "torch": False}
 #: Texts tokenized (and length-sorted) together: bounds the memory of a long input.
 CHUNK_TEXTS = 4096
 #: Inputs at least this long get a progress bar (on a terminal, unless `progress=` says).
@@ -127,12 +137,16 @@ class InferenceEngine:
             ONNX file with bertrt's own lowering, removed once loaded), an `.onnx` file bertrt
             exported (its metadata gives the config and head; the tokenizer comes from `vocab`,
             else from the folder holding the file), or a `bertrt.Model`.
-        backend: "ort" (ONNX Runtime, CPU), "ort-cuda" (its CUDA provider), "torch" (bertrt's
-            torch lowering; needs the weights: a model dir or a `Model`), or "auto": today
-            "ort" when onnxruntime is installed, else "torch".
-        precision: "fp32", or "int8" (ONNX Runtime on the CPU: the dynamic int8 export of
-            `export_onnx(int8=True)`, whose accuracy gate `tests/onnx/test_int8.py` holds);
-            "bf16" and "fp16": not available yet.
+        backend: "ort" (ONNX Runtime, CPU), "ort-cuda" (its CUDA provider), "openvino"
+            (OpenVINO's CPU plugin, on the standard-flavour export), "torch" (bertrt's torch
+            lowering; needs the weights: a model dir or a `Model`), or "auto": the fastest of
+            the installed CPU runtimes at the precisions `precision` admits, timed at load
+            (`bertrt.serve.selection`; `trials` and `description` say what was chosen).
+        precision: "fp32"; "int8" (ONNX Runtime on the CPU: the dynamic int8 export of
+            `export_onnx(int8=True)`, cosine ≥ 0.99 to fp32); "bf16" (OpenVINO, where the CPU
+            has native bf16: cosine ≥ 0.999); "fp16" (ONNX Runtime on CUDA, an fp16 export).
+            With backend "auto", the loosest precision accepted: "bf16" admits fp32 and bf16,
+            "int8" all three, whichever runs fastest.
         packed: Padding-free batches (the packed export, or the packed torch lowering): each
             batch computes its real tokens only; False: each batch padded to its longest.
             None: what an `.onnx` file is; for a model dir, the faster layout of the backend
@@ -161,10 +175,9 @@ class InferenceEngine:
                  vocab: PathLike | Tokenizer | None = None,
                  max_length: int | None = None) -> None:
         _check_options(backend, precision, threads, max_batch_tokens, max_length)
-        self.precision = precision
         weights, info, self.source = _open_model(model)
         if info is not None:
-            packed = _check_file(info, packed, precision)
+            packed = _check_file(info, packed, precision, backend)
         if weights is not None:
             if vocab is not None:
                 raise BertrtError("vocab= is for an .onnx file; a model dir or Model brings "
@@ -179,11 +192,14 @@ class InferenceEngine:
             self.defaults = embedding_defaults(tokenizer_dir)
         self.max_length = self._limit(max_length)
         self.labels: dict[int, str] = self.config.id2label
-        self.backend_name = _pick_backend(backend, weights is not None, precision)
-        if packed is None:
-            packed = PACKED_BY_DEFAULT[self.backend_name]
-        self.backend: Backend = _start_backend(self.backend_name, weights, info, threads,
-                                               packed, precision)
+        #: The candidates `backend="auto"` timed, fastest first (empty: nothing was timed).
+        self.trials: list[Trial] = []
+        if backend == "auto":
+            choice = self._choose(model, weights, info, precision, packed, threads)
+        else:
+            choice = _check_runs(Candidate(backend, precision), weights is not None)
+            self.backend = _start_backend(choice, weights, info, threads, packed)
+        self.backend_name, self.precision = choice.backend, choice.precision
         self.max_batch_tokens = max_batch_tokens or self.backend.batch_tokens
         self.threads = threads
         #: What the last `embed` / `predict` / `tag` call did.
@@ -204,9 +220,58 @@ class InferenceEngine:
     def description(self) -> str:
         """One line: the model, its head, the backend and how batches are run."""
         layout = "packed" if self.packed else "padded"
+        chosen = f" ({self.choice})" if self.choice else ""
         return (f"{self.source} ({self.head} head) on {self.backend.description}, "
                 f"{self.precision}, {layout} batches of up to {self.max_batch_tokens} "
-                f"positions, max_length {self.max_length}")
+                f"positions, max_length {self.max_length}{chosen}")
+
+    @property
+    def choice(self) -> str:
+        """What `backend="auto"` timed, fastest first ("" when nothing was timed)."""
+        if not self.trials:
+            return ""
+        return ("auto: fastest of " + ", ".join(map(str, self.trials))
+                + " per probe batch+query")
+
+    def _choose(self, model: Any, weights: Model | None, info: OnnxInfo | None,
+                precision: str, packed: bool | None, threads: int | None) -> Candidate:
+        """Start the fastest candidate `backend="auto"` admits (`self.backend`)."""
+        meta = {} if info is None else info.metadata
+        candidates = auto_candidates(
+            precision, None if info is None else _file_precision(meta),
+            None if info is None else meta.get("flavour"))
+        if not candidates:
+            if weights is None and not auto_candidates(precision):
+                raise BertrtError("an .onnx model needs onnxruntime (or openvino); install "
+                                  "bertrt[cpu]")
+            raise BertrtError(f"no installed backend runs precision {precision} on this "
+                              "machine (onnxruntime: fp32, int8; openvino: fp32, and bf16 "
+                              "where the CPU has native bf16)")
+        key = _model_key(model, precision, packed, threads)
+        known = remembered(key)
+        if known in candidates or len(candidates) == 1:
+            choice = known if known in candidates else candidates[0]
+            self.backend = _start_backend(choice, weights, info, threads, packed)
+            return choice
+        batch, query = probe_requests(int(self.config.vocab_size), _first_word_id(self),
+                                      self.max_length)
+        best: tuple[Trial, Backend] | None = None
+        pad = self.tokenizer.pad_id
+        for candidate in candidates:
+            backend = _start_backend(candidate, weights, info, threads, packed)
+            trial = Trial(candidate, *time_backend(backend, batch, query, pad))
+            self.trials.append(trial)
+            if best is None or trial.score < best[0].score:
+                if best is not None:
+                    best[1].close()
+                best = (trial, backend)
+            else:
+                backend.close()
+        assert best is not None
+        self.trials.sort(key=lambda t: t.score)
+        self.backend = best[1]
+        remember(key, best[0].candidate)
+        return best[0].candidate
 
     def __repr__(self) -> str:
         return f"InferenceEngine({self.description})"
@@ -424,8 +489,6 @@ def _check_options(backend: str, precision: str, threads: int | None,
     if precision not in PRECISIONS:
         raise BertrtError(f"precision {precision!r} is unknown; expected one of "
                           f"{', '.join(PRECISIONS)}")
-    if precision not in AVAILABLE_PRECISIONS:
-        raise BertrtError(f"precision {precision} is not available yet (fp32 or int8 for now)")
     for value, low, name in ((threads, 1, "threads"), (max_batch_tokens, 1, "max_batch_tokens"),
                              (max_length, 2, "max_length")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -457,22 +520,33 @@ def _open_model(model: PathLike | Model) -> tuple[Model | None, OnnxInfo | None,
     return None, describe(path), str(path)
 
 
-def _check_file(info: OnnxInfo, packed: bool | None, precision: str) -> bool:
-    """Whether an .onnx file is packed; its layout and precision must be those asked for."""
+def _file_precision(meta: dict[str, str]) -> str:
+    """What an .onnx file bertrt exported computes in, from its metadata."""
+    return "int8" if meta.get("int8") == "true" else "fp16" if meta.get("fp16") == "true" \
+        else "fp32"
+
+
+def _check_file(info: OnnxInfo, packed: bool | None, precision: str, backend: str) -> bool:
+    """Whether an .onnx file is packed; its layout must be the one asked for, and it must run
+    at `precision` (an fp32 file runs at bf16 on OpenVINO; with backend "auto", at any
+    precision the one asked for admits)."""
     is_packed = any(spec.name == "cu_seqlens" for spec in info.inputs)
     if packed is not None and packed != is_packed:
         layout = "packed" if is_packed else "padded"
         raise BertrtError(f"{info.path}: a {layout} export, but packed={packed} was asked for "
                           f"(export {'without' if is_packed else 'with'} --packed, or leave "
                           "packed unset)")
-    meta = info.metadata
-    has = "int8" if meta.get("int8") == "true" else "fp16" if meta.get("fp16") == "true" \
-        else "fp32"
-    if has != precision:
-        hint = (f"pass precision='{has}'" if has in AVAILABLE_PRECISIONS
-                else f"precision {has} is not available yet")
+    if backend == "openvino" and info.metadata.get("flavour") == "ort":
+        raise BertrtError(f"{info.path}: an ort-flavour export (com.microsoft ops), which "
+                          "OpenVINO cannot read; export it with --flavour standard")
+    has = _file_precision(info.metadata)
+    runs = has == precision or (has == "fp32" and precision == "bf16"
+                                and backend in ("openvino", "auto"))
+    if backend == "auto":
+        runs = ACCURACY[has] >= ACCURACY[precision]
+    if not runs:
         raise BertrtError(f"{info.path}: an {has} export, but precision {precision} was asked "
-                          f"for ({hint})")
+                          f"for (pass precision='{has}')")
     return is_packed
 
 
@@ -515,48 +589,66 @@ def _onnx_tokenizer(info: OnnxInfo, vocab: PathLike | Tokenizer | None
     return tokenizer, folder
 
 
-def _pick_backend(name: str, has_weights: bool, precision: str) -> str:
-    if precision == "int8" and name not in ("auto", "ort"):
-        raise BertrtError(f"precision int8 runs on ONNX Runtime's CPU provider (backend ort), "
-                          f"not on {name}")
-    if name != "auto":
-        if name == "torch" and not has_weights:
-            raise BertrtError("backend torch needs the model's weights: give the model dir "
-                              "(or a Model), not an .onnx file")
-        return name
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        if has_weights and precision != "int8":
-            return "torch"
-        needs = "precision int8" if has_weights else "an .onnx model"
-        raise BertrtError(f"{needs} needs onnxruntime; install bertrt[cpu]") from None
-    return "ort"
+def _check_runs(choice: Candidate, has_weights: bool) -> Candidate:
+    """`choice` as given, if its backend runs its precision and has what it needs."""
+    name, precision = choice.backend, choice.precision
+    if precision not in RUNS[name]:
+        where = ", ".join(b for b, ps in RUNS.items() if precision in ps)
+        raise BertrtError(f"precision {precision} runs on backend {where}, not on {name}")
+    if name == "torch" and not has_weights:
+        raise BertrtError("backend torch needs the model's weights: give the model dir "
+                          "(or a Model), not an .onnx file")
+    return choice
 
 
-def _start_backend(name: str, weights: Model | None, info: OnnxInfo | None,
-                   threads: int | None, packed: bool, precision: str) -> Backend:
-    """The backend: on the .onnx file as it is, or on the weights (for ONNX Runtime, exported
-    to a temporary file, removed once the session holds the model)."""
+def _model_key(model: Any, *settings: Any) -> tuple | None:
+    """What identifies a model file or dir for the process's memory of `auto` choices (None
+    for a `Model` in memory, whose choice is not remembered)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(model).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return (str(path), *((f.name, f.stat().st_mtime_ns) for f in files if f.is_file()),
+            *settings)
+
+
+def _first_word_id(engine: InferenceEngine) -> int:
+    """The smallest id above the special tokens (the probe's ids are drawn above it)."""
+    tok = engine.tokenizer
+    specials = [i for i in (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id)
+                if i is not None]
+    return min(int(engine.config.vocab_size) - 1, max(specials) + 1)
+
+
+def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | None,
+                   threads: int | None, packed: bool | None) -> Backend:
+    """The backend: on the .onnx file as it is, or on the weights (exported to a temporary
+    file in the backend's flavour, removed once the runtime holds the model)."""
     from bertrt.serve.backends import TorchBackend
 
+    name, precision = choice.backend, choice.precision
+    if packed is None:
+        packed = PACKED_BY_DEFAULT[name]
     try:
         if name == "torch":
             assert weights is not None
             return TorchBackend(weights, threads=threads, skip_mlm=True, packed=packed)
         if info is not None:
-            return make_backend(name, onnx_path=info.path, model=None, threads=threads)
+            return make_backend(name, onnx_path=info.path, model=None, threads=threads,
+                                precision=precision)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
             path = weights.export_onnx(
                 Path(tmp) / "model.onnx",
                 # int8: the ort flavour's fused Attention keeps its QKV product fp32
-                flavour="standard" if int8 else "ort", packed=packed, int8=int8,
+                flavour="standard" if int8 else FLAVOURS[name], packed=packed, int8=int8,
+                fp16=precision == "fp16",
                 # the pretraining head's per-token vocabulary logits cost more than the
                 # encoder, and the engine reads hidden states only
                 head="none" if weights.head == "pretraining" else None)
-            return make_backend(name, onnx_path=path, model=None, threads=threads)
+            return make_backend(name, onnx_path=path, model=None, threads=threads,
+                                precision=precision)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 
@@ -597,6 +689,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-__all__ = ["AVAILABLE_PRECISIONS", "CHUNK_TEXTS", "ENGINE_BACKENDS", "InferenceEngine",
+__all__ = ["CHUNK_TEXTS", "ENGINE_BACKENDS", "InferenceEngine",
            "PACKED_BY_DEFAULT", "PRECISIONS", "RunStats", "TruncatedWarning",
            "token_budget_batches"]

@@ -11,22 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from bertrt.train.corpus import embedded_corpus, read_documents
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory) -> list[str]:
-    corpus = embedded_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=300_000)
-    out = []
-    for doc in read_documents(corpus):
-        text = " ".join(doc).strip()
-        if text:
-            out.append(text[:400])
-        if len(out) == 500:
-            break
-    assert len(out) == 500
-    return out
-
 
 def _embed(path: Path, enc: dict, order: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
@@ -45,14 +29,15 @@ def _embed(path: Path, enc: dict, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_int8_keeps_the_embedding_gate_and_quantizes_what_it_says(minilm, texts, tmp_path):
+def test_int8_keeps_the_embedding_gate_and_quantizes_what_it_says(minilm, real_texts,
+                                                                   tmp_path):
     fp32 = minilm.export_onnx(tmp_path / "fp32.onnx", flavour="standard")
     int8 = minilm.export_onnx(tmp_path / "int8.onnx", flavour="standard", int8=True)
     ops = Counter(n.op_type for n in onnx.load(str(int8)).graph.node)
     # per layer: the packed QKV, the attention output and the FFN up-projection; + the pooler
     assert ops["MatMulInteger"] == 3 * 6 + 1
     assert ops["MatMul"] == 6 + 2 * 6  # FFN down-projections and the attention core stay fp32
-    enc = minilm.tokenizer(texts, max_length=64)
+    enc = minilm.tokenizer(real_texts, max_length=64)
     order = np.argsort(enc["attention_mask"].sum(1))
     a, b = _embed(fp32, enc, order), _embed(int8, enc, order)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -136,10 +136,12 @@ def minilm_reference(minilm_dir: Path) -> np.ndarray:
     return st.encode(MINILM_TEXTS, convert_to_numpy=True, batch_size=4)
 
 
-def test_minilm_embeddings_equal_sentence_transformers(minilm_dir, minilm_reference):
-    # the default path (ONNX Runtime, packed); the others against it: test_packed_and_int8
-    with InferenceEngine(minilm_dir, threads=2, max_batch_tokens=200) as engine:
-        assert engine.packed and engine.backend_name == "ort"
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_minilm_embeddings_equal_sentence_transformers(backend, minilm_dir, minilm_reference):
+    # each CPU runtime's default path (packed); the others against it: test_packed_and_int8
+    with InferenceEngine(minilm_dir, backend=backend, threads=2,
+                         max_batch_tokens=200) as engine:
+        assert engine.packed and engine.backend_name == backend
         assert (engine.defaults.pooling, engine.defaults.normalize) == ("mean", True)
         assert engine.max_length == 256  # sentence_bert_config.json's max_seq_length
         with pytest.warns(TruncatedWarning, match="1 of 6 texts"):
@@ -248,10 +250,10 @@ def test_packed_and_int8_backends_agree_with_padded(encoder_dir, encoder, monkey
                 np.testing.assert_allclose(engine.embed(texts, pooling=mode), want, atol=1e-5)
             stats = engine.stats
             assert stats.positions == stats.tokens <= 64 * stats.batches  # real tokens only
-    with InferenceEngine(encoder_dir, precision="int8") as engine:
+    with InferenceEngine(encoder_dir, backend="ort", precision="int8") as engine:
         assert engine.packed and engine.precision == "int8"
         assert cosine(engine.embed(texts, pooling="mean"), padded["mean"]).min() > 0.999
-    with pytest.raises(BertrtError, match="precision int8 runs on ONNX Runtime's CPU"):
+    with pytest.raises(BertrtError, match="precision int8 runs on backend ort, not on torch"):
         InferenceEngine(encoder_dir, backend="torch", precision="int8")
 
 
@@ -272,7 +274,8 @@ def test_padded_and_packed_outputs_pool_alike():
 
 
 # ---------------------------------------------------------------------- predict and tag
-@pytest.mark.parametrize("backend,packed", [("ort", None), ("ort", False), ("torch", True)])
+@pytest.mark.parametrize("backend,packed", [("ort", None), ("ort", False), ("torch", True),
+                                            ("openvino", None), ("openvino", False)])
 def test_predict_matches_transformers(backend, packed, classifier_dir):
     import transformers
 
@@ -375,8 +378,11 @@ def test_a_model_object_and_a_pretraining_head(tokenizer):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(backend="openvino"), "backend 'openvino' is unknown; expected one of auto, ort"),
-    (dict(precision="bf16"), "precision bf16 is not available yet"),
+    (dict(backend="tensorrt"), "backend 'tensorrt' is unknown; expected one of auto, ort"),
+    (dict(backend="ort", precision="bf16"), "precision bf16 runs on backend openvino, not on "
+                                            "ort"),
+    (dict(backend="torch", precision="fp16"), "precision fp16 runs on backend ort-cuda, not "
+                                              "on torch"),
     (dict(precision="fp64"), "precision 'fp64' is unknown"),
     (dict(threads=0), "threads: expected an integer of at least 1, got 0"),
     (dict(max_batch_tokens=0), "max_batch_tokens: expected an integer of at least 1"),
@@ -478,8 +484,8 @@ def test_cli_predict_labels_and_entities(classifier_dir, tagger_dir, texts_file,
      "folder {tmp}/no does not exist"),
     (["embed", "{encoder}", "--texts", "{texts}", "--backend", "onnx"],
      "backend 'onnx' is unknown"),
-    (["embed", "{encoder}", "--texts", "{texts}", "--precision", "fp16"],
-     "precision fp16 is not available yet"),
+    (["embed", "{encoder}", "--texts", "{texts}", "--backend", "ort", "--precision", "fp16"],
+     "precision fp16 runs on backend ort-cuda, not on ort"),
     (["embed", "{encoder}", "--texts", "{texts}", "--batch-tokens", "0"],
      "max_batch_tokens: expected an integer of at least 1"),
     (["embed", "{encoder}", "--texts", "{texts}", "--pooling", "sum"], "pooling 'sum'"),
