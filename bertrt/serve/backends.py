@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,56 @@ ONNX_BACKENDS = frozenset({"ort", "ort-cuda", "openvino"})
 FLAVOURS = {"ort": "ort", "ort-cuda": "ort", "openvino": "standard"}
 
 INSTALL_HINT = "install bertrt[cpu] (or bertrt[gpu] for CUDA)"
+
+
+#: A variant's modifiers (`ort:packed:int8`): the layout, and the precision.
+LAYOUTS = ("packed", "padded")
+VARIANT_PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A backend and how it runs: `NAME[:packed|:padded][:fp32|:int8|:bf16|:fp16]`, e.g.
+    `ort:packed:int8` (ONNX Runtime on the packed int8 export), `openvino:bf16`.
+
+    `packed` None and `precision` None: as the `.onnx` file is (a model dir exports padded
+    fp32). The precisions each backend runs: `bertrt.serve.selection.RUNS`.
+    """
+
+    backend: str
+    packed: bool | None = None
+    precision: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """Raises BertrtError: an unknown backend or modifier, or one the backend cannot run."""
+        from bertrt.serve.selection import RUNS
+
+        name, *mods = [part.strip() for part in spec.split(":")]
+        if name not in BACKENDS:
+            raise BertrtError(f"--backend: {name!r} is unknown; expected one of "
+                              f"{', '.join(BACKENDS)} (with :packed, :padded, :int8, :bf16 "
+                              "or :fp16 after it)")
+        packed, precision = None, None
+        for mod in mods:
+            if mod in LAYOUTS:
+                packed = mod == "packed"
+            elif mod in VARIANT_PRECISIONS:
+                precision = mod
+            else:
+                raise BertrtError(f"--backend {spec}: {mod!r} is not a modifier; expected "
+                                  f"{', '.join(LAYOUTS + VARIANT_PRECISIONS)}")
+        if precision is not None and precision not in RUNS[name]:
+            raise BertrtError(f"--backend {spec}: {name} runs {', '.join(RUNS[name])}, not "
+                              f"{precision}")
+        return cls(name, packed, precision)
+
+    @property
+    def label(self) -> str:
+        """The spec in its canonical form (the report's name for it)."""
+        layout = {None: "", True: ":packed", False: ":padded"}[self.packed]
+        return self.backend + layout + ("" if self.precision is None else
+                                        f":{self.precision}")
 
 
 class BackendUnavailable(Exception):
@@ -86,6 +137,7 @@ class Backend:
 
     name: str = "backend"
     description: str = ""
+    _label: str = ""
     #: Computes float32 with fewer mantissa bits (fp16 weights, or TF32 matrix products):
     #: the cross-check then holds it to a relative bound instead of the fp32 absolute one.
     reduced_precision: bool = False
@@ -98,8 +150,25 @@ class Backend:
     #: at 16384 (ONNX Runtime, 2 threads, real text).
     batch_tokens: int = 2048
 
+    @property
+    def label(self) -> str:
+        """What reports call it: `name`, or the variant it runs (`ort:packed:int8`)."""
+        return self._label or self.name
+
+    @label.setter
+    def label(self, value: str) -> None:
+        self._label = value
+
     def prepare(self, batch: dict[str, np.ndarray]) -> Any:
-        """What `execute` takes for a batch of (B, S) inputs (untimed); the batch itself here."""
+        """What `execute` takes for a batch of (B, S) inputs (untimed); the batch itself here
+        (packed, for a packed backend: see `layout`)."""
+        return self.layout(batch)
+
+    def layout(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`batch` in the layout this backend runs: a padded batch (with `attention_mask`)
+        given to a packed backend becomes its real tokens one after another (`unpad`)."""
+        if self.packed and "attention_mask" in batch:
+            return unpad(batch)
         return batch
 
     def execute(self, prepared: Any) -> dict[str, np.ndarray]:
@@ -193,6 +262,7 @@ class OrtBackend(Backend):
         meta = self.session.get_modelmeta().custom_metadata_map
         self.precision = ("fp16" if self._computes_fp16() else
                           "int8" if meta.get("int8") == "true" else "fp32")
+        self.reduced_precision = self.reduced_precision or self.precision != "fp32"
         self.threads = threads
         self.description = (f"onnxruntime {ort.__version__} "
                             f"{self.session.get_providers()[0]}, "
@@ -211,6 +281,7 @@ class OrtBackend(Backend):
 
     def feeds(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's arrays the model takes, in the dtypes it declares."""
+        batch = self.layout(batch)
         missing = [name for name in self.input_types if name not in batch]
         if missing:
             raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
@@ -328,7 +399,8 @@ class OpenVinoBackend(Backend):
         self.description = (f"openvino {ov.__version__.split('-')[0]} CPU, {precision}, "
                             f"{threads or 'default'} threads")
 
-    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
+        batch = self.layout(batch)
         missing = [name for name in self.input_types if name not in batch]
         if missing:
             raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
@@ -398,6 +470,7 @@ class TorchBackend(Backend):
         """The three inputs as tensors sharing the arrays' memory (no copies): ids, mask and
         type ids; packed, ids, cu_seqlens and type ids."""
         from_numpy = self._torch.from_numpy
+        batch = self.layout(batch)
         second = batch["cu_seqlens" if self.packed else "attention_mask"]
         return (from_numpy(batch["input_ids"]), from_numpy(second),
                 from_numpy(batch["token_type_ids"]))
@@ -411,9 +484,40 @@ class TorchBackend(Backend):
         self._torch.set_num_threads(self._old_threads)
 
 
+def unpad(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A padded batch ((B, S) arrays and `attention_mask`, right-padded) as the packed layout:
+    `input_ids` and `token_type_ids` (T,) of its real tokens, row after row, and
+    `cu_seqlens` (B+1,) int32."""
+    keep = np.asarray(batch["attention_mask"]).astype(bool)
+    lengths = keep.sum(axis=1)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    return {"input_ids": batch["input_ids"][keep],
+            "token_type_ids": batch["token_type_ids"][keep], "cu_seqlens": cu}
+
+
+def repad(outputs: dict[str, np.ndarray], attention_mask: np.ndarray,
+          token_outputs: Sequence[str] | frozenset[str] | None) -> dict[str, np.ndarray]:
+    """A packed batch's outputs in the padded layout of `attention_mask` (B, S): per-token
+    outputs (T, ...) scattered to (B, S, ...), zeros at padded positions; the rest as they
+    are. `token_outputs` None: those with T rows."""
+    keep = np.asarray(attention_mask).astype(bool)
+    tokens = int(keep.sum())
+    out = {}
+    for name, value in outputs.items():
+        per_token = (name in token_outputs if token_outputs is not None
+                     else value.ndim >= 1 and value.shape[0] == tokens)
+        if per_token:
+            full = np.zeros(keep.shape + value.shape[1:], dtype=value.dtype)
+            full[keep] = value
+            value = full
+        out[name] = value
+    return out
+
+
 def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
-                 threads: int | None, spinning: bool = True, precision: str = "fp32"
-                 ) -> Backend:
+                 threads: int | None, spinning: bool = True, precision: str = "fp32",
+                 packed: bool = False) -> Backend:
     """A backend by name.
 
     Raises:
@@ -432,4 +536,4 @@ def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
     if model is None:
         raise BertrtError("backend torch needs the model's weights: give a model dir as MODEL "
                           "(or --model-dir DIR beside an .onnx file)")
-    return TorchBackend(model, threads=threads)
+    return TorchBackend(model, threads=threads, packed=packed)

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from bertrt.errors import BertrtError
 from bertrt.serve.backends import (
-    BACKENDS,
+    FLAVOURS,
     ONNX_BACKENDS,
     Backend,
     BackendUnavailable,
+    Variant,
     import_onnxruntime,
     make_backend,
 )
@@ -69,8 +70,9 @@ class BenchOptions:
     Errors name the command-line option (`--iters`, ...) of the field they are about.
     """
 
-    #: Backend names (`BACKENDS`; comma-separated items are split). None: `ort`, plus
-    #: `torch` when the model is a model dir.
+    #: Backends, each a name (`BACKENDS`) or a variant (`ort:packed:int8`, `openvino:bf16`:
+    #: see `Variant`); comma-separated items are split. None: `ort`, plus `torch` when the
+    #: model is a model dir.
     backends: Sequence[str] | None = None
     batch_sizes: Sequence[int] = (1, 8, 32)
     #: Synthetic sequence lengths. None: `DEFAULT_SEQ_LENS`, capped at the model's maximum.
@@ -83,6 +85,8 @@ class BenchOptions:
     model_dir: PathLike | None = None
     #: Truncate texts to this many tokens (None: the model's maximum).
     max_length: int | None = None
+    #: For `texts`: "arrival" (batches as the texts come) and/or "sorted" (by length).
+    orders: Sequence[str] = ("arrival",)
     #: ONNX flavour exported for a model dir: `ort` or `standard`.
     flavour: str = "ort"
     warmup: int = 3
@@ -127,21 +131,20 @@ class BenchOptions:
 
 
 def backend_names(given: Sequence[str] | None, model_is_dir: bool) -> list[str]:
-    """The backends to run, in order, each once (comma-separated items split).
+    """The backends (or variants) to run, in order, each once (comma-separated items split),
+    in their canonical spelling (`Variant.label`).
 
     Raises:
-        BertrtError: an unknown name.
+        BertrtError: an unknown name or modifier.
     """
     names: list[str] = []
     for item in given or ():
-        for name in (part.strip() for part in item.split(",")):
-            if not name:
+        for spec in (part.strip() for part in item.split(",")):
+            if not spec:
                 continue
-            if name not in BACKENDS:
-                raise BertrtError(f"--backend: {name!r} is unknown; expected one of "
-                                  f"{', '.join(BACKENDS)}")
-            if name not in names:
-                names.append(name)
+            label = Variant.parse(spec).label
+            if label not in names:
+                names.append(label)
     return names or (["ort", "torch"] if model_is_dir else ["ort"])
 
 
@@ -150,7 +153,7 @@ class BenchTarget:
     """A model path resolved for serve-bench: what runs it, what feeds it."""
 
     path: Path
-    #: The backends to run, reference first.
+    #: The backends to run (names or variants, `Variant.label`), reference first.
     backends: list[str]
     workload: Workload
     #: The weights: the model dir's, or `model_dir`'s beside an `.onnx` file when `torch` runs.
@@ -167,29 +170,37 @@ class BenchTarget:
 
     def open_backends(self, stack: contextlib.ExitStack, options: BenchOptions,
                       log: Log | None = None) -> list[Backend]:
-        """Start the backends (for a model dir, first export a temporary ONNX file); `stack`
-        closes them and removes the file. A backend this machine cannot run is skipped, with
-        a line to `log`.
+        """Start the backends (for a model dir, first export the temporary ONNX files they
+        run: one per flavour, layout and precision); `stack` closes them and removes the
+        files. A backend this machine cannot run is skipped, with a line to `log`.
 
         Raises:
-            BertrtError: no backend is left to run.
+            BertrtError: no backend is left to run; a variant an `.onnx` file is not.
         """
-        onnx_path = None if self.is_dir else self.path
-        if self.is_dir and any(n in ONNX_BACKENDS for n in self.backends):
-            assert self.model is not None
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bertrt-bench-")))
-            _say(log, f"exporting {self.path} to a temporary {options.flavour}-flavour ONNX "
-                      "file ...")
-            onnx_path = self.model.export_onnx(tmp / "model.onnx", flavour=options.flavour)
+        variants = [Variant.parse(name) for name in self.backends]
+        exports: dict[tuple[str, bool, str], Path] = {}
+        tmp: Path | None = None
         spinning = len(self.backends) == 1 if options.spin is None else options.spin
         running, skipped = [], []
-        for name in self.backends:
+        for variant in variants:
+            onnx_path = None
+            if variant.backend in ONNX_BACKENDS:
+                if self.is_dir:
+                    if tmp is None:
+                        tmp = Path(stack.enter_context(
+                            tempfile.TemporaryDirectory(prefix="bertrt-bench-")))
+                    onnx_path = self._export(variant, options, exports, tmp, log)
+                else:
+                    onnx_path = self._check_variant(variant)
             try:
-                backend = make_backend(name, onnx_path=onnx_path, model=self.model,
-                                       threads=options.thread_count, spinning=spinning)
+                backend = make_backend(variant.backend, onnx_path=onnx_path, model=self.model,
+                                       threads=options.thread_count, spinning=spinning,
+                                       precision=variant.precision or "fp32",
+                                       packed=bool(variant.packed))
             except BackendUnavailable as exc:
-                skipped.append(f"{name}: {exc}")
+                skipped.append(f"{variant.label}: {exc}")
                 continue
+            backend.label = variant.label
             stack.callback(backend.close)
             running.append(backend)
         if not running:
@@ -197,6 +208,44 @@ class BenchTarget:
         for reason in skipped:
             _say(log, f"skipping backend {reason}")
         return running
+
+    def _export(self, variant: Variant, options: BenchOptions,
+                exports: dict[tuple[str, bool, str], Path], tmp: Path, log: Log | None
+                ) -> Path:
+        """The temporary export `variant` runs (made once per flavour, layout, precision):
+        `options.flavour` for ONNX Runtime, except int8 (standard); standard for OpenVINO."""
+        assert self.model is not None
+        file_precision = ("fp32" if variant.precision in (None, "bf16") else
+                          variant.precision)
+        flavour = ("standard" if variant.precision == "int8" else
+                   options.flavour if variant.backend != "openvino" else
+                   FLAVOURS["openvino"])
+        key = (flavour, bool(variant.packed), file_precision)
+        if key not in exports:
+            what = " ".join(x for x in (flavour + "-flavour", "packed" if key[1] else "",
+                                        "" if file_precision == "fp32" else file_precision)
+                            if x)
+            _say(log, f"exporting {self.path} to a temporary {what} ONNX file ...")
+            exports[key] = self.model.export_onnx(
+                tmp / f"model-{len(exports)}.onnx", flavour=flavour, packed=key[1],
+                int8=file_precision == "int8", fp16=file_precision == "fp16")
+        return exports[key]
+
+    def _check_variant(self, variant: Variant) -> Path:
+        """The `.onnx` file, if it is what `variant` asks for (its layout and precision)."""
+        info = self.onnx_info
+        assert info is not None
+        packed = any(spec.name == "cu_seqlens" for spec in info.inputs)
+        meta = info.metadata
+        has = ("int8" if meta.get("int8") == "true" else
+               "fp16" if meta.get("fp16") == "true" else "fp32")
+        wants = "fp32" if variant.precision == "bf16" else variant.precision or has
+        if (variant.packed is not None and variant.packed != packed) or wants != has:
+            layout = "packed" if packed else "padded"
+            raise BertrtError(f"--backend {variant.label}: {self.path.name} is a {layout} "
+                              f"{has} export; variants of another layout or precision are "
+                              "exported from a model dir (give the dir as MODEL)")
+        return self.path
 
     def meta(self, options: BenchOptions) -> dict[str, Any]:
         """The report's description of the model and the run."""
@@ -242,13 +291,14 @@ def resolve_target(model: PathLike, options: BenchOptions | None = None, *,
         raise BertrtError(f"{path}: no such file or directory (expected an .onnx file or a "
                           "model dir)")
     names = backend_names(options.backends, path.is_dir())
-    if any(n in ONNX_BACKENDS for n in names):
+    if any(Variant.parse(n).backend in ("ort", "ort-cuda") for n in names):
         import_onnxruntime()  # a one-line error now rather than after loading the model
     info = None
     if path.is_dir():
         weights, tokenizer, limits = _from_model_dir(path)
     else:
-        info, weights, tokenizer, limits = _from_onnx(path, options, "torch" in names, log)
+        needs_weights = any(Variant.parse(n).backend == "torch" for n in names)
+        info, weights, tokenizer, limits = _from_onnx(path, options, needs_weights, log)
     workload = (_text_workload(path, options, tokenizer, limits) if options.texts is not None
                 else _synthetic_workload(path, options, tokenizer, limits))
     pad_id = limits.pad_id if tokenizer is None else tokenizer.pad_id
@@ -331,7 +381,7 @@ def _text_workload(path: Path, options: BenchOptions, tokenizer: Tokenizer | Non
         raise BertrtError(f"--max-length {max_length} exceeds the model's "
                           f"max_position_embeddings={max_positions}")
     return TextWorkload.from_file(options.texts, tokenizer, options.batch_sizes,
-                                  max_length or limit)
+                                  max_length or limit, orders=options.orders)
 
 
 def _synthetic_workload(path: Path, options: BenchOptions, tokenizer: Tokenizer | None,

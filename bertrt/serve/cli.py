@@ -41,7 +41,9 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.command("serve-bench")
 @click.argument("model")
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
-              help="ort | ort-cuda | torch; repeat or comma-separate. Default: ort, plus torch "
+              help="ort | ort-cuda | openvino | torch, each optionally with :packed or "
+                   ":padded and :int8 | :bf16 | :fp16 (e.g. ort:packed:int8, "
+                   "openvino:packed:bf16); repeat or comma-separate. Default: ort, plus torch "
                    "when MODEL is a model dir.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True,
               help="Comma-separated batch sizes.")
@@ -56,6 +58,9 @@ def _int_list(text: str, option: str) -> list[int]:
                    "--backend torch.")
 @click.option("--max-length", type=int, default=None,
               help="Truncate texts to this many tokens [model's maximum].")
+@click.option("--order", default="arrival", show_default=True,
+              help="--texts batches: arrival (as the texts come: live traffic), sorted (the "
+                   "whole file sorted by length: offline), or arrival,sorted for both.")
 @click.option("--flavour", default="ort", show_default=True,
               help="ONNX flavour exported for a model dir: ort | standard.")
 @click.option("--warmup", type=int, default=3, show_default=True,
@@ -77,7 +82,7 @@ def _int_list(text: str, option: str) -> list[int]:
 @user_errors
 def serve_bench(model: str, backends: tuple[str, ...], batch_sizes: str, seq_lens: str | None,
                 texts_path: str | None, vocab_path: str | None, model_dir: str | None,
-                max_length: int | None, flavour: str, warmup: int, iters: int | None,
+                max_length: int | None, order: str, flavour: str, warmup: int, iters: int | None,
                 duration: float | None, threads: int | None, seed: int, json_out: str | None,
                 spin: bool | None, progress: bool | None) -> None:
     """Benchmark inference backends side by side on MODEL (an .onnx file or a model dir).
@@ -95,6 +100,7 @@ def serve_bench(model: str, backends: tuple[str, ...], batch_sizes: str, seq_len
         backends=backends or None, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
         seq_lens=None if seq_lens is None else _int_list(seq_lens, "--seq-lens"),
         texts=texts_path, vocab=vocab_path, model_dir=model_dir, max_length=max_length,
+        orders=[part.strip() for part in order.split(",") if part.strip()],
         flavour=flavour, warmup=warmup, iters=iters, duration=duration, threads=threads,
         seed=seed, spin=spin, progress=progress)
     options.validate()

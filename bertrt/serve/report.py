@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bertrt.serve.backends import Backend
+from bertrt.serve.backends import Backend, repad
 from bertrt.serve.batcher import Batch, FixedBatcher
 from bertrt.serve.crosscheck import (
     BackendsDisagree,
@@ -52,11 +52,12 @@ class Measurement:
     tokens: int = 0
     positions: int = 0
 
-    def add(self, seconds: float, batch: Batch) -> None:
+    def add(self, seconds: float, batch: Batch, packed: bool = False) -> None:
+        """One timed batch; a packed backend computes its real tokens only."""
         self.latencies_s.append(seconds)
         self.sequences += batch.size
         self.tokens += batch.tokens
-        self.positions += batch.positions
+        self.positions += batch.tokens if packed else batch.positions
 
     def row(self) -> dict[str, Any]:
         """The JSON row: counts, latency percentiles (ms), throughputs."""
@@ -172,7 +173,7 @@ def run_benchmark(
     if not backends:
         raise ValueError("run_benchmark: no backends")
     shapes = workload.shapes()
-    names = [b.name for b in backends]
+    names = [b.label for b in backends]
     if duration is None:
         total: float | None = len(shapes) * len(backends) * (1 + warmup + int(iters or 0))
         unit = "batch"
@@ -208,7 +209,7 @@ def run_benchmark(
     meta = dict(meta or {})
     meta.update(backends=names, warmup=warmup, iters=None if duration is not None else iters,
                 duration_s=duration, gap_s=gap, workload=workload.describe(),
-                backend_descriptions={b.name: b.description for b in backends},
+                backend_descriptions={b.label: b.description for b in backends},
                 machine={"platform": platform.platform(), "processor": platform.processor(),
                          "python": platform.python_version()})
     meta.setdefault("model", "?")
@@ -220,7 +221,10 @@ def _untimed(backends: Sequence[Backend], batch: Batch,
     """One batch through every backend, not timed; their outputs by backend name."""
     outputs = {}
     for backend in backends:
-        outputs[backend.name] = backend.run(batch.inputs)
+        out = backend.run(batch.inputs)
+        if backend.packed:  # compared position by position with the padded ones
+            out = repad(out, batch.inputs["attention_mask"], backend.token_outputs)
+        outputs[backend.label] = out
         tick()
     return outputs
 
@@ -229,7 +233,7 @@ def _time_shape(backends: Sequence[Backend], shape: Shape, stream: Iterator[Batc
                 iters: int | None, duration: float | None, gap: float,
                 tick: Callable[[float], None]) -> dict[str, Measurement]:
     """The timed rounds of one shape: each round one new batch through every backend."""
-    per = {b.name: Measurement(b.name, shape) for b in backends}
+    per = {b.label: Measurement(b.label, shape) for b in backends}
     start, rounds = time.perf_counter(), 0
     while True:
         batch = next(stream)
@@ -240,7 +244,7 @@ def _time_shape(backends: Sequence[Backend], shape: Shape, stream: Iterator[Batc
             t0 = time.perf_counter()
             backend.execute(prepared)
             dt = time.perf_counter() - t0
-            per[backend.name].add(dt, batch)
+            per[backend.label].add(dt, batch, backend.packed)
             tick(dt)
         rounds += 1
         if duration is None:

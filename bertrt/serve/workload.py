@@ -44,14 +44,19 @@ class Request:
 @dataclass(frozen=True)
 class Shape:
     """A cell of the benchmark: `batch_size` sequences of `seq_len` tokens (None: real texts,
-    each batch padded to its longest)."""
+    each batch padded to its longest, in `order`)."""
 
     batch_size: int
     seq_len: int | None
+    #: Real texts only: "arrival" (as they came: live traffic) or "sorted" (the whole queue
+    #: sorted by length first, as an offline job can).
+    order: str = "arrival"
 
     @property
     def label(self) -> str:
-        return f"{self.batch_size}x{self.seq_len if self.seq_len is not None else 'text'}"
+        if self.seq_len is not None:
+            return f"{self.batch_size}x{self.seq_len}"
+        return f"{self.batch_size}xtext" + (" sorted" if self.order == "sorted" else "")
 
 
 class Workload:
@@ -168,17 +173,27 @@ class TextWorkload(Workload):
     Args:
         texts: the texts (see `read_texts`).
         tokenizer: the model's tokenizer.
-        batch_sizes: one shape per batch size.
+        batch_sizes: one shape per batch size (and order).
         max_length: truncation length (specials included).
         source: where the texts came from (for the report).
+        orders: "arrival" (batches of consecutive texts, as they came: the live-traffic
+            case) and/or "sorted" (batches of consecutive texts once all are sorted by
+            length: the offline case).
     """
 
     kind = "texts"
+    ORDERS = ("arrival", "sorted")
 
     def __init__(self, texts: Sequence[str], tokenizer: Tokenizer, batch_sizes: Sequence[int],
-                 max_length: int, source: str = "texts") -> None:
+                 max_length: int, source: str = "texts",
+                 orders: Sequence[str] = ("arrival",)) -> None:
         if not texts:
             raise BertrtError(f"{source}: no texts")
+        bad = [o for o in orders if o not in self.ORDERS]
+        if bad or not orders:
+            raise BertrtError(f"--order: expected arrival and/or sorted, got "
+                              f"{','.join(orders) or 'nothing'}")
+        self.orders = list(dict.fromkeys(orders))
         self.batch_sizes = _positive_ints(batch_sizes, "batch sizes")
         enc = tokenizer(list(texts), max_length=max_length, padding=False, truncation=True)
         self.requests_list = [Request(i, t) for i, t in zip(enc["input_ids"],
@@ -188,8 +203,10 @@ class TextWorkload(Workload):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], tokenizer: Tokenizer,
-                  batch_sizes: Sequence[int], max_length: int) -> TextWorkload:
-        return cls(read_texts(path), tokenizer, batch_sizes, max_length, source=str(path))
+                  batch_sizes: Sequence[int], max_length: int,
+                  orders: Sequence[str] = ("arrival",)) -> TextWorkload:
+        return cls(read_texts(path), tokenizer, batch_sizes, max_length, source=str(path),
+                   orders=orders)
 
     @property
     def lengths(self) -> list[int]:
@@ -197,9 +214,11 @@ class TextWorkload(Workload):
         return [r.length for r in self.requests_list]
 
     def shapes(self) -> list[Shape]:
-        return [Shape(b, None) for b in self.batch_sizes]
+        return [Shape(b, None, order) for order in self.orders for b in self.batch_sizes]
 
     def requests(self, shape: Shape) -> Iterator[Request]:
+        if shape.order == "sorted":
+            return itertools.cycle(sorted(self.requests_list, key=lambda r: r.length))
         return itertools.cycle(self.requests_list)
 
     def describe(self) -> dict[str, object]:

@@ -137,6 +137,35 @@ def test_texts_workload_counts_real_tokens_and_padding(tiny_dir, tmp_path):
     assert report["workload"]["texts"] == 4
 
 
+def test_packed_int8_and_openvino_variants_in_arrival_and_sorted_order(tiny_dir, tmp_path):
+    pytest.importorskip("openvino")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS * 3) + "\n", encoding="utf-8")
+    variants = ["ort", "ort:packed", "ort:packed:int8", "openvino:packed", "torch:packed"]
+    result = invoke(tiny_dir, "--texts", texts, "--batch-sizes", "4", "--order",
+                    "arrival,sorted", "--backend", ",".join(variants), "--iters", "3",
+                    "--warmup", "0", "--threads", "1", "--json", "-", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = {(r["shape"], r["backend"]): r for r in report["rows"]}
+    assert set(rows) == {(shape, v) for shape in ("4xtext", "4xtext sorted") for v in variants}
+    for (shape, variant), row in rows.items():
+        padded = rows[(shape, "ort")]
+        assert row["tokens"] == padded["tokens"]  # the same batches, real tokens counted
+        if variant == "ort":
+            assert row["positions"] > row["tokens"]  # padding computed
+        else:
+            assert row["positions"] == row["tokens"]  # packed: none
+    # sorting the queue first leaves less padding in the padded batches
+    assert rows[("4xtext sorted", "ort")]["positions"] < rows[("4xtext", "ort")]["positions"]
+    checks = report["cross_check"]["results"]
+    for variant in ("ort:packed", "openvino:packed", "torch:packed"):  # fp32: the 1e-4 bound
+        assert not checks[variant]["relative"] and checks[variant]["max_abs_diff"] < 1e-4
+    int8 = checks["ort:packed:int8"]
+    assert int8["relative"] and int8["failing"] == [] and int8["max_abs_diff"] > 0
+    assert report["backend_descriptions"]["openvino:packed"].startswith("openvino ")
+
+
 def test_onnx_model_with_model_dir_runs_torch_too(tiny_dir, tiny_onnx):
     result = invoke(tiny_onnx, "--model-dir", tiny_dir, "--backend", "ort,torch",
                     "--batch-sizes", "2", "--seq-lens", "8", "--iters", "1", "--warmup", "0",
@@ -194,11 +223,17 @@ def bad_files(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     (["{model}", "--seq-lens", "999"], "max_position_embeddings=64"),
     (["{model}", "--iters", "3", "--duration", "1"], "not both"),
     (["{model}", "--json", "{missing}/out.json"], "does not exist"),
+    (["{model}", "--backend", "ort:fast"], "'fast' is not a modifier"),
+    (["{model}", "--backend", "ort:bf16"], "ort runs fp32, int8, not bf16"),
+    (["{onnx}", "--backend", "ort:packed"], "tiny.onnx is a padded fp32 export"),
+    (["{model}", "--texts", "{texts}", "--order", "random"], "--order: expected arrival"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, tiny_onnx, bad_files, tmp_path, args,
                                           message):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     names = {**{k: str(v) for k, v in bad_files.items()}, "model": str(tiny_dir),
-             "onnx": str(tiny_onnx), "missing": str(tmp_path / "missing")}
+             "onnx": str(tiny_onnx), "missing": str(tmp_path / "missing"), "texts": str(texts)}
     line = one_error_line(invoke(*[a.format(**names) for a in args], "--no-progress"))
     assert message in line
 
