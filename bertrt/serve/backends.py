@@ -145,6 +145,10 @@ class Backend:
     packed: bool = False
     #: What it computes in: "fp32", "int8", "fp16" (the file's), "bf16" (OpenVINO's hint).
     precision: str = "fp32"
+    #: A padded twin of a packed backend (the same model, exported padded) that runs the
+    #: batches of one sequence: they have no padding to skip, and the padded graph has no
+    #: packing gathers (the engine sets it; `close` closes it too).
+    single: Backend | None = None
     #: The engine's default budget of positions per batch on this backend. On CPU, batches of
     #: 1-2k positions keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than
     #: at 16384 (ONNX Runtime, 2 threads, real text).
@@ -189,6 +193,8 @@ class Backend:
             requests: At least one sequence (ids and type ids, (L,) each, L >= 1).
             pad_id: The tokenizer's `[PAD]` id.
         """
+        if self.single is not None and len(requests) == 1:
+            return self.single.run_sequences(requests, pad_id)
         if self.packed:
             return self._run_packed(requests)
         batch = pad_batch(requests, pad_id)

@@ -509,3 +509,25 @@ def test_cli_errors(args, message, encoder_dir, classifier_dir, tagger_dir, text
                  latin1=tmp_path / "latin1.txt", one=tmp_path / "one.txt")
     line = error_line(cli(*[a.format(**names) for a in args]))
     assert message.format(**names) in line
+
+
+def test_a_single_sequence_runs_on_the_padded_twin(encoder_dir, encoder):
+    with InferenceEngine(encoder_dir, backend="ort", packed=True, threads=1) as engine:
+        twin = engine.backend.single
+        assert engine.packed and twin is not None and not twin.packed
+        sizes = []
+        run = twin.run_sequences
+
+        def spy(requests, pad_id=0):
+            sizes.append(len(requests))
+            return run(requests, pad_id)
+
+        twin.run_sequences = spy
+        alone = engine.embed(TEXTS[:1], pooling="mean")
+        together = engine.embed(TEXTS[:2], pooling="mean")
+        assert sizes == [1]  # the batch of two ran packed
+        np.testing.assert_allclose(alone[0], together[0], atol=1e-5)
+        np.testing.assert_allclose(alone, encoder.embed(TEXTS[:1], pooling="mean"), atol=1e-5)
+    with InferenceEngine(encoder_dir, backend="ort", packed=True,
+                         padded_single=False) as engine:
+        assert engine.backend.single is None
