@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from bertrt.config import BertConfig
@@ -193,8 +194,10 @@ class Model:
             packed: Padding-free: inputs `input_ids`, `token_type_ids` (tokens,) int64 and
                 `cu_seqlens` (batch+1,) int32; per-token outputs (tokens, ...). The `packed`
                 pipeline (`fuse` and `padding` are then ignored).
-            int8: Dynamic int8 weight products for CPU (which ones: `bertrt.lower.int8`);
-                needs onnxruntime.
+            int8: Dynamic int8 weight products for CPU (which ones: `bertrt.lower.int8`;
+                the FFN down-projections are chosen by running the fp32 model on the first
+                docstrings of the built-in corpus, when the model has a tokenizer); needs
+                onnxruntime.
         """
         from bertrt.graph.passes import fused_copy
         from bertrt.lower.to_onnx import export
@@ -211,8 +214,17 @@ class Model:
         metadata: dict[str, Any] = {"config": self.config.to_dict()}
         if self.has_tokenizer:
             metadata["vocab"] = self.tokenizer.vocab
+        calibration = None
+        if int8 and self.has_tokenizer:
+            from bertrt.lower.int8 import CALIBRATION_TEXTS
+            from bertrt.train.corpus import docstring_texts
+
+            limit = min(128, int(self.config.max_position_embeddings))
+            enc = self.tokenizer(docstring_texts(CALIBRATION_TEXTS), max_length=limit,
+                                 padding=False)
+            calibration = [np.asarray(ids) for ids in enc["input_ids"]]
         return export(graph, weights, Path(path), flavour=flavour, fp16=fp16, opset=opset,
-                      metadata=metadata, padding=padding, int8=int8)
+                      metadata=metadata, padding=padding, int8=int8, calibration=calibration)
 
     # ------------------------------------------------------------------ saving
     def save(self, model_dir: str | os.PathLike[str]) -> Path:

@@ -298,6 +298,19 @@ def _iter_docstring_documents(root: Path) -> Iterator[list[str]]:
                 yield sentences
 
 
+def docstring_texts(count: int) -> list[str]:
+    """The first `count` documents of the built-in corpus (see `embedded_corpus`), each as
+    one text (its sentences joined by spaces), without writing a file: real prose to
+    calibrate on. Fewer when the standard library has fewer docstrings."""
+    root = Path(ast.__file__).resolve().parent
+    texts: list[str] = []
+    for sentences in _iter_docstring_documents(root):
+        if len(texts) == count:
+            break
+        texts.append(" ".join(sentences))
+    return texts
+
+
 def embedded_corpus(out_dir: Path, max_bytes: int = 3_000_000) -> Path:
     """Write the built-in corpus: docstrings of the installed Python standard library.
 

@@ -33,10 +33,16 @@ def test_int8_keeps_the_embedding_gate_and_quantizes_what_it_says(minilm, real_t
                                                                    tmp_path):
     fp32 = minilm.export_onnx(tmp_path / "fp32.onnx", flavour="standard")
     int8 = minilm.export_onnx(tmp_path / "int8.onnx", flavour="standard", int8=True)
-    ops = Counter(n.op_type for n in onnx.load(str(int8)).graph.node)
-    # per layer: the packed QKV, the attention output and the FFN up-projection; + the pooler
-    assert ops["MatMulInteger"] == 3 * 6 + 1
-    assert ops["MatMul"] == 6 + 2 * 6  # FFN down-projections and the attention core stay fp32
+    graph = onnx.load(str(int8)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    # per layer: the packed QKV, the attention output and the FFN up-projection; + the pooler;
+    # + the down-projections of the layers whose GELU output has no outliers (3 to 5)
+    assert ops["MatMulInteger"] == 3 * 6 + 1 + 3
+    assert ops["MatMul"] == 3 + 2 * 6  # 3 down-projections and the attention core stay fp32
+    down = {n.name.split(".output.dense")[0] for n in graph.node
+            if n.op_type == "MatMulInteger" and ".output.dense" in n.name
+            and ".attention.output" not in n.name}
+    assert down == {f"encoder.layer.{i}" for i in (3, 4, 5)}, down
     enc = minilm.tokenizer(real_texts, max_length=64)
     order = np.argsort(enc["attention_mask"].sum(1))
     a, b = _embed(fp32, enc, order), _embed(int8, enc, order)
@@ -63,3 +69,28 @@ def test_int8_defaults_to_the_standard_flavour_and_refuses_ort(tmp_path):
     assert (meta["flavour"], meta["int8"], meta["padding"]) == ("standard", "true", "packed")
     with pytest.raises(bertrt.BertrtError, match="int8: export it with flavour 'standard'"):
         model.export_onnx(tmp_path / "o.onnx", flavour="ort", int8=True)
+
+
+def test_down_projections_follow_the_outliers_of_their_inputs(minilm, minilm_dir):
+    """The layers bertrt quantizes are those whose GELU output, measured independently with
+    transformers on the same calibration texts, has max |x| / rms(x) within the bound."""
+    import torch
+    import transformers
+
+    from bertrt.lower.int8 import CALIBRATION_TEXTS, OUTLIER_RATIO
+    from bertrt.train.corpus import docstring_texts
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    net = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    inputs: dict[int, list[torch.Tensor]] = {}
+    for i, layer in enumerate(net.encoder.layer):
+        layer.output.dense.register_forward_pre_hook(
+            lambda module, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1)))
+    with torch.no_grad():
+        for text in docstring_texts(CALIBRATION_TEXTS):
+            net(**tok(text, truncation=True, max_length=128, return_tensors="pt"))
+    ratios = {i: float(torch.cat(x).abs().max() / torch.cat(x).double().square().mean().sqrt())
+              for i, x in inputs.items()}
+    assert min(ratios.values()) < OUTLIER_RATIO < max(ratios.values())  # a real choice
+    expected = {i for i, r in ratios.items() if r <= OUTLIER_RATIO}
+    assert expected == {3, 4, 5}, ratios
