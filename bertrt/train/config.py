@@ -25,12 +25,16 @@ class TaskKind:
     head: str  #: the model head it trains
     lr: float  #: its default peak learning rate
     corpus: bool  #: it reads documents: the embedded corpus without --data, and --eval-split
+    #: The `problem_type` written to `config.json` (Hugging Face's key), or None.
+    problem_type: str | None = None
 
 
 TASK_KINDS = {
     "pretrain": TaskKind("pretraining", 1e-3, corpus=True),
     "classify": TaskKind("classification", 1e-4, corpus=False),
     "tag": TaskKind("token-classification", 1e-4, corpus=False),
+    # one output (num_labels=1), mean squared error, as BertForSequenceClassification regresses
+    "regress": TaskKind("classification", 1e-4, corpus=False, problem_type="regression"),
 }
 TASKS = tuple(TASK_KINDS)
 SCHEDULES = ("linear", "poly")
@@ -65,12 +69,13 @@ class TrainConfig:
     `eval_every` from `save_every`, `eval_split` from whether the embedded corpus is used).
     """
 
-    task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels) or tag "
-                         "(token labels).", choices=TASKS)
+    task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels), tag "
+                         "(token labels) or regress (a score per text or pair).", choices=TASKS)
     data: tuple[str, ...] = _setting(
         (), "Training file(s). Pretrain: text (a sentence per line, blank line between "
         "documents) or JSONL with 'text'. Classify: .csv/.tsv/.jsonl (text, text_pair, "
-        "label). Tag: CoNLL.", shown="pretrain: the embedded corpus")
+        "label); regress: the same, a number as label. Tag: CoNLL.",
+        shown="pretrain: the embedded corpus")
     eval_data: tuple[str, ...] = _setting(
         (), "Held-out file(s), evaluated every --eval-every steps and at the end.",
         shown="none")

@@ -9,6 +9,7 @@ label ids and tokenizer the later steps take from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import warnings
@@ -30,7 +31,7 @@ from bertrt.model import Model
 from bertrt.tokenizer import Tokenizer
 from bertrt.train import checkpoint as ckpt
 from bertrt.train import outdir
-from bertrt.train.config import TrainConfig, check_same_run
+from bertrt.train.config import TASK_KINDS, TrainConfig, check_same_run
 from bertrt.train.optim import build_optimizer, build_scheduler, no_decay_names
 from bertrt.train.outdir import DATA_DIR
 from bertrt.train.report import Say
@@ -293,6 +294,9 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, labels: list[str] | None
         config = BertConfig.preset(cfg.preset or "tiny", vocab_size=tokenizer.vocab_size)
     if labels is not None:
         config = config.with_labels(labels)
+    problem_type = TASK_KINDS[cfg.task].problem_type
+    if problem_type is not None:  # Hugging Face's key: a one-output head that regresses
+        config = dataclasses.replace(config, extra={**config.extra, "problem_type": problem_type})
     fresh = Model.from_config(config, head=cfg.head, seed=cfg.seed, tokenizer=tokenizer)
     if base is not None:
         _copy_weights(base, fresh, begin.where, say)
