@@ -300,6 +300,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, labels: list[str] | None
     fresh = Model.from_config(config, head=cfg.head, seed=cfg.seed, tokenizer=tokenizer)
     if base is not None:
         _copy_weights(base, fresh, begin.where, say)
+        fresh.carried = base.carried  # --model's other files go with it (`bertrt.modeldir`)
     return fresh
 
 
