@@ -302,8 +302,10 @@ def _vocab(paths: list[Path], size: int, texts: Iterable[str]) -> Tokenizer:
 
 
 class ClassifyTask(_FineTuneTask):
-    """Sequence classification: a label per text (or text pair); macro-F1 picks the best."""
+    """Sequence classification: a label per text (or text pair); macro-F1 picks the best. Two
+    labels (matching, paraphrase) are also scored by the positive class's F1 (label id 1)."""
 
+    shown = (("accuracy", "acc", "acc"), ("f1", "f1", "F1"))  # F1: two-class evaluations
     best_metric = "macro_f1"
     read = staticmethod(tasks.classification_source)
     pad_collate = staticmethod(tasks.collate_classification)
