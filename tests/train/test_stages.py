@@ -202,3 +202,17 @@ def test_bad_patterns_and_stages_are_one_line(world, tmp_path: Path, extra: list
     assert lines[-1].startswith(message), lines
     assert sum(line.startswith("error:") for line in lines) == 1
     assert not out.exists()  # checked before anything was written
+
+
+def test_stage_settings_round_trip_through_argv() -> None:
+    """What `--nproc` hands to torchrun and what Ctrl-C prints rebuild the same settings."""
+    cfg = TrainConfig(task="classify", data=("a.csv",), freeze=("embeddings", "layer:0"),
+                      stages="head@3;all", layer_lr_decay=0.9, max_steps=9)
+    for argv in (cfg.to_argv(), cfg.to_argv(changed_only=True)):
+        assert argv.count("--freeze") == 2
+        assert TrainConfig(**train.make_context("train", argv).params).to_dict() == (
+            cfg.to_dict())
+    assert cfg.trajectory(1)["freeze"] == ["embeddings", "layer:0"]
+    # runs from before these flags resume: their absence reads as the defaults
+    assert not {"freeze", "stages", "layer_lr_decay"} & set(TrainConfig(
+        task="classify", data=("a.csv",)).trajectory(1))
