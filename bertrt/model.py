@@ -21,6 +21,7 @@ from bertrt.config import BertConfig
 from bertrt.errors import BertrtError, ConfigError, WeightsError
 from bertrt.graph.bert import ARCHITECTURES, build_bert, canonical_head
 from bertrt.graph.ir import HEAD, Graph, Role
+from bertrt.modeldir import Carried, read_carried, write_carried
 from bertrt.weights import (
     SAFETENSORS,
     detect_head,
@@ -60,6 +61,9 @@ class Model:
         self.tokenizer = tokenizer
         #: Parameters that were initialised fresh at load time (absent from the checkpoint).
         self.fresh_params: list[str] = []
+        #: The files of the dir it was loaded from that bertrt does not write (sentence-
+        #: transformers configs, tokenizer.json, ...): `save` writes them too (`modeldir`).
+        self.carried: Carried | None = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -109,6 +113,7 @@ class Model:
         _check_vocab(tokenizer, config, f"{model_dir / 'vocab.txt'}")
         model = cls(config, head, weights, tokenizer, graph=graph)
         model.fresh_params = list(report.missing)
+        model.carried = read_carried(model_dir, tokenizer)
         return model
 
     # ------------------------------------------------------------------ properties
@@ -229,7 +234,11 @@ class Model:
     # ------------------------------------------------------------------ saving
     def save(self, model_dir: str | os.PathLike[str]) -> Path:
         """Write a Hugging Face-layout dir: config.json, model.safetensors, and the tokenizer's
-        vocab.txt + tokenizer_config.json. Each file is written whole or not at all."""
+        vocab.txt + tokenizer_config.json; and the files of the dir the model was loaded from
+        that bertrt does not write (`carried`: sentence-transformers configs and modules,
+        special-token maps, tokenizer.json while the vocabulary is the same; see
+        `bertrt.modeldir`), so a sentence-transformers model stays one. Each file is written
+        whole or not at all; saving into the dir the model came from keeps them."""
         model_dir = Path(model_dir)
         try:
             model_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +251,7 @@ class Model:
         config.save(model_dir)
         if self._tokenizer is not None:
             self._tokenizer.save(model_dir)
+        write_carried(self.carried, model_dir, self._tokenizer)
         return model_dir
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -341,7 +341,8 @@ class InferenceEngine:
 
         Returns:
             One `{"label", "score"}` per text: the most likely label (`id2label`) and its
-            softmax probability (a single-logit model: its sigmoid).
+            softmax probability (a single-logit model: its sigmoid); a regression model
+            (`problem_type` "regression" in config.json) gives `{"score"}`, its raw output.
         """
         self._require("classification", "predict()")
         items = _as_texts(texts, "texts")
@@ -350,10 +351,15 @@ class InferenceEngine:
             raise BertrtError(f"got {len(items)} texts but {len(pair_items)} pairs (expected "
                               "one pair per text)")
         results: list[dict[str, Any]] = [{} for _ in items]
+        regression = self.config.extra.get("problem_type") == "regression"
 
         def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
                     picked: np.ndarray) -> None:
             logits = outputs.sequences("logits").astype(np.float64)  # (B, C)
+            if regression:
+                for b, row in enumerate(rows):
+                    results[row] = {"score": float(logits[b, 0])}
+                return
             probs = _sigmoid(logits) if logits.shape[1] == 1 else _softmax(logits)
             best = probs.argmax(axis=1)
             for b, (row, label) in enumerate(zip(rows, best)):

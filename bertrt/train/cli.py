@@ -48,6 +48,8 @@ def _option(f: dataclasses.Field, hint: Any) -> Callable[[Callable], Callable]:
     else:
         choices = f.metadata.get("choices")
         settings["type"] = click.Choice(choices) if choices else _PATH
+    if "metavar" in f.metadata:
+        settings["metavar"] = f.metadata["metavar"]
     if f.default is not None and kind not in (bool, tuple):
         settings.update(default=f.default, show_default=True)
     return click.option(flag, **settings)

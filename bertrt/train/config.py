@@ -16,6 +16,7 @@ from typing import Any
 
 from bertrt.config import PRESETS
 from bertrt.errors import BertrtError
+from bertrt.train.stages import parse_patterns, parse_stages
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,16 @@ class TaskKind:
     head: str  #: the model head it trains
     lr: float  #: its default peak learning rate
     corpus: bool  #: it reads documents: the embedded corpus without --data, and --eval-split
+    #: The `problem_type` written to `config.json` (Hugging Face's key), or None.
+    problem_type: str | None = None
 
 
 TASK_KINDS = {
     "pretrain": TaskKind("pretraining", 1e-3, corpus=True),
     "classify": TaskKind("classification", 1e-4, corpus=False),
     "tag": TaskKind("token-classification", 1e-4, corpus=False),
+    # one output (num_labels=1), mean squared error, as BertForSequenceClassification regresses
+    "regress": TaskKind("classification", 1e-4, corpus=False, problem_type="regression"),
 }
 TASKS = tuple(TASK_KINDS)
 SCHEDULES = ("linear", "poly")
@@ -42,6 +47,7 @@ TRAJECTORY_FIELDS = (
     "task", "data", "eval_data", "eval_split", "model", "preset", "vocab", "vocab_size",
     "batch_size", "seq_len", "max_steps", "lr", "weight_decay", "warmup", "schedule",
     "optimizer", "precision", "grad_accum", "clip", "seed", "mask_prob", "whole_word_mask",
+    "freeze", "stages", "layer_lr_decay",
 )
 
 
@@ -65,12 +71,13 @@ class TrainConfig:
     `eval_every` from `save_every`, `eval_split` from whether the embedded corpus is used).
     """
 
-    task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels) or tag "
-                         "(token labels).", choices=TASKS)
+    task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels), tag "
+                         "(token labels) or regress (a score per text or pair).", choices=TASKS)
     data: tuple[str, ...] = _setting(
         (), "Training file(s). Pretrain: text (a sentence per line, blank line between "
         "documents) or JSONL with 'text'. Classify: .csv/.tsv/.jsonl (text, text_pair, "
-        "label). Tag: CoNLL.", shown="pretrain: the embedded corpus")
+        "label); regress: the same, a number as label. Tag: CoNLL.",
+        shown="pretrain: the embedded corpus")
     eval_data: tuple[str, ...] = _setting(
         (), "Held-out file(s), evaluated every --eval-every steps and at the end.",
         shown="none")
@@ -103,6 +110,17 @@ class TrainConfig:
                               "scaling).", choices=PRECISIONS)
     grad_accum: int = _setting(1, "Micro-batches per optimizer step.", min=1)
     clip: float = _setting(1.0, "Gradient-norm clipping (0: off).")
+    freeze: tuple[str, ...] = _setting(
+        (), "Parts of the model not trained: all, embeddings, encoder, layer:N, layers:A-B, "
+        "pooler, head (comma-separated, or the flag repeated).", shown="none",
+        metavar="PATTERN")
+    stages: str | None = _setting(
+        None, "Train in stages, 'PATTERNS@STEP;...;PATTERNS': each trains the parts it names "
+        "through step STEP, the last to --max-steps; e.g. 'head@100;layers:4-5,head@300;all'.",
+        shown="one stage", metavar="SPEC")
+    layer_lr_decay: float = _setting(
+        1.0, "Layer-wise lr decay X: head and pooler at --lr, layer i of L at lr*X^(L-i), the "
+        "embeddings at lr*X^(L+1) (1: off).")
     save_every: int = _setting(200, "Checkpoint every this many steps (and at the end).", min=1)
     keep: int = _setting(3, "Checkpoints kept (the newest).", min=1)
     log_every: int = _setting(10, "A metrics.jsonl line every this many steps (and the first, "
@@ -128,6 +146,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data = tuple(str(p) for p in self.data)
         self.eval_data = tuple(str(p) for p in self.eval_data)
+        self.freeze = tuple(str(p) for p in self.freeze)
         _choice("--task", self.task, TASKS)
         kind = TASK_KINDS[self.task]
         if self.lr is None:
@@ -157,6 +176,12 @@ class TrainConfig:
             raise BertrtError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.clip < 0:
             raise BertrtError(f"--clip must be >= 0 (0 disables it), got {self.clip}")
+        parse_patterns(self.freeze, "--freeze")  # what they match, the model decides
+        if self.stages is not None:
+            parse_stages(self.stages, self.max_steps)
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise BertrtError(f"--layer-lr-decay must be in (0, 1] (1: off), got "
+                              f"{self.layer_lr_decay}")
         if not 0.0 <= self.eval_split < 0.5:  # type: ignore[operator]
             raise BertrtError(f"--eval-split is a fraction of the documents in [0, 0.5), "
                               f"got {self.eval_split}")
@@ -210,7 +235,7 @@ class TrainConfig:
             if base is not None and value == (getattr(base, f.name) if f.name not in _BASE
                                               else f.default):
                 continue
-            if f.name in ("data", "eval_data"):
+            if isinstance(value, tuple):
                 for path in value:
                     argv += [_flag(f.name), str(path)]
             elif isinstance(value, bool):
@@ -242,7 +267,8 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -
 #: The fields `to_argv(changed_only=True)` keeps unless they have their own default.
 _BASE = ("task", "data", "eval_data", "save_every")
 #: Trajectory fields left out when they have this value (added after the first checkpoints).
-_ABSENT: dict[str, Any] = {"eval_split": 0.0}
+_ABSENT: dict[str, Any] = {"eval_split": 0.0, "freeze": [], "stages": None,
+                           "layer_lr_decay": 1.0}
 
 
 def check_int(what: str, value: Any, least: int,

@@ -51,8 +51,8 @@ class Example:
     Attributes:
         input_ids: ids with ``[CLS]``/``[SEP]``, ``len <= seq_len``.
         token_type_ids: segment ids, as long as ``input_ids``.
-        label: NSP label (0: B is the true continuation of A, 1: B is random) or class id;
-            -100 when unused.
+        label: NSP label (0: B is the true continuation of A, 1: B is random), class id, or
+            score (a float, regression); -100 when unused.
         tags: tag task: a label per position, -100 at ``[CLS]``, ``[SEP]`` and non-first
             sub-tokens.
         words: word index per position (for whole-word masking), -1 at special tokens.
@@ -60,7 +60,7 @@ class Example:
 
     input_ids: list[int]
     token_type_ids: list[int]
-    label: int = IGNORE_INDEX
+    label: int | float = IGNORE_INDEX
     tags: list[int] | None = None
     words: list[int] | None = None
 
@@ -165,7 +165,7 @@ class PackedSource:
         return Example(
             input_ids=self._ids[lo:hi].tolist(),
             token_type_ids=self._types[lo:hi].tolist(),
-            label=int(self._labels[k]),
+            label=self._labels[k].item(),  # an int, or a float score (regression)
             tags=None if self._tags is None else self._tags[lo:hi].tolist(),
             words=None if self._words is None else self._words[lo:hi].tolist(),
         )

@@ -33,7 +33,7 @@ import bertrt
 from bertrt.errors import BertrtError
 from bertrt.model import Model
 from bertrt.train import checkpoint as ckpt
-from bertrt.train import outdir, report, setup
+from bertrt.train import outdir, report, setup, stages
 from bertrt.train.config import TrainConfig, config_hash
 from bertrt.train.setup import Dist, Optimization, is_distributed_launch
 from bertrt.train.task import TASKS, Task
@@ -76,6 +76,9 @@ class _Run:
     opt: Optimization
     threads: int
     best: float | None  # the best eval score so far (fine-tuning)
+    plan: stages.Plan  # which parameters each stage trains (`--freeze`, `--stages`)
+    stage: int  # the stage the module and optimizer are set up for
+    say: report.Say
 
 
 def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int], None] | None) -> Path:
@@ -117,16 +120,22 @@ def _run(cfg: TrainConfig, env: Dist, begin: setup.Start, say: report.Say,
                                                 say)
     task = kind.build(cfg, tokenizer, data_paths, begin.label2id, say)
     model = setup.build_model(cfg, tokenizer, task.labels, begin, say)
-    net, module = setup.lower(model, cfg, env)
+    plan = stages.plan(model.graph, cfg.freeze, cfg.stages, cfg.max_steps)
+    stage = plan.stage_at(begin.step)
+    net, module = setup.lower(model, cfg, env, plan.trainable[stage])
     opt = setup.optimization(cfg, model, net, env, begin.state, say)
+    # resumed at a boundary: the parameters the stage freezes give up their saved state
+    stages.apply(net, plan.trainable[stage], opt.optimizer)
     setup.open_out(begin, env, tokenizer if trained else None)
     run = _Run(cfg, env, begin.work, begin.replaces, task, model, net, module, opt, threads,
-               begin.best)
+               begin.best, plan, stage, say)
 
     # ------------------------------------------------------------------ the loop
     if env.master:
         report.write_run_record(cfg, begin.work, env, threads, model, task,
                                 [begin.final(p) for p in data_paths], begin.step, say)
+    if cfg.freeze or cfg.stages:
+        say(plan.describe(stage, _sizes(net)))
     done = begin.step
     try:
         with report.Progress(cfg, begin.work, begin.step, task, say, t_start) as progress:
@@ -173,6 +182,8 @@ def _step(run: _Run, step: int) -> dict[str, Any]:
     """Optimizer step `step` (0-based) over its micro-batches; its row of metrics."""
     cfg, env, task, opt = run.cfg, run.env, run.task, run.opt
     t0 = time.perf_counter()
+    if run.plan.stage_at(step) != run.stage:
+        _enter_stage(run, run.plan.stage_at(step))
     # The step's micro-batches first: the loss denominators count all of them.
     batches = [task.batch(step, micro, env) for micro in range(cfg.grad_accum)]
     counts = sum(task.counts(b) for b in batches).to(env.device)
@@ -195,9 +206,25 @@ def _step(run: _Run, step: int) -> dict[str, Any]:
     if not math.isfinite(metrics["loss"]):
         raise _non_finite(f"the loss is {metrics['loss']}", step + 1, run)
     grad_norm, lr = _update(run, step)
-    return {"step": step + 1, "loss": metrics["loss"], "lr": lr,
-            "tokens_per_s": float(stats[-1]) / (time.perf_counter() - t0), **metrics,
-            "grad_norm": grad_norm}
+    row = {"step": step + 1, "loss": metrics["loss"], "lr": lr,
+           "tokens_per_s": float(stats[-1]) / (time.perf_counter() - t0), **metrics,
+           "grad_norm": grad_norm}
+    if run.plan.staged:
+        row["stage"] = run.stage + 1
+    return row
+
+
+def _enter_stage(run: _Run, stage: int) -> None:
+    """Between two steps: train the parameters of `stage` (fresh optimizer state for those
+    that join, none kept for those that leave), with a DDP wrapper that reduces them."""
+    stages.apply(run.net, run.plan.trainable[stage], run.opt.optimizer)
+    run.module = setup.wrap(run.net, run.env)
+    run.stage = stage
+    run.say(run.plan.describe(stage, _sizes(run.net)))
+
+
+def _sizes(net: torch.nn.Module) -> dict[str, int]:
+    return {name: p.numel() for name, p in net.named_parameters()}
 
 
 def _update(run: _Run, step: int) -> tuple[float, float]:
@@ -248,6 +275,7 @@ def _checkpoint(run: _Run, done: int) -> None:
             "data": {"next_step": done,
                      "examples_seen": done * cfg.batch_size * cfg.grad_accum * env.world},
             "threads": run.threads,
+            "stage": run.plan.stage_at(done),  # the stage the next step runs (0-based)
             "world_size": env.world,
             "best": run.best,
             "bertrt_version": bertrt.__version__,

@@ -86,3 +86,29 @@ def classification_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch
                              keep.sum().double()])
     return loss, stats
 
+
+
+#: Sums a regression step is summarized from: the squared error, the count, and the moments
+#: that give the Pearson correlation of predictions and scores exactly over ranks.
+REGRESSION_STATS = ("loss_sum", "count", "pred_sum", "gold_sum", "pred_sq_sum", "gold_sq_sum",
+                    "cross_sum")
+
+
+def score_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(scored examples,) of one micro-batch (every example has a score)."""
+    return torch.tensor([float(batch["labels"].numel())], dtype=torch.float64)
+
+
+def regression_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                    denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error of the single logit (B, 1) against the float `labels` (B,)."""
+    preds = outputs["logits"].float().reshape(-1)  # (B, 1) -> (B,)
+    golds = batch["labels"].to(preds.device, torch.float32)
+    loss_sum = ((preds - golds) ** 2).sum()
+    loss = loss_sum / denominators[0].clamp(min=1)
+    with torch.no_grad():
+        p, g = preds.double(), golds.double()
+        stats = torch.stack([loss_sum.double(), torch.tensor(float(len(g)), dtype=torch.float64,
+                                                             device=p.device),
+                             p.sum(), g.sum(), (p * p).sum(), (g * g).sum(), (p * g).sum()])
+    return loss, stats

@@ -8,7 +8,7 @@ and tensors, so a checkpoint of it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 from torch.optim import Optimizer
@@ -38,17 +38,28 @@ def no_decay_names(graph: Graph) -> frozenset[str]:
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
-                 weight_decay: float, no_decay: Collection[str]) -> list[dict]:
+                 weight_decay: float, no_decay: Collection[str],
+                 lr_scales: Mapping[str, float] | None = None) -> list[dict]:
     """Two groups: parameters with weight decay, and those named in `no_decay` (biases and
-    LayerNorm: `no_decay_names`)."""
-    decayed, kept = [], []
+    LayerNorm: `no_decay_names`). With `lr_scales` (name -> learning-rate factor:
+    `stages.lr_scales`), two such groups per factor, the largest factor first, each with its
+    `lr_scale`.
+
+    Every parameter is in a group, frozen ones too (`requires_grad=False`: the optimizers step
+    only parameters with a gradient, so they hold no state for them)."""
+    groups: dict[float, tuple[list, list]] = {}
     for name, param in named_params:
-        if param.requires_grad:
-            (kept if name in no_decay else decayed).append(param)
-    return [
-        {"params": decayed, "weight_decay": weight_decay, "adapt": True},
-        {"params": kept, "weight_decay": 0.0, "adapt": False},
-    ]
+        scale = 1.0 if lr_scales is None else lr_scales[name]
+        decayed, kept = groups.setdefault(scale, ([], []))
+        (kept if name in no_decay else decayed).append(param)
+    out = []
+    for scale in sorted(groups, reverse=True):
+        decayed, kept = groups[scale]
+        out += [{"params": decayed, "weight_decay": weight_decay, "adapt": True},
+                {"params": kept, "weight_decay": 0.0, "adapt": False}]
+        if lr_scales is not None:
+            out[-2]["lr_scale"] = out[-1]["lr_scale"] = scale
+    return [g for g in out if g["params"]] if lr_scales is not None else out
 
 
 class Lamb(Optimizer):
@@ -98,10 +109,14 @@ class Lamb(Optimizer):
 
 
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], name: str,
-                    lr: float, weight_decay: float, no_decay: Collection[str]) -> Optimizer:
+                    lr: float, weight_decay: float, no_decay: Collection[str],
+                    lr_scales: Mapping[str, float] | None = None) -> Optimizer:
     """AdamW or LAMB over `named_params`, no decay on those named in `no_decay` (biases and
-    LayerNorm weights: `no_decay_names(model.graph)`)."""
-    groups = param_groups(named_params, weight_decay, no_decay)
+    LayerNorm weights: `no_decay_names(model.graph)`); with `lr_scales`, each parameter's peak
+    learning rate is `lr` times its factor (`--layer-lr-decay`)."""
+    groups = param_groups(named_params, weight_decay, no_decay, lr_scales)
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
     if name == "adamw":
         for group in groups:
             group.pop("adapt")

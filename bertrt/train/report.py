@@ -124,7 +124,8 @@ class Progress:
 
 def postfix(task: Task, row: dict[str, Any]) -> str:
     """The bar's text: loss, the task's metrics, tokens/s and the learning rate."""
-    shown = [f"loss {row['loss']:.3f}", *(f"{bar} {row[key]:.1%}" for key, bar, _ in task.shown),
+    shown = [f"loss {row['loss']:.3f}", *(f"{bar} {row[key]:{task.shown_format}}"
+                                          for key, bar, _ in task.shown if key in row),
              f"{row['tokens_per_s']:,.0f} tok/s", f"lr {row['lr']:.2e}"]
     return ", ".join(shown)
 
@@ -213,8 +214,8 @@ def scores(task: Task, row: dict[str, Any]) -> str:
     held_out = "eval_loss" in row
     key = "eval_{}" if held_out else "{}"
     parts = [f"loss {row[key.format('loss')]:.3f}"]
-    parts += [f"{label} {row[key.format(name)]:.1%}" for name, _, label in task.shown
-              if key.format(name) in row]
+    parts += [f"{label} {row[key.format(name)]:{task.shown_format}}"
+              for name, _, label in task.shown if key.format(name) in row]
     return "eval " + ", eval ".join(parts) if held_out else "last batch: " + ", ".join(parts)
 
 

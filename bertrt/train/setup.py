@@ -9,10 +9,11 @@ label ids and tokenizer the later steps take from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from bertrt.graph.ir import HEAD
 from bertrt.model import Model
 from bertrt.tokenizer import Tokenizer
 from bertrt.train import checkpoint as ckpt
-from bertrt.train import outdir
-from bertrt.train.config import TrainConfig, check_same_run
+from bertrt.train import outdir, stages
+from bertrt.train.config import TASK_KINDS, TrainConfig, check_same_run
 from bertrt.train.optim import build_optimizer, build_scheduler, no_decay_names
 from bertrt.train.outdir import DATA_DIR
 from bertrt.train.report import Say
@@ -293,9 +294,13 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, labels: list[str] | None
         config = BertConfig.preset(cfg.preset or "tiny", vocab_size=tokenizer.vocab_size)
     if labels is not None:
         config = config.with_labels(labels)
+    problem_type = TASK_KINDS[cfg.task].problem_type
+    if problem_type is not None:  # Hugging Face's key: a one-output head that regresses
+        config = dataclasses.replace(config, extra={**config.extra, "problem_type": problem_type})
     fresh = Model.from_config(config, head=cfg.head, seed=cfg.seed, tokenizer=tokenizer)
     if base is not None:
         _copy_weights(base, fresh, begin.where, say)
+        fresh.carried = base.carried  # --model's other files go with it (`bertrt.modeldir`)
     return fresh
 
 
@@ -315,17 +320,28 @@ def _copy_weights(base: Model, model: Model, where: str, say: Say) -> None:
             f"fresh for the {model.head} head")
 
 
-def lower(model: Model, cfg: TrainConfig, env: Dist) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The model's torch module on this rank's device, and the module the step calls (DDP's
-    wrapper of it with several processes). With --checkpoint-activations each encoder layer
-    is recomputed in the backward pass instead of kept (memory for compute)."""
+def lower(model: Model, cfg: TrainConfig, env: Dist,
+          trainable: Collection[str] | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model's torch module on this rank's device, and the module the step calls (`wrap`).
+    With --checkpoint-activations each encoder layer is recomputed in the backward pass
+    instead of kept (memory for compute). Only the parameters named in `trainable` (all when
+    None) take gradients (`stages.apply`)."""
     net = model.to_torch(checkpoint_layers=cfg.checkpoint_activations).to(env.device)
     net.check_inputs = False  # ids come from our own collate; skip a reduction per call
     net.train()
+    if trainable is not None:
+        stages.apply(net, trainable)
+    return net, wrap(net, env)
+
+
+def wrap(net: torch.nn.Module, env: Dist) -> torch.nn.Module:
+    """The module the step calls: DDP's wrapper of `net` with several processes, else `net`.
+    DDP reduces the gradients of the parameters that train when it is built: a stage that
+    changes them builds it anew."""
     if not env.enabled:
-        return net, net
+        return net
     ids = [env.local_rank] if env.device.type == "cuda" else None
-    return net, DDP(net, device_ids=ids)
+    return DDP(net, device_ids=ids)
 
 
 @dataclass
@@ -347,8 +363,10 @@ def optimization(cfg: TrainConfig, model: Model, net: torch.nn.Module, env: Dist
     if cfg.precision == "fp16" and env.device.type == "cpu":
         say("warning: --precision fp16 on the CPU is several times slower than fp32 (CPUs "
             "have no fast fp16 arithmetic); use --precision bf16 for mixed precision on a CPU")
+    scales = (stages.lr_scales(model.graph, cfg.layer_lr_decay) if cfg.layer_lr_decay != 1.0
+              else None)
     optimizer = build_optimizer(net.named_parameters(), cfg.optimizer, cfg.lr,  # type: ignore
-                                cfg.weight_decay, no_decay_names(model.graph))
+                                cfg.weight_decay, no_decay_names(model.graph), scales)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(env.device.type, dtype=AUTOCAST.get(cfg.precision),
@@ -358,5 +376,5 @@ def optimization(cfg: TrainConfig, model: Model, net: torch.nn.Module, env: Dist
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][env.rank])
-    params = [p for p in net.parameters() if p.requires_grad]
-    return Optimization(optimizer, scheduler, scaler, autocast, params)
+    # every parameter: a frozen one has no gradient, which clipping and the optimizer skip
+    return Optimization(optimizer, scheduler, scaler, autocast, list(net.parameters()))

@@ -8,6 +8,7 @@ The pre-training data is `data.py`'s; the fine-tuning file readers and metrics a
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,8 @@ class Task(ABC):
     shown: ClassVar[tuple[tuple[str, str, str], ...]]
     #: The eval metric that picks `OUT/best` (higher is better), or None for no best model.
     best_metric: ClassVar[str | None] = None
+    #: How the `shown` metrics are written (a format spec: ratios as percentages).
+    shown_format: ClassVar[str] = ".1%"
 
     def __init__(self, source: Any, eval_source: Any | None, labels: list[str] | None, *,
                  batch_size: int, grad_accum: int) -> None:
@@ -299,8 +302,10 @@ def _vocab(paths: list[Path], size: int, texts: Iterable[str]) -> Tokenizer:
 
 
 class ClassifyTask(_FineTuneTask):
-    """Sequence classification: a label per text (or text pair); macro-F1 picks the best."""
+    """Sequence classification: a label per text (or text pair); macro-F1 picks the best. Two
+    labels (matching, paraphrase) are also scored by the positive class's F1 (label id 1)."""
 
+    shown = (("accuracy", "acc", "acc"), ("f1", "f1", "F1"))  # F1: two-class evaluations
     best_metric = "macro_f1"
     read = staticmethod(tasks.classification_source)
     pad_collate = staticmethod(tasks.collate_classification)
@@ -335,6 +340,37 @@ class TagTask(_FineTuneTask):
         return tasks.tagging_metrics(preds, golds)
 
 
+class RegressTask(_FineTuneTask):
+    """Regression: a score per text (or text pair), such as STS-B's similarity; one output,
+    mean squared error; the eval's Pearson correlation picks the best."""
+
+    stat_names = losses.REGRESSION_STATS
+    shown = (("pearson", "r", "Pearson r"),)
+    shown_format = ".3f"
+    best_metric = "pearson"
+    counts = staticmethod(losses.score_counts)  # type: ignore[assignment]
+    loss = staticmethod(losses.regression_loss)  # type: ignore[assignment]
+    read = staticmethod(tasks.regression_source)
+    pad_collate = staticmethod(tasks.collate_regression)
+    texts = staticmethod(tasks.regression_texts)
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        s = dict(zip(self.stat_names, stats.tolist()))
+        n = max(s["count"], 1)
+        # Pearson's r from the step's sums: cov / (sd_pred sd_gold), 0 for a constant side
+        cov = s["cross_sum"] - s["pred_sum"] * s["gold_sum"] / n
+        var_p = s["pred_sq_sum"] - s["pred_sum"] ** 2 / n
+        var_g = s["gold_sq_sum"] - s["gold_sum"] ** 2 / n
+        denominator = math.sqrt(max(var_p, 0.0) * max(var_g, 0.0))
+        return {"loss": s["loss_sum"] / n, "pearson": cov / denominator if denominator else 0.0}
+
+    def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
+        return outputs["logits"].float().reshape(-1).cpu().tolist(), batch["labels"].tolist()
+
+    def _metrics(self, preds: list, golds: list) -> dict[str, float]:
+        return tasks.regression_metrics(preds, golds)
+
+
 #: The class of each `--task`.
 TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask,
-                                "tag": TagTask}
+                                "tag": TagTask, "regress": RegressTask}

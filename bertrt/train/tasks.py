@@ -1,7 +1,9 @@
-"""Fine-tuning data and metrics: sequence classification and token tagging (BIO).
+"""Fine-tuning data and metrics: sequence classification, regression and token tagging (BIO).
 
 * ``classification_source``: ``.csv`` / ``.tsv`` (a header row naming ``text``, optional
   ``text_pair``, and ``label``) or ``.jsonl`` (objects with the same keys);
+* ``regression_source``: the same files with a number as the ``label`` (a similarity score,
+  say); the one label name is ``REGRESSION_LABEL``;
 * ``tagging_source``: CoNLL files (token in the first column, tag in the last, a blank line
   between sentences, ``-DOCSTART-`` lines skipped); the tag goes on a word's first wordpiece.
 
@@ -14,6 +16,7 @@ column.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,9 +32,10 @@ from bertrt.train.corpus import JSON_SUFFIXES, DataError, iter_json_objects, ite
 from bertrt.train.data import IGNORE_INDEX, Example, PackedSource, starts
 
 __all__ = [
-    "classification_metrics", "classification_source", "collate_classification",
-    "classification_texts", "collate_tagging", "conll_texts", "get_entities",
-    "read_classification", "read_conll", "tagging_metrics", "tagging_source",
+    "REGRESSION_LABEL", "classification_metrics", "classification_source",
+    "collate_classification", "collate_regression", "classification_texts", "collate_tagging",
+    "conll_texts", "get_entities", "read_classification", "read_conll", "regression_metrics",
+    "regression_source", "regression_texts", "tagging_metrics", "tagging_source",
 ]
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -39,6 +43,8 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 #: below a long document's text; inputs are cut to --seq-len tokens after reading anyway).
 CSV_FIELD_LIMIT = 64 * 2**20
 DOCSTART = "-DOCSTART-"
+#: The one output of a regression head, as its `id2label` names it.
+REGRESSION_LABEL = "score"
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -129,6 +135,20 @@ def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]
         DataError: unknown suffix, empty file, missing ``text``/``label`` column, a row with
             the wrong number of fields, an empty label, or a non-string value.
     """
+    for lineno, text, pair, row in _text_rows(path):
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}: line {lineno}, column 'label': expected a string or an "
+                            f"integer, got {label!r}")
+        label = str(label).strip()
+        if not label:
+            raise DataError(f"{path}: line {lineno}, column 'label': empty label")
+        yield lineno, text, pair, label
+
+
+def _text_rows(path: Path) -> Iterator[tuple[int, str, str | None, dict[str, Any]]]:
+    """``(line, text, text_pair or None, row)`` of a CSV/TSV/JSONL file with ``text`` and
+    ``label``; the row's ``label`` is left to the caller to read."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
@@ -138,13 +158,6 @@ def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]
     else:
         raise DataError(f"{path}: unknown format {suffix!r} (expected .csv, .tsv or .jsonl)")
     for lineno, row in rows:
-        label = row["label"]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise DataError(f"{path}: line {lineno}, column 'label': expected a string or an "
-                            f"integer, got {label!r}")
-        label = str(label).strip()
-        if not label:
-            raise DataError(f"{path}: line {lineno}, column 'label': empty label")
         values: list[str | None] = []
         for column in ("text", "text_pair"):
             value = row.get(column)
@@ -153,7 +166,29 @@ def read_classification(path: Path) -> Iterator[tuple[int, str, str | None, str]
                                 f"got {type(value).__name__}")
             values.append(value)
         text, pair = values
-        yield lineno, text or "", pair, label
+        yield lineno, text or "", pair, row
+
+
+def read_scores(path: Path) -> Iterator[tuple[int, str, str | None, float]]:
+    """Stream ``(line, text, text_pair or None, score)`` of a regression file: as
+    ``read_classification``, with a finite number as the label (a JSON number, or a CSV/TSV
+    field such as ``3.8``).
+
+    Raises:
+        DataError: as ``read_classification``; also a label that is not a finite number.
+    """
+    for lineno, text, pair, row in _text_rows(path):
+        label = row["label"]
+        try:
+            if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+                raise ValueError
+            score = float(label.strip() if isinstance(label, str) else label)
+        except (ValueError, OverflowError):
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(f"{path}: line {lineno}, column 'label': expected a number (the "
+                            f"score to regress), got {label!r}")
+        yield lineno, text, pair, score
 
 
 def classification_texts(path: Path) -> Iterator[str]:
@@ -206,25 +241,75 @@ def classification_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: 
     if not texts:
         raise DataError(f"{path}: no examples (only a header or blank lines)")
     names, mapping = _label_table(seen, label2id, path)
-    n_special = 3 if has_pair else 2
+    labels = np.array([mapping[x] for x in raw_labels], dtype=np.int64)
+    source, n_truncated = _text_source(texts, pairs if has_pair else None, labels, tokenizer,
+                                       seq_len, seed, shuffle)
+    return source, names, n_truncated
+
+
+def _text_source(texts: list[str], pairs: list[str] | None, labels: np.ndarray,
+                 tokenizer: Tokenizer, seq_len: int, seed: int,
+                 shuffle: bool) -> tuple[PackedSource, int]:
+    """The examples of `texts` (and `pairs`) with `labels`, and how many were cut to
+    `seq_len` (longest-first)."""
+    n_special = 3 if pairs is not None else 2
     if seq_len < n_special:
         raise DataError(f"seq_len={seq_len} leaves no room for the {n_special} special tokens")
-    enc = tokenizer(texts, pairs if has_pair else None, padding=False, truncation=False)
+    enc = tokenizer(texts, pairs, padding=False, truncation=False)
     ids_list: list[np.ndarray] = enc["input_ids"]
     types_list: list[np.ndarray] = enc["token_type_ids"]
     n_truncated = 0
     for k, ids in enumerate(ids_list):
         if len(ids) > seq_len:  # rare: re-encode just these with the tokenizer's truncation
             n_truncated += 1
-            one = tokenizer([texts[k]], [pairs[k]] if has_pair else None, max_length=seq_len,
-                            padding=False)
+            one = tokenizer([texts[k]], None if pairs is None else [pairs[k]],
+                            max_length=seq_len, padding=False)
             ids_list[k], types_list[k] = one["input_ids"][0], one["token_type_ids"][0]
     offsets = starts([len(x) for x in ids_list])
-    labels = np.array([mapping[x] for x in raw_labels], dtype=np.int64)
     source = PackedSource(np.concatenate(ids_list).astype(np.int32),
                           np.concatenate(types_list).astype(np.int8), offsets, labels, seed,
                           shuffle=shuffle)
-    return source, names, n_truncated
+    return source, n_truncated
+
+
+def regression_source(path: Path, tokenizer: Tokenizer, seq_len: int, seed: int,
+                      label2id: dict[str, int] | None = None, *,
+                      shuffle: bool = True) -> tuple[PackedSource, list[str], int]:
+    """Load a regression dataset (a score per text or text pair, e.g. STS-B's similarity).
+
+    As ``classification_source``, with a number as each label (``read_scores``); examples
+    carry it as a float ``label``. ``label2id`` is ignored (there is one output).
+
+    Returns:
+        ``(source, [REGRESSION_LABEL], n_truncated)``.
+
+    Raises:
+        DataError: see ``read_scores``; also no rows.
+    """
+    path = Path(path)
+    texts: list[str] = []
+    pairs: list[str] = []
+    scores: list[float] = []
+    has_pair = False
+    for _, text, pair, score in read_scores(path):
+        has_pair |= pair is not None
+        texts.append(text)
+        pairs.append(pair or "")
+        scores.append(score)
+    if not texts:
+        raise DataError(f"{path}: no examples (only a header or blank lines)")
+    source, n_truncated = _text_source(texts, pairs if has_pair else None,
+                                       np.array(scores, dtype=np.float32), tokenizer, seq_len,
+                                       seed, shuffle)
+    return source, [REGRESSION_LABEL], n_truncated
+
+
+def regression_texts(path: Path) -> Iterator[str]:
+    """The texts (and text pairs) of a regression file, without its scores."""
+    for _, text, pair, _ in read_scores(path):
+        yield text
+        if pair:
+            yield pair
 
 
 # -------------------------------------------------------------------------------- tagging
@@ -364,6 +449,18 @@ def collate_classification(examples: Sequence[Example], pad_id: int) -> dict[str
     return out
 
 
+def collate_regression(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example.
+
+    Returns:
+        int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` (B, S) and float32
+        ``labels`` (B,): the scores.
+    """
+    out = _pad_batch(examples, pad_id)
+    out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.float32)
+    return out
+
+
 def collate_tagging(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest example.
 
@@ -395,22 +492,70 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: in
         num_labels: the number of classes (ids are ``0..num_labels-1``).
 
     Returns:
-        ``{"accuracy", "macro_f1", "n"}``; 0.0 for both on an empty input.
+        ``{"accuracy", "macro_f1", "n"}``; 0.0 for both on an empty input. With two classes
+        (a matching or paraphrase task) also ``precision``, ``recall`` and ``f1`` of the
+        positive class, id 1 (the second label in sorted order: ``1`` of ``0``/``1``).
     """
     preds = np.asarray(preds).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if preds.shape != labels.shape:
         raise ValueError(f"preds {preds.shape} and labels {labels.shape} differ in length")
     n = len(labels)
+    positive = {"precision": 0.0, "recall": 0.0, "f1": 0.0} if num_labels == 2 else {}
     if n == 0:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0}
+        return {"accuracy": 0.0, "macro_f1": 0.0, **positive, "n": 0}
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)  # (gold, pred)
     np.add.at(confusion, (labels, preds), 1)
     tp = np.diag(confusion)
     gold, pred = confusion.sum(axis=1), confusion.sum(axis=0)
     present = (gold + pred) > 0
     f1 = np.divide(2 * tp, gold + pred, out=np.zeros(num_labels), where=present)
-    return {"accuracy": float(tp.sum() / n), "macro_f1": float(f1[present].mean()), "n": n}
+    if positive:  # a ratio with a zero denominator is 0.0
+        positive = {"precision": float(tp[1] / pred[1]) if pred[1] else 0.0,
+                    "recall": float(tp[1] / gold[1]) if gold[1] else 0.0, "f1": float(f1[1])}
+    return {"accuracy": float(tp.sum() / n), "macro_f1": float(f1[present].mean()),
+            **positive, "n": n}
+
+
+def regression_metrics(preds: np.ndarray, golds: np.ndarray) -> dict:
+    """Pearson and Spearman correlation, and the mean squared error, of predicted scores.
+
+    Spearman's is Pearson's of the ranks, tied values taking their mean rank (as
+    ``scipy.stats.spearmanr``). A correlation with a constant side is 0.0.
+
+    Args:
+        preds: (N,) predicted scores.
+        golds: (N,) gold scores.
+
+    Returns:
+        ``{"pearson", "spearman", "mse", "n"}``; 0.0 for each on an empty input.
+    """
+    preds = np.asarray(preds, dtype=np.float64).reshape(-1)
+    golds = np.asarray(golds, dtype=np.float64).reshape(-1)
+    if preds.shape != golds.shape:
+        raise ValueError(f"preds {preds.shape} and golds {golds.shape} differ in length")
+    if len(golds) == 0:
+        return {"pearson": 0.0, "spearman": 0.0, "mse": 0.0, "n": 0}
+    return {"pearson": _pearson(preds, golds),
+            "spearman": _pearson(_mean_ranks(preds), _mean_ranks(golds)),
+            "mse": float(np.mean((preds - golds) ** 2)), "n": len(golds)}
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    norm = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy) / norm if norm > 0 else 0.0
+
+
+def _mean_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..N of `x`, each run of equal values at its mean rank."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    firsts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # each run's start
+    lasts = np.r_[firsts[1:], len(x)]  # and its end (exclusive)
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((firsts + lasts + 1) / 2, lasts - firsts)
+    return ranks
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
