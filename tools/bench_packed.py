@@ -109,6 +109,55 @@ def packed_runner(sess, rows: list[np.ndarray], batches: list[list[int]]):
     return run
 
 
+def matmul_peaks(threads: int, m: int = 2048, k: int = 384, n: int = 1536,
+                 repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of one ONNX Runtime MatMul, fp32 (`MatMul`) and int8 (`MatMulInteger`, uint8
+    activations x int8 weights, as the dynamic int8 export runs), at MiniLM's FFN shape over
+    `m` tokens: the peaks the model's products are measured against."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in ("fp32", "int8"):
+        if kind == "fp32":
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            w = rng.standard_normal((k, n)).astype(np.float32)
+            node = helper.make_node("MatMul", ["a", "w"], ["y"])
+            a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+        else:
+            a = rng.integers(0, 255, (m, k)).astype(np.uint8)
+            w = rng.integers(-127, 127, (k, n)).astype(np.int8)
+            node = helper.make_node("MatMulInteger", ["a", "w"], ["y"])
+            a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+        graph = helper.make_graph([node], kind, [helper.make_tensor_value_info("a", a_type,
+                                                                               [m, k])],
+                                  [helper.make_tensor_value_info("y", y_type, [m, n])],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        path = Path(tempfile.mkdtemp(prefix="bertrt-peak-")) / f"{kind}.onnx"
+        onnx.save(model, str(path))
+        sess = session(path, threads)
+        sess.run(None, {"a": a})
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, {"a": a})
+            times.append(time.perf_counter() - t0)
+        out[kind] = 2 * m * k * n / min(times) / 1e9
+    return out
+
+
+def linear_flops(model, lengths: np.ndarray) -> float:
+    """The multiply-adds x 2 of the encoder's weight products (QKV, attention output, FFN) and
+    of its attention cores, over sequences of `lengths` (each attending to itself only)."""
+    c = model.config
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    per_token = 2 * (3 * h * h + h * h + 2 * h * inter)
+    attention = 2 * 2 * h * float((lengths.astype(np.float64) ** 2).sum())
+    return layers * (per_token * float(lengths.sum()) + attention)
+
+
 def engine_runner(engine, texts: list[str]):
     def run() -> np.ndarray:
         return engine.embed(texts, pooling="mean", normalize=False)
@@ -162,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                "unknown CPU")
     print(f"MiniLM-L6, {len(texts)} docstring texts, {args.threads} threads, {cpu}, "
           f"onnxruntime CPU; seq/s (median of {args.rounds} interleaved rounds)")
+    peaks = matmul_peaks(args.threads)
+    print(f"ONNX Runtime MatMul peaks ({args.threads} threads, 2048x384x1536): fp32 "
+          f"{peaks['fp32']:.1f} GFLOP/s, int8 {peaks['int8']:.1f} GOP/s "
+          f"({peaks['int8'] / peaks['fp32']:.2f}x)")
     rows_out = []
     running = engines(model_dir, args.threads, max(int(x) for x in args.lengths.split(",")))
     for limit in (int(x) for x in args.lengths.split(",")):
@@ -206,8 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntruncated at {limit}: mean length {lengths.mean():.1f}, padding "
               f"{1 - lengths.sum() / padded_positions:.0%} of arrival-order positions; int8 "
               f"cosine to fp32 min {cosine.min():.4f}")
+        flops = linear_flops(model, lengths)
         for name, ts in times.items():
             t = statistics.median(ts)
+            if name in ("bertrt packed", "bertrt packed int8"):
+                peak = peaks["int8" if "int8" in name else "fp32"]
+                print(f"  {name}: {flops / t / 1e9:.1f} GFLOP/s of weight and attention "
+                      f"products, {flops / t / 1e9 / peak:.0%} of the "
+                      f"{'int8' if 'int8' in name else 'fp32'} MatMul peak")
             row = dict(limit=limit, system=name, seq_s=len(rows) / t, vs_arrival=base / t,
                        vs_sorted=sorted_base / t, vs_packed=packed_base / t,
                        cosine=cosines.get(name, 1.0))
