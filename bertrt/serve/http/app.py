@@ -290,8 +290,9 @@ class Server:
         queue_s = job.queue_s if job else 0.0
         inference_s = job.inference_s if job else 0.0
         total_s = time.perf_counter() - start
-        self.metrics.observe_stages(tokenize=tokenize_s, queue=queue_s, inference=inference_s,
-                                    total=total_s)
+        if job is not None:
+            self.metrics.observe_stages(queue=queue_s, inference=inference_s)
+        self.metrics.observe_stages(tokenize=tokenize_s, total=total_s)
         headers = {"x-compute-type": self.service.engine.backend_name,
                    "x-compute-tokens": str(tokens),
                    "x-compute-characters": str(characters),
