@@ -20,6 +20,7 @@ starts): a request that arrives during a run still joins the batch right after i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -135,8 +136,8 @@ class Batcher:
             thread only.
         packed: Whether `run` computes real tokens only (the budget then counts them).
         max_batch_tokens, max_batch_requests, max_wait_ms: See `ServeOptions`.
-        observe: Called after each batch with (sequences, tokens, positions, seconds), and
-            with the queue's size whenever it changes (`metrics.ServerMetrics` takes both).
+        metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
+            seconds), the queue's size and the sequences dropped; None: nothing is told.
     """
 
     def __init__(self, run: Callable[[list[Request]], SequenceOutputs], *, packed: bool,
@@ -207,9 +208,14 @@ class Batcher:
             self._metrics.dropped.inc(len(self._queue) - len(kept))
         self._queue, self._cancelled = kept, 0
 
-    def _cut(self) -> int:
-        return batch_cut((e.length for e in self._queue), self.max_batch_tokens,
-                         self.max_batch_requests, self.packed)
+    def _cut(self, extra: tuple[int, ...] = ()) -> int:
+        return batch_cut(itertools.chain((e.length for e in self._queue), extra),
+                         self.max_batch_tokens, self.max_batch_requests, self.packed)
+
+    def _full(self, size: int) -> bool:
+        """Whether a batch of the first `size` waiting sequences has no room for another
+        (not even one token long)."""
+        return size < len(self._queue) or self._cut((1,)) == size
 
     def _next_batch(self) -> list[_Entry] | None:
         """The next batch, once there is one to run (None: closed and drained)."""
@@ -222,8 +228,7 @@ class Batcher:
                     self._cv.wait()
                     continue
                 size = self._cut()
-                if self.max_wait_s and not self._closed and size == len(self._queue) \
-                        and size != self.max_batch_requests:
+                if self.max_wait_s and not self._closed and not self._full(size):
                     left = self._queue[0].job.enqueued + self.max_wait_s - time.perf_counter()
                     if left > 0:  # not full: gather more until the oldest has waited enough
                         self._cv.wait(left)
