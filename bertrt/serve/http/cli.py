@@ -1,11 +1,13 @@
 """`bertrt serve`: the click layer over `bertrt.serve.http.serve`.
 
 The main CLI (`bertrt/cli.py`) registers `serve` with `main.add_command`. A user mistake (a
-wrong model path, a port in use, a bad option) prints one line and exits 2; a wrong model is
-found before any socket is opened.
+wrong model path, a port in use, a bad option) prints one line and exits 2: a missing model
+before any socket is opened, a port in use before the model loads.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -81,14 +83,23 @@ def serve(model: str, host: str, port: int, backend: str, precision: str,
         raise _missing_extra() from None
     from bertrt.serve.engine import InferenceEngine
     from bertrt.serve.http.options import ServeOptions
+    from bertrt.serve.http.server import bind
     from bertrt.serve.http.server import serve as run_server
+
+    if not Path(model).exists():  # before any socket, and without loading torch
+        raise BertrtError(f"{model}: no such file or directory (expected a model dir or an "
+                          ".onnx file)")
 
     options = ServeOptions(host=host, port=port, max_batch_tokens=max_batch_tokens,
                            max_batch_requests=max_batch_requests, max_wait_ms=max_wait_ms,
                            max_concurrent=max_concurrent, max_client_batch=max_client_batch,
                            payload_limit=payload_limit, auto_truncate=auto_truncate,
                            pooling=pooling, tokenization_workers=tokenization_workers)
-    with InferenceEngine(model, backend=backend, precision=precision, packed=packed,
-                         threads=threads, max_batch_tokens=max_batch_tokens, vocab=vocab,
-                         max_length=max_length) as engine:
-        run_server(engine, options, log_level=log_level)
+    sock = bind(host, port)  # the port is reserved (or refused) before the model loads
+    try:
+        with InferenceEngine(model, backend=backend, precision=precision, packed=packed,
+                             threads=threads, max_batch_tokens=max_batch_tokens, vocab=vocab,
+                             max_length=max_length) as engine:
+            run_server(engine, options, sock=sock, log_level=log_level)
+    finally:
+        sock.close()

@@ -1,7 +1,8 @@
 """Running the app: one process, one model, uvicorn on a socket bound here.
 
-`serve(engine, options)` binds the socket itself, so a port in use is one line naming it
-(exit 2 from the CLI) and `--port 0` takes any free port; it prints
+`bind` reserves the port before the model loads (a port in use is one line naming it: exit 2
+from the CLI; `--port 0` takes any free port) without listening, so nothing connects until
+the server runs. `serve(engine, options)` runs it; it prints
 `listening on http://HOST:PORT` on stderr once the engine thread runs. SIGTERM (or Ctrl+C)
 stops it gracefully: no new connections, every accepted request answered, the queue drained,
 then a return (the CLI exits 0).
@@ -25,7 +26,8 @@ from bertrt.serve.http.options import ServeOptions
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port.
+    """A TCP socket bound to host:port, not listening yet (connections are refused until the
+    server starts: asyncio listens on it then).
 
     Raises:
         BertrtError: the port is in use, or the address cannot be bound (one line, naming it).
@@ -39,14 +41,12 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-        sock.listen(2048)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise BertrtError(f"port {port} on {host} is in use (another server?); pick "
                               "another with --port") from None
-        raise BertrtError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
-    sock.set_inheritable(True)
+        raise BertrtError(f"cannot bind {host}:{port} ({exc.strerror})") from None
     return sock
 
 
@@ -55,9 +55,17 @@ def _announce(line: str) -> None:
 
 
 def serve(engine: InferenceEngine, options: ServeOptions | None = None, *,
-          log_level: str = "warning", announce: Callable[[str], None] = _announce) -> None:
+          sock: socket.socket | None = None, log_level: str = "warning",
+          announce: Callable[[str], None] = _announce) -> None:
     """Serve `engine` over HTTP until SIGTERM or SIGINT; returns once every accepted request
     is answered (the caller closes the engine).
+
+    Args:
+        engine: The engine.
+        options: Address, limits, batcher knobs.
+        sock: A socket `bind` gave (None: bind `options.host` and `options.port` now).
+        log_level: uvicorn's and the server's log level.
+        announce: Where the start and stop lines go (stderr).
 
     Raises:
         BertrtError: the port is in use or the address cannot be bound.
@@ -65,7 +73,8 @@ def serve(engine: InferenceEngine, options: ServeOptions | None = None, *,
     import uvicorn
 
     options = options or ServeOptions()
-    sock = bind(options.host, options.port)
+    if sock is None:
+        sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     app = create_app(engine, options)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
