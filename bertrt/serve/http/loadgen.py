@@ -292,7 +292,7 @@ def plot(runs: Sequence[LoadRun], path: str, title: str = "") -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        points = [p for p in run.points if p.mode == "open"]
+        points = sorted((p for p in run.points if p.mode == "open"), key=lambda p: p.load)
         if not points:
             continue
         rates = [p.load for p in points]
