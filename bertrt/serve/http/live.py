@@ -3,7 +3,7 @@
     bertrt serve-bench --url http://127.0.0.1:8080 --texts FILE --rate 5,10,20 [--duration S]
     bertrt serve-bench --url ... --texts FILE --concurrency 1,4,16
     bertrt serve-bench MODEL --texts FILE --rate 5,10,20 \\
-        --server "--precision int8" --server "--padded"      # starts each server itself
+        --server="--precision int8" --server="--padded"      # starts each server itself
 
 Without `--url`, serve-bench starts `bertrt serve MODEL --port 0 ARGS` once per `--server`
 (default: one with no extra arguments) on 127.0.0.1, all at once, then runs every load
