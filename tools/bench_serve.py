@@ -20,10 +20,11 @@ open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisection
 and the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
 `--samples` requests, at most 4x); and a light load at 10 % of the default's highest rate,
 whose p50 is set beside a single unbatched engine call (`engine.embed([text])`, p50 over the
-same texts, measured in this process while the servers idle, before and after). Bounded:
+same texts, measured in this process while the servers idle, before and after; int8
+beside the int8 engine's). Bounded:
 about 5 minutes with the defaults.
 
-    python tools/bench_serve.py [--texts 2000] [--duration 6] [--samples 150] [--steps 4]
+    python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--steps 3]
                                 [--threads 2] [--p99-ms 250] [--markdown] [--json OUT]
                                 [--plot PNG]
 """
@@ -98,13 +99,13 @@ def single_call_ms(engine: InferenceEngine, texts: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--texts", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=6.0,
                         help="Seconds per open-loop rate (longer for low rates, to send "
                              "--samples requests, up to 4x).")
-    parser.add_argument("--samples", type=int, default=150,
+    parser.add_argument("--samples", type=int, default=120,
                         help="Requests an open-loop rate should send, for its p99.")
-    parser.add_argument("--steps", type=int, default=4,
+    parser.add_argument("--steps", type=int, default=3,
                         help="Bisection steps of the highest rate within the p99 bound.")
     parser.add_argument("--light-duration", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=2)
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     engine = InferenceEngine(model, threads=args.threads)
+    engine_int8 = InferenceEngine(model, threads=args.threads, precision="int8")
     expected = engine.embed(texts[:16])
     lengths = [len(x) for x in engine.tokenizer(texts, padding=False, truncation=True,
                                                 max_length=engine.max_length)["input_ids"]]
@@ -160,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                     high[i] = rate
         best_rate = [rate or None for rate in low]
         light_rate = round(0.1 * (best_rate[0] or saturation[0] * 0.3), 2)
-        sample = texts[:150]
-        single_before = single_call_ms(engine, sample)
-        light = [load(i, rates=[light_rate], duration=args.light_duration, seed=99, warmup=0)
+        light_seconds = min(max(args.light_duration, 60 / light_rate), 3 * args.light_duration)
+        sample = texts[:100]
+        # a single unbatched call of the engine each server runs (int8: the int8 engine)
+        singles = {"fp32": [single_call_ms(engine, sample)],
+                   "int8": [single_call_ms(engine_int8, sample)]}
+        light = [load(i, rates=[light_rate], duration=light_seconds, seed=99, warmup=0)
                  for i in range(len(configs))]
-        single_after = single_call_ms(engine, sample)
+        singles["fp32"].append(single_call_ms(engine, sample))
+        singles["int8"].append(single_call_ms(engine_int8, sample))
     finally:
         for server in servers:
             server.stop()
         engine.close()
-    single = (single_before + single_after) / 2
+        engine_int8.close()
+    single = {k: float(np.mean(v)) for k, v in singles.items()}
     anchor = best_rate[1]
 
     print()
@@ -178,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
           f"max {max(lengths)}), CPU {cpu_name()} ({os.cpu_count()} cores, shared; load "
           f"average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after), "
           f"{time.perf_counter() - started:.0f} s")
-    print(f"single unbatched engine call: p50 {single:.1f} ms (before {single_before:.1f}, "
-          f"after {single_after:.1f}); light load {light_rate:g} req/s")
+    print("single unbatched engine call, p50 over 100 texts (before, after the light load): "
+          + "; ".join(f"{k} {single[k]:.1f} ms ({v[0]:.1f}, {v[1]:.1f})"
+                      for k, v in singles.items())
+          + f"; light load {light_rate:g} req/s for {light_seconds:.0f} s")
     header = ("| configuration | check | saturation (16 clients) req/s | highest rate with "
               f"p99 <= {args.p99_ms:g} ms | x anchor | light-load p50 ms | x single call |")
     print(header)
@@ -188,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = best_rate[i]
         ratio = f"{rate / anchor:.2f}" if rate and anchor else "-"
         p50 = light[i].percentile_ms(50)
+        own = single["int8" if "int8" in label else "fp32"]
         print(f"| {label} | {checks[i]} | {saturation[i]:.1f} | "
               f"{rate if rate is not None else 'none'} | {ratio} | {p50:.1f} | "
-              f"{p50 / single:.2f} |")
+              f"{p50 / own:.2f} |")
     if best is None:
         print("| OpenVINO bf16 | not available in this build (the engine offers "
               f"{', '.join(b for b in ENGINE_BACKENDS)} x {', '.join(AVAILABLE_PRECISIONS)}) "
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(runs))
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump({"single_call_ms": single, "light_rate": light_rate,
+            json.dump({"single_call_ms": singles, "light_rate": light_rate,
                        "best_rate": dict(zip([c[0] for c in configs], best_rate)),
                        "saturation": dict(zip([c[0] for c in configs], saturation)),
                        "runs": [r.to_dict() for r in runs]}, f, indent=2)
