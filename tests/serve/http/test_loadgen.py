@@ -4,6 +4,7 @@ in this process (uvicorn on a thread, 127.0.0.1); one test starts `bertrt serve`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import time
@@ -82,12 +83,18 @@ def test_the_command_prints_a_table_and_writes_json(live, tmp_path, texts):
     url = live()
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("\n".join(t for t in texts if t.strip()) + "\n")
-    out = tmp_path / "load.json"
+    out, png = tmp_path / "load.json", tmp_path / "load.png"
     result = CliRunner().invoke(main, ["serve-bench", "--url", url, "--texts", str(texts_file),
                                        "--rate", "20,40", "--concurrency", "2",
-                                       "--duration", "0.5", "--json", str(out)])
+                                       "--duration", "0.5", "--json", str(out),
+                                       "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert "| config | loop | offered |" in result.output
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # the plot extra is not installed: said, and nothing written
+        assert "no plot: matplotlib is not installed" in result.output
+        assert not png.exists()
     report = json.loads(out.read_text())
     points = report["runs"][0]["points"]
     assert [(p["mode"], p["load"]) for p in points] == [("open", 20), ("open", 40),
