@@ -18,13 +18,15 @@ Correctness first: each server's `/embed` of the first texts is checked against
 per configuration: its saturation throughput (closed loop, 16 clients, 4 s); the highest
 open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisections between 0
 and the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
-`--samples` requests, at most 4x); and a light load at 10 % of the default's highest rate,
-whose p50 is set beside a single unbatched engine call (`engine.embed([text])`, p50 over the
-same texts, measured in this process while the servers idle, before and after; int8
-beside the int8 engine's). Bounded:
-about 5 minutes with the defaults.
+`--samples` requests, at most 4x, in `--slices` slices taken round-robin over the servers
+and pooled, so a burst of the shared machine's other work lands on all of them); and a
+light load at 10 % of the default's highest rate, whose p50 is set beside a single
+unbatched engine call (`engine.embed([text])`, p50 over the same texts, measured in this
+process while the servers idle, before and after; int8 beside the int8 engine's).
+Bounded: about 5 minutes with the defaults.
 
-    python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--steps 3]
+    python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
+                                [--steps 3]
                                 [--threads 2] [--p99-ms 250] [--markdown] [--json OUT]
                                 [--plot PNG]
 """
@@ -45,7 +47,7 @@ from bench_torch import minilm_dir
 
 from bertrt.serve.engine import AVAILABLE_PRECISIONS, ENGINE_BACKENDS, InferenceEngine
 from bertrt.serve.http.live import ServerProcess
-from bertrt.serve.http.loadgen import LoadRun, plot, run_load
+from bertrt.serve.http.loadgen import LoadPoint, LoadRun, format_point, plot, run_load
 
 #: (label, `bertrt serve` arguments); the first is bertrt's default, the second the anchor.
 CONFIGS = [
@@ -87,6 +89,17 @@ def check_outputs(server: ServerProcess, label: str, texts: list[str],
     return f"max abs diff {diff:.1e}"
 
 
+def pool(points: list[LoadPoint]) -> LoadPoint:
+    """One point of several slices of the same load."""
+    errors: dict[str, int] = {}
+    for p in points:
+        for kind, count in p.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    return LoadPoint(points[0].mode, points[0].load, sum(p.seconds for p in points),
+                     sum(p.sent for p in points), sum(p.ok for p in points), errors,
+                     [x for p in points for x in p.latencies])
+
+
 def single_call_ms(engine: InferenceEngine, texts: list[str]) -> float:
     """p50 of `engine.embed([text])` over `texts`, ms."""
     times = []
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--samples requests, up to 4x).")
     parser.add_argument("--samples", type=int, default=120,
                         help="Requests an open-loop rate should send, for its p99.")
+    parser.add_argument("--slices", type=int, default=3,
+                        help="Slices each rate is sent in, round-robin over the servers.")
     parser.add_argument("--steps", type=int, default=3,
                         help="Bisection steps of the highest rate within the p99 bound.")
     parser.add_argument("--light-duration", type=float, default=15.0)
@@ -138,24 +153,35 @@ def main(argv: list[str] | None = None) -> int:
         checks = [check_outputs(s, label, texts[:16], expected)
                   for (label, _), s in zip(configs, servers)]
 
-        def load(i: int, **kwargs: object) -> object:
+        def load(i: int, keep: bool = True, **kwargs: object) -> LoadPoint:
             one = run_load(servers[i].url, texts, label=configs[i][0], timeout=10,
-                           log=lambda line: print(line, file=sys.stderr), **kwargs)
+                           log=(lambda line: print(line, file=sys.stderr)) if keep else None,
+                           **kwargs)
             runs[i].url, runs[i].route, runs[i].info = one.url, one.route, one.info
-            runs[i].points.extend(one.points)
+            if keep:
+                runs[i].points.extend(one.points)
             return one.points[-1]
 
         saturation = [load(i, concurrency=[16], duration=4.0).throughput
                       for i in range(len(configs))]
-        # bisection of each configuration's rate between 0 and its saturation, interleaved:
-        # every configuration's k-th step runs before any (k+1)-th
+        # bisection of each configuration's rate between 0 and its saturation; each step's
+        # rates run in --slices slices, round-robin over the configurations, and each pools
+        # its slices: a burst of the machine's other work lands on every configuration
         low = [0.0] * len(configs)
         high = [s * 1.05 for s in saturation]
         for step in range(args.steps):
-            for i in range(len(configs)):
-                rate = round((low[i] + high[i]) / 2, 2)
-                seconds = min(max(args.duration, args.samples / rate), 4 * args.duration)
-                point = load(i, rates=[rate], duration=seconds, seed=step, warmup=0)
+            rates = [round((lo + hi) / 2, 2) for lo, hi in zip(low, high)]
+            parts: list[list[LoadPoint]] = [[] for _ in configs]
+            for piece in range(args.slices):
+                for i, rate in enumerate(rates):
+                    seconds = min(max(args.duration, args.samples / rate),
+                                  4 * args.duration) / args.slices
+                    parts[i].append(load(i, rates=[rate], duration=seconds,
+                                         seed=100 * step + piece, warmup=0, keep=False))
+            for i, rate in enumerate(rates):
+                point = pool(parts[i])
+                runs[i].points.append(point)
+                print(format_point(configs[i][0], point), file=sys.stderr)
                 if point.percentile_ms(99) <= args.p99_ms and not point.errors:
                     low[i] = rate
                 else:
