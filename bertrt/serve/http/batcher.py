@@ -111,10 +111,6 @@ class Job:
         self._remaining = len(self.requests)
 
     @property
-    def tokens(self) -> int:
-        return sum(r.length for r in self.requests)
-
-    @property
     def queue_s(self) -> float:
         """Seconds from queueing to the start of its first batch."""
         return (self.started or self.enqueued) - self.enqueued
