@@ -242,7 +242,9 @@ class Server:
         return body
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        assert self._pool is not None
+        if self._pool is None:
+            raise HttpError("unavailable", "the server's workers are not running (its lifespan "
+                            "has not started)")
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: fn(*args, **kwargs))
 

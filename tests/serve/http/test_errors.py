@@ -141,3 +141,21 @@ def test_an_engine_failure_is_a_500_of_the_same_shape_and_the_server_goes_on(enc
         after = client.post("/embed", json={"inputs": ["dog"]})
     _check_error(failed, 500, "internal", ["/embed", "RuntimeError", "fell over"])
     assert after.status_code == 200
+
+
+def test_an_app_whose_lifespan_has_not_started_answers_503(encoder):
+    import asyncio
+
+    import httpx
+
+    from bertrt.serve.http import create_app
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(encoder))  # runs no lifespan
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [await client.get("/health"),
+                    await client.post("/embed", json={"inputs": "dog"}),
+                    await client.post("/tokenize", json={"inputs": "dog"})]
+
+    for response in asyncio.run(calls()):
+        _check_error(response, 503, "unavailable", ["not running"])
