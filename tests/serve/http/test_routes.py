@@ -13,6 +13,23 @@ import pytest
 from bertrt.serve import InferenceEngine, TruncatedWarning
 
 
+def assert_close(got: object, want: object, tol: float = 1e-5) -> None:
+    """JSON values equal, their floats within `tol` (a batch of one sequence may run on
+    another graph than a batch of many: the engine's padded twin of a packed export)."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want, abs=tol)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want)
+        for key in want:
+            assert_close(got[key], want[key], tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_close(g, w, tol)
+    else:
+        assert got == want
+
+
 def test_embed_equals_engine_embed_in_order_and_one_vector_per_input(encoder, client_of, texts):
     expected = encoder.embed(texts, normalize=True)
     with client_of(encoder) as client:
@@ -94,7 +111,7 @@ def test_predict_single_pair_and_batch_equal_engine_predict(classifier, client_o
         assert sum(g["score"] for g in got) == pytest.approx(1.0)
         scores = [g["score"] for g in got]
         assert scores == sorted(scores, reverse=True)
-    assert one == batch[0]  # a single input: one flat list, as TEI answers
+    assert_close(one, batch[0])  # a single input: one flat list, as TEI answers
     labels = classifier.labels
     for got, want in zip(raw, expected):
         by_label = {g["label"]: g["score"] for g in got}
@@ -103,8 +120,8 @@ def test_predict_single_pair_and_batch_equal_engine_predict(classifier, client_o
     want_pairs = classifier.predict([texts[0], texts[3]], pairs)
     assert pair[0]["label"] == want_pairs[0]["label"]
     assert pair[0]["score"] == pytest.approx(want_pairs[0]["score"], abs=1e-6)
-    assert mixed[0] == pair
-    assert mixed[1] == batch[1]
+    assert_close(mixed[0], pair)
+    assert_close(mixed[1], batch[1])
     assert mixed[2][0]["score"] == pytest.approx(want_pairs[1]["score"], abs=1e-6)
 
 
@@ -113,8 +130,8 @@ def test_tag_equals_engine_tag_with_character_offsets(tagger, client_of):
     with client_of(tagger) as client:
         batch = client.post("/tag", json={"inputs": texts}).json()
         one = client.post("/tag", json={"inputs": texts[0]}).json()
-    assert batch == tagger.tag(texts)
-    assert one == batch[0]
+    assert_close(batch, tagger.tag(texts))
+    assert_close(one, batch[0])
     assert [(e["entity"], e["text"]) for e in one] == [
         ("PER", "mary"), ("LOC", "paris"), ("PER", "john smith"), ("LOC", "new york")]
     for text, found in zip(texts, batch):
