@@ -176,6 +176,11 @@ def _live(kwargs: dict[str, Any], *, url: str | None, rates: str | None,
     from bertrt.serve.http import loadgen
     from bertrt.serve.workload import read_texts
 
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise BertrtError("serve-bench against a live server needs httpx: pip install "
+                          "'bertrt[serve]'") from None
     model, texts_path = kwargs["model"], kwargs["texts_path"]
     if texts_path is None:
         raise BertrtError("--texts FILE is needed against a live server (one text per line)")
