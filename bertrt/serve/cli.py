@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from bertrt.errors import BertrtError, user_errors
+from bertrt.serve.http.live import live_load
 
 
 def inspect_onnx(path: str | os.PathLike[str]) -> str:
@@ -39,7 +40,8 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 @click.command("serve-bench")
-@click.argument("model")
+@click.argument("model", required=False)
+@live_load
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
               help="ort | ort-cuda | openvino | torch, each optionally with :packed or "
                    ":padded and :int8 | :bf16 | :fp16 (e.g. ort:packed:int8, "
@@ -92,6 +94,8 @@ def serve_bench(model: str, backends: tuple[str, ...], batch_sizes: str, seq_len
     tokens/s. For a model dir, a temporary ONNX file is exported for the ONNX backends. The
     backends' outputs are cross-checked on the first batch: when they disagree beyond the
     bound, nothing is timed (exit code 2). The Python API: `bertrt.serve.benchmark_model`.
+    With --url, --rate or --concurrency: a load against a live `bertrt serve` instead
+    (`bertrt.serve.http.live`; docs/serving.md).
     """
     from bertrt.fileio import atomic_write_text
     from bertrt.serve.bench import BenchOptions, benchmark_model

@@ -1,0 +1,429 @@
+"""The ASGI app: routes shaped like TEI's (and OpenAI's embeddings), limits, timing headers.
+
+    request ─▶ admit (--max-concurrent, else 429) ─▶ body (--payload-limit, else 413) ─▶ JSON
+    ─▶ fields ─▶ tokenize (worker thread) ─▶ Job ─▶ batcher ─▶ engine thread ─▶ results ─▶ JSON
+
+Every refusal is an `HttpError`: a 4xx with `{"error": ..., "error_type": ...}`; a bug gives
+the same shape with 500 and its traceback in the log. A request whose client goes away while
+it waits is cancelled: its sequences still queued are not computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bertrt.serve.engine import InferenceEngine
+from bertrt.serve.http.batcher import Batcher, Job, Reader
+from bertrt.serve.http.errors import HttpError
+from bertrt.serve.http.metrics import CONTENT_TYPE, ServerMetrics
+from bertrt.serve.http.options import ServeOptions
+from bertrt.serve.http.service import Encoded, ModelService
+
+log = logging.getLogger("bertrt.serve")
+
+#: The status a request gets when its client went away (nginx's; nobody reads it).
+CLIENT_GONE = 499
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited."""
+
+
+def error_response(error: HttpError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _texts(body: dict[str, Any], name: str, limit: int) -> tuple[list[str], bool]:
+    """The texts of field `name` (a string or a list of strings), and whether it was one."""
+    if name not in body:
+        raise HttpError("validation", f"missing field {name!r}")
+    value = body[name]
+    if isinstance(value, str):
+        return [value], True
+    if not isinstance(value, list):
+        raise HttpError("validation", f"{name}: expected a string or a list of strings, got "
+                        f"{_json_type(value)}")
+    _check_batch(name, value, limit)
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise HttpError("validation", f"{name}[{i}]: expected a string, got "
+                            f"{_json_type(text)}")
+    return value, False
+
+
+def _check_batch(name: str, value: list[Any], limit: int) -> None:
+    if not value:
+        raise HttpError("empty", f"{name}: an empty batch (send at least one input)")
+    if len(value) > limit:
+        raise HttpError("batch_too_large", f"{name}: {len(value)} inputs, over this server's "
+                        f"limit of {limit} per request (--max-client-batch)")
+
+
+def _pairs(body: dict[str, Any], limit: int
+           ) -> tuple[list[str], list[str | None] | None, bool]:
+    """/predict's inputs as TEI reads them: "text", ["text", "pair"], or a batch
+    [["text"], ["text", "pair"], ...]. Returns texts, pairs (None: no pairs) and whether
+    one input was sent."""
+    shapes = 'a string, a pair ["text", "pair"], or a batch [["text"], ["text", "pair"], ...]'
+    if "inputs" not in body:
+        raise HttpError("validation", "missing field 'inputs'")
+    value = body["inputs"]
+    if isinstance(value, str):
+        return [value], None, True
+    if not isinstance(value, list):
+        raise HttpError("validation", f"inputs: expected {shapes}, got {_json_type(value)}")
+    if len(value) == 2 and all(isinstance(v, str) for v in value):
+        return [value[0]], [value[1]], True
+    if value and not all(isinstance(v, list) for v in value):
+        raise HttpError("validation", f"inputs: expected {shapes}")
+    _check_batch("inputs", value, limit)
+    texts: list[str] = []
+    pairs: list[str | None] = []
+    for i, item in enumerate(value):
+        if not 1 <= len(item) <= 2 or not all(isinstance(v, str) for v in item):
+            raise HttpError("validation", f"inputs[{i}]: expected [\"text\"] or [\"text\", "
+                            "\"pair\"]")
+        texts.append(item[0])
+        pairs.append(item[1] if len(item) == 2 else None)
+    return texts, (pairs if any(p is not None for p in pairs) else None), False
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HttpError("validation", f"{name}: expected true or false, got {_json_type(value)}")
+    return value
+
+
+async def _wait_gone(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _resolve(future: asyncio.Future[Job], job: Job) -> None:
+    if not future.done():
+        future.set_result(job)
+
+
+class Server:
+    """The app's state: the model, the batcher, the limits, the metrics.
+
+    Args:
+        engine: The engine to serve (the caller closes it).
+        options: Limits and batcher knobs (`host` and `port` are not read here).
+    """
+
+    def __init__(self, engine: InferenceEngine, options: ServeOptions | None = None) -> None:
+        self.options = options = options or ServeOptions()
+        self.service = ModelService(engine, options.pooling)
+        self.metrics = ServerMetrics()
+        self.max_batch_tokens = options.max_batch_tokens or engine.max_batch_tokens
+        self.batcher: Batcher | None = None
+        self.in_flight = 0
+        self._pool: ThreadPoolExecutor | None = None
+        routes = [
+            Route("/embed", self._endpoint("/embed", self.embed), methods=["POST"]),
+            Route("/v1/embeddings", self._endpoint("/v1/embeddings", self.openai_embeddings),
+                  methods=["POST"]),
+            Route("/predict", self._endpoint("/predict", self.predict), methods=["POST"]),
+            Route("/tag", self._endpoint("/tag", self.tag), methods=["POST"]),
+            Route("/tokenize", self._endpoint("/tokenize", self.tokenize), methods=["POST"]),
+            Route("/health", self._endpoint("/health", self.health, admit=False)),
+            Route("/info", self._endpoint("/info", self.info, admit=False)),
+            Route("/metrics", self._endpoint("/metrics", self.metrics_route, admit=False)),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan,
+                             exception_handlers={HTTPException: self._http_exception})
+
+    # ------------------------------------------------------------------ life
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._pool = ThreadPoolExecutor(self.options.tokenization_workers,
+                                        thread_name_prefix="bertrt-tokenize")
+        self.batcher = Batcher(self.service.run, packed=self.service.engine.packed,
+                               max_batch_tokens=self.max_batch_tokens,
+                               max_batch_requests=self.options.max_batch_requests,
+                               max_wait_ms=self.options.max_wait_ms, metrics=self.metrics)
+        try:
+            yield
+        finally:  # the server has answered every request it accepted by now
+            self.batcher.close()
+            self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ plumbing
+    def _endpoint(self, route: str, handler: Handler, admit: bool = True) -> Handler:
+        """`handler` with admission (429 past --max-concurrent), errors as JSON, metrics."""
+
+        async def endpoint(request: Request) -> Response:
+            admitted = False
+            try:
+                if admit:
+                    if self.in_flight >= self.options.max_concurrent:
+                        raise HttpError("overloaded", f"{self.in_flight} requests in flight, "
+                                        f"this server's limit (--max-concurrent "
+                                        f"{self.options.max_concurrent}); retry later")
+                    self.in_flight += 1
+                    admitted = True
+                    self.metrics.in_flight.inc()
+                response = await handler(request)
+            except HttpError as exc:
+                response = error_response(exc)
+            except ClientGone:
+                response = Response(status_code=CLIENT_GONE)
+            except Exception as exc:  # a bug: answer in the same shape, keep the trace
+                log.exception("%s failed", route)
+                response = error_response(HttpError(
+                    "internal", f"{route}: {type(exc).__name__}: {exc}"))
+            finally:
+                if admitted:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            error = HttpError("method_not_allowed", f"{request.method} {request.url.path}: "
+                              "method not allowed")
+        else:
+            error = HttpError("not_found", f"{request.url.path}: no such route (see GET /info)")
+        self.metrics.requests.labels("other", str(error.status)).inc()
+        return error_response(error)
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """The JSON object of the body, read up to --payload-limit bytes."""
+        limit = self.options.payload_limit
+        too_large = HttpError("payload_too_large", f"the body is over this server's limit of "
+                              f"{limit} bytes (--payload-limit)")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
+            raise HttpError("invalid_json", f"the body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise HttpError("validation", f"the body must be a JSON object, got "
+                            f"{_json_type(body)}")
+        return body
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._pool is None:
+            raise HttpError("unavailable", "the server's workers are not running (its lifespan "
+                            "has not started)")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: fn(*args, **kwargs))
+
+    async def _encode(self, texts: list[str], pairs: list[str | None] | None, body: dict,
+                      offsets: bool = False) -> tuple[Encoded, float]:
+        truncate = _flag(body, "truncate", self.options.auto_truncate)
+        start = time.perf_counter()
+        encoded = await self._in_worker(self.service.encode, texts, pairs, truncate=truncate,
+                                        offsets=offsets)
+        self.metrics.input_tokens.inc(encoded.tokens)
+        self.metrics.truncated.inc(encoded.truncated)
+        return encoded, time.perf_counter() - start
+
+    async def _infer(self, request: Request, encoded: Encoded, read: Reader) -> Job:
+        """Queue the request's sequences and wait for them (or for the client to leave)."""
+        if self.batcher is None or not self.batcher.alive:
+            raise HttpError("unavailable", "the engine is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Job] = loop.create_future()
+
+        def done(job: Job) -> None:  # on the finisher thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_resolve, future, job)
+
+        job = Job(encoded.requests, read, done)
+        self.batcher.submit(job)
+        gone = asyncio.ensure_future(_wait_gone(request.receive))
+        try:
+            await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        finally:
+            gone.cancel()
+        if not future.done():
+            self.batcher.cancel(job)
+            raise ClientGone
+        if job.error is not None:
+            raise job.error
+        return job
+
+    def _respond(self, content: Any, start: float, tokenize_s: float, job: Job | None,
+                 tokens: int, characters: int) -> JSONResponse:
+        """The result, with per-stage times (milliseconds) and counts in the headers."""
+        queue_s = job.queue_s if job else 0.0
+        inference_s = job.inference_s if job else 0.0
+        total_s = time.perf_counter() - start
+        if job is not None:
+            self.metrics.observe_stages(queue=queue_s, inference=inference_s)
+        self.metrics.observe_stages(tokenize=tokenize_s, total=total_s)
+        headers = {"x-compute-type": self.service.engine.backend_name,
+                   "x-compute-tokens": str(tokens),
+                   "x-compute-characters": str(characters),
+                   "x-tokenization-time": f"{tokenize_s * 1e3:.3f}",
+                   "x-queue-time": f"{queue_s * 1e3:.3f}",
+                   "x-inference-time": f"{inference_s * 1e3:.3f}",
+                   "x-total-time": f"{total_s * 1e3:.3f}",
+                   "x-batches": str(job.batches if job else 0)}
+        return JSONResponse(content, headers=headers)
+
+    # ------------------------------------------------------------------ routes
+    async def embed(self, request: Request) -> Response:
+        """TEI's /embed: `inputs` (str | [str]), `normalize` (default true), `truncate`
+        -> [[float]]."""
+        start = time.perf_counter()
+        self.service.require("/embed")
+        body = await self._body(request)
+        texts, _ = _texts(body, "inputs", self.options.max_client_batch)
+        normalize = _flag(body, "normalize", True)
+        encoded, tokenize_s = await self._encode(texts, None, body)
+        job = await self._infer(request, encoded, self.service.read_pooled)
+        vectors = self.service.embeddings(job.results, normalize)
+        return self._respond(vectors.tolist(), start, tokenize_s, job, encoded.tokens,
+                             sum(map(len, texts)))
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        """OpenAI's embeddings: `input` (str | [str]), `model`, `encoding_format`
+        (float | base64) -> {"object": "list", "data": [...], "model", "usage"}."""
+        start = time.perf_counter()
+        self.service.require("/v1/embeddings")
+        body = await self._body(request)
+        texts, _ = _texts(body, "input", self.options.max_client_batch)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise HttpError("validation", f"encoding_format: expected \"float\" or "
+                            f"\"base64\", got {encoding!r}")
+        hidden = self.service.engine.hidden_size
+        if body.get("dimensions") not in (None, hidden):
+            raise HttpError("validation", f"dimensions: this model gives {hidden}, got "
+                            f"{body['dimensions']!r}")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise HttpError("validation", f"model: expected a string, got {_json_type(model)}")
+        encoded, tokenize_s = await self._encode(texts, None, {})
+        job = await self._infer(request, encoded, self.service.read_pooled)
+        vectors = self.service.embeddings(job.results, normalize=True)
+        if encoding == "base64":  # little-endian float32, as OpenAI's clients decode it
+            values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                                 for v in vectors]
+        else:
+            values = vectors.tolist()
+        data = [{"object": "embedding", "index": i, "embedding": v}
+                for i, v in enumerate(values)]
+        usage = {"prompt_tokens": encoded.tokens, "total_tokens": encoded.tokens}
+        content = {"object": "list", "data": data,
+                   "model": model or self.service.engine.source, "usage": usage}
+        return self._respond(content, start, tokenize_s, job, encoded.tokens,
+                             sum(map(len, texts)))
+
+    async def predict(self, request: Request) -> Response:
+        """TEI's /predict: a text, a pair, or a batch of either; `raw_scores`, `truncate` ->
+        every label's {label, score}, best first (a batch: one such list per input)."""
+        start = time.perf_counter()
+        self.service.require("/predict")
+        body = await self._body(request)
+        texts, pairs, single = _pairs(body, self.options.max_client_batch)
+        raw = _flag(body, "raw_scores", False)
+        encoded, tokenize_s = await self._encode(texts, pairs, body)
+        job = await self._infer(request, encoded, self.service.read_logits)
+        scores = self.service.scores(job.results, raw)
+        characters = sum(map(len, texts)) + sum(len(p or "") for p in pairs or ())
+        return self._respond(scores[0] if single else scores, start, tokenize_s, job,
+                             encoded.tokens, characters)
+
+    async def tag(self, request: Request) -> Response:
+        """/tag: `inputs` (str | [str]), `truncate` -> per text its entities {entity,
+        start, end, text, score} with character offsets (a string: one list)."""
+        start = time.perf_counter()
+        self.service.require("/tag")
+        body = await self._body(request)
+        texts, single = _texts(body, "inputs", self.options.max_client_batch)
+        encoded, tokenize_s = await self._encode(texts, None, body, offsets=True)
+        job = await self._infer(request, encoded, self.service.read_token_logits)
+        found = self.service.entities(job.results, encoded, texts)
+        return self._respond(found[0] if single else found, start, tokenize_s, job, encoded.tokens,
+                             sum(map(len, texts)))
+
+    async def tokenize(self, request: Request) -> Response:
+        """TEI's /tokenize: `inputs` (str | [str]), `add_special_tokens` (default true) ->
+        per text [{id, text, special, start, stop}]."""
+        start = time.perf_counter()
+        body = await self._body(request)
+        texts, _ = _texts(body, "inputs", self.options.max_client_batch)
+        special = _flag(body, "add_special_tokens", True)
+        tokens = await self._in_worker(self.service.tokens, texts, special)
+        tokenize_s = time.perf_counter() - start
+        return self._respond(tokens, start, tokenize_s, None, sum(map(len, tokens)),
+                             sum(map(len, texts)))
+
+    async def health(self, request: Request) -> Response:
+        if self.batcher is None or not self.batcher.alive:
+            raise HttpError("unavailable", "the engine is not running")
+        return JSONResponse({"status": "ok"})
+
+    async def info(self, request: Request) -> Response:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            bertrt_version = version("bertrt")
+        except PackageNotFoundError:  # a source tree
+            bertrt_version = "unknown"
+        limits = {"max_batch_tokens": self.max_batch_tokens,
+                  "max_batch_requests": self.options.max_batch_requests,
+                  "max_wait_ms": self.options.max_wait_ms,
+                  "max_concurrent_requests": self.options.max_concurrent,
+                  "max_client_batch_size": self.options.max_client_batch,
+                  "payload_limit": self.options.payload_limit,
+                  "auto_truncate": self.options.auto_truncate,
+                  "tokenization_workers": self.options.tokenization_workers}
+        return JSONResponse({**self.service.info(), **limits, "version": bertrt_version})
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def create_app(engine: InferenceEngine, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app serving `engine` (its batcher starts and stops with the app's lifespan).
+
+    >>> app = create_app(InferenceEngine("model-dir", threads=2))
+    >>> # uvicorn.run(app, host="127.0.0.1", port=8080), or bertrt.serve.http.serve(...)
+    """
+    return Server(engine, options).app

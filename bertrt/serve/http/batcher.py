@@ -1,0 +1,278 @@
+"""The token-budget batcher: requests' sequences wait in one queue; one engine thread runs them.
+
+    HTTP side (event loop + tokenizer threads)        engine thread            finisher thread
+    tokenize a request ─▶ Job ─▶ queue of sequences ─▶ cut a batch ─▶ run ─▶ pool / slice rows
+                                                                            ─▶ resolve the Job
+
+A batch is cut whenever the engine is free, from the sequences waiting, oldest first: as many
+as fit `max_batch_tokens` (a packed batch costs its real tokens; a padded one batch size x its
+longest, as `bertrt.serve.engine.token_budget_batches` counts) and `max_batch_requests`; a
+sequence over the budget runs alone. With `max_wait_ms`, a batch that the waiting sequences do
+not fill waits until its oldest has waited that long (or the batch fills). Sequences of a
+request whose client went away are dropped before they are computed.
+
+The next batch is assembled while the current one runs: requests are tokenized and queued on
+the HTTP side meanwhile, and the previous batch's results are pooled and handed out on the
+finisher thread, so the engine thread only concatenates the next batch's ids and runs it. The
+batch stays open until the engine is free (TEI seals the next batch as the current one
+starts): a request that arrives during a run still joins the batch right after it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from bertrt.serve.http.errors import HttpError
+from bertrt.serve.outputs import SequenceOutputs
+from bertrt.serve.workload import Request
+
+log = logging.getLogger("bertrt.serve")
+
+
+def batch_cut(lengths: Iterable[int], budget: int, max_requests: int | None,
+              packed: bool) -> int:
+    """How many of the leading sequences make the next batch (at least one, if any wait).
+
+    Args:
+        lengths: Lengths of the waiting sequences, oldest first (read lazily, up to the cut).
+        budget: Positions a batch may cost: the sum of its lengths when packed, its size x
+            its longest when padded.
+        max_requests: At most this many sequences (None: no limit).
+        packed: Cost real tokens instead of the padded rectangle.
+    """
+    size = tokens = longest = 0
+    for length in lengths:
+        if size and max_requests is not None and size >= max_requests:
+            break
+        longest = max(longest, length)
+        cost = tokens + length if packed else (size + 1) * longest
+        if size and cost > budget:
+            break
+        size += 1
+        tokens += length
+    return size
+
+
+class BatchView:
+    """One batch's outputs as the jobs in it read them; each pooling is computed once."""
+
+    def __init__(self, outputs: SequenceOutputs) -> None:
+        self.outputs = outputs
+        self._pooled: dict[str, np.ndarray] = {}
+
+    def pooled(self, mode: str) -> np.ndarray:
+        """`last_hidden_state` pooled over each sequence: (B, H) float32."""
+        if mode not in self._pooled:
+            self._pooled[mode] = self.outputs.pool("last_hidden_state", mode)
+        return self._pooled[mode]
+
+
+#: What a job reads from a batch for its sequences at `rows`: one value per row.
+Reader = Callable[[BatchView, np.ndarray], Sequence[Any]]
+
+
+class Job:
+    """One request's sequences, waiting for or in batches, and what is read from them.
+
+    Args:
+        requests: The tokenized sequences.
+        read: Reads the values of the job's rows of a batch (on the finisher thread).
+        done: Called once, on the finisher thread, when every sequence has been read or a
+            batch holding one failed; `results` (in sequence order) or `error` is then set.
+    """
+
+    __slots__ = ("requests", "read", "done", "results", "error", "cancelled", "enqueued",
+                 "started", "inference_s", "batches", "_remaining")
+
+    def __init__(self, requests: Sequence[Request], read: Reader,
+                 done: Callable[[Job], None]) -> None:
+        self.requests = list(requests)
+        self.read = read
+        self.done = done
+        self.results: list[Any] = [None] * len(self.requests)
+        self.error: BaseException | None = None
+        #: Set when the client went away: the job's waiting sequences are not computed.
+        self.cancelled = False
+        self.enqueued = time.perf_counter()
+        #: When the first batch holding one of its sequences started.
+        self.started: float | None = None
+        #: Seconds of the batches that ran its sequences, summed.
+        self.inference_s = 0.0
+        self.batches = 0
+        self._remaining = len(self.requests)
+
+    @property
+    def queue_s(self) -> float:
+        """Seconds from queueing to the start of its first batch."""
+        return (self.started or self.enqueued) - self.enqueued
+
+
+class _Entry:
+    __slots__ = ("job", "index", "length")
+
+    def __init__(self, job: Job, index: int) -> None:
+        self.job, self.index = job, index
+        self.length = job.requests[index].length
+
+
+class Batcher:
+    """The queue, the engine thread that cuts and runs batches, and the finisher thread.
+
+    Args:
+        run: Runs one batch of sequences (`backend.run_sequences`); called on the engine
+            thread only.
+        packed: Whether `run` computes real tokens only (the budget then counts them).
+        max_batch_tokens, max_batch_requests, max_wait_ms: See `ServeOptions`.
+        metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
+            seconds), the queue's size and the sequences dropped; None: nothing is told.
+    """
+
+    def __init__(self, run: Callable[[list[Request]], SequenceOutputs], *, packed: bool,
+                 max_batch_tokens: int, max_batch_requests: int | None = None,
+                 max_wait_ms: float = 0.0, metrics: Any = None) -> None:
+        self._run = run
+        self.packed = packed
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._metrics = metrics
+        self._cv = threading.Condition()
+        self._queue: deque[_Entry] = deque()
+        self._cancelled = 0  # jobs cancelled since the last purge
+        self._closed = False
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="bertrt-finisher")
+        self._thread = threading.Thread(target=self._loop, name="bertrt-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ HTTP side
+    def submit(self, job: Job) -> None:
+        """Queue every sequence of `job`.
+
+        Raises:
+            HttpError: unavailable, once `close` was called.
+        """
+        with self._cv:
+            if self._closed:
+                raise HttpError("unavailable", "the server is shutting down")
+            self._queue.extend(_Entry(job, i) for i in range(len(job.requests)))
+            self._queue_changed()
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop the job's sequences that have not run (its client went away)."""
+        with self._cv:
+            job.cancelled = True
+            self._cancelled += 1
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def queued(self) -> int:
+        """Sequences waiting."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Run what is queued, then stop both threads."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        self._finisher.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ engine thread
+    def _queue_changed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_size.set(len(self._queue))
+
+    def _purge(self) -> None:
+        """Remove the sequences of cancelled jobs (under the lock)."""
+        if not self._cancelled:
+            return
+        kept = deque(e for e in self._queue if not e.job.cancelled)
+        if self._metrics is not None:
+            self._metrics.dropped.inc(len(self._queue) - len(kept))
+        self._queue, self._cancelled = kept, 0
+
+    def _cut(self, extra: tuple[int, ...] = ()) -> int:
+        return batch_cut(itertools.chain((e.length for e in self._queue), extra),
+                         self.max_batch_tokens, self.max_batch_requests, self.packed)
+
+    def _full(self, size: int) -> bool:
+        """Whether a batch of the first `size` waiting sequences has no room for another
+        (not even one token long)."""
+        return size < len(self._queue) or self._cut((1,)) == size
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """The next batch, once there is one to run (None: closed and drained)."""
+        with self._cv:
+            while True:
+                self._purge()
+                if not self._queue:
+                    if self._closed:
+                        return None
+                    self._cv.wait()
+                    continue
+                size = self._cut()
+                if self.max_wait_s and not self._closed and not self._full(size):
+                    left = self._queue[0].job.enqueued + self.max_wait_s - time.perf_counter()
+                    if left > 0:  # not full: gather more until the oldest has waited enough
+                        self._cv.wait(left)
+                        continue
+                batch = [self._queue.popleft() for _ in range(size)]
+                self._queue_changed()
+                return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            started = time.perf_counter()
+            outputs: SequenceOutputs | None = None
+            error: BaseException | None = None
+            try:
+                outputs = self._run([e.job.requests[e.index] for e in batch])
+            except Exception as exc:  # the batch's requests fail; the server goes on
+                log.exception("a batch of %d sequences failed", len(batch))
+                error = exc
+            seconds = time.perf_counter() - started
+            if self._metrics is not None:
+                lengths = [e.length for e in batch]
+                positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
+                self._metrics.observe_batch(len(batch), sum(lengths), positions, seconds)
+            self._finisher.submit(self._finish, batch, outputs, error, started, seconds)
+
+    # ------------------------------------------------------------------ finisher thread
+    def _finish(self, batch: list[_Entry], outputs: SequenceOutputs | None,
+                error: BaseException | None, started: float, seconds: float) -> None:
+        by_job: dict[Job, tuple[list[int], list[int]]] = {}
+        for row, entry in enumerate(batch):
+            rows, indices = by_job.setdefault(entry.job, ([], []))
+            rows.append(row)
+            indices.append(entry.index)
+        view = None if outputs is None else BatchView(outputs)
+        for job, (rows, indices) in by_job.items():
+            if job.cancelled or job.error is not None:
+                continue
+            if job.started is None:
+                job.started = started
+            job.inference_s += seconds
+            job.batches += 1
+            try:
+                if view is None:
+                    raise error  # type: ignore[misc]
+                for index, value in zip(indices, job.read(view, np.asarray(rows))):
+                    job.results[index] = value
+            except Exception as exc:
+                job.error = exc
+            job._remaining -= len(rows)
+            if job.error is not None or job._remaining == 0:
+                job.done(job)

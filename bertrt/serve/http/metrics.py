@@ -1,0 +1,79 @@
+"""The server's Prometheus metrics, in a registry of its own (no global state).
+
+`GET /metrics` serves `ServerMetrics.exposition()`: request counts by route and status, the
+requests in flight and the sequences queued, batch sizes, real tokens and computed positions
+per batch, and per-stage durations (tokenize, queue, inference, total).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: Buckets of the duration histograms, seconds: 0.5 ms to 10 s.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+#: Buckets of the sequences-per-batch histogram.
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Buckets of the tokens- and positions-per-batch histograms.
+TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """Every metric of one server."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("bertrt_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=registry)
+        self.in_flight = Gauge("bertrt_requests_in_flight",
+                               "Requests accepted and not yet answered", registry=registry)
+        self.queue_size = Gauge("bertrt_queue_size", "Sequences waiting for a batch",
+                                registry=registry)
+        self.dropped = Counter("bertrt_dropped_sequences",
+                               "Queued sequences dropped uncomputed: their client went away",
+                               registry=registry)
+        self.input_tokens = Counter("bertrt_input_tokens", "Tokens of the inputs tokenized",
+                                    registry=registry)
+        self.truncated = Counter("bertrt_truncated_inputs",
+                                 "Inputs truncated to the model's maximum length",
+                                 registry=registry)
+        self.batch_size = Histogram("bertrt_batch_size", "Sequences per batch",
+                                    buckets=SIZE_BUCKETS, registry=registry)
+        self.batch_tokens = Histogram("bertrt_batch_tokens", "Real tokens per batch",
+                                      buckets=TOKEN_BUCKETS, registry=registry)
+        self.batch_positions = Histogram(
+            "bertrt_batch_positions",
+            "Positions computed per batch (its real tokens when packed, size x longest when "
+            "padded)", buckets=TOKEN_BUCKETS, registry=registry)
+        self.batch_seconds = Histogram("bertrt_batch_duration_seconds",
+                                       "Seconds the engine ran a batch",
+                                       buckets=DURATION_BUCKETS, registry=registry)
+        self.stage_seconds = Histogram(
+            "bertrt_request_stage_duration_seconds",
+            "Per-request seconds by stage: tokenize, queue (waiting for a batch), inference "
+            "(the batches that ran it), total", ["stage"], buckets=DURATION_BUCKETS,
+            registry=registry)
+
+    def observe_batch(self, sequences: int, tokens: int, positions: int,
+                      seconds: float) -> None:
+        self.batch_size.observe(sequences)
+        self.batch_tokens.observe(tokens)
+        self.batch_positions.observe(positions)
+        self.batch_seconds.observe(seconds)
+
+    def observe_stages(self, **seconds: float) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)

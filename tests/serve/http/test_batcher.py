@@ -1,0 +1,261 @@
+"""The batcher: batches cut by a budget of real tokens (or padded positions) and a count,
+formed from what waits whenever the engine is free, a max-wait timer, cancelled requests
+dropped before they run, failures confined to their batch. A fake engine records what it ran;
+an event holds it busy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bertrt.serve.http.batcher import Batcher, Job, batch_cut
+from bertrt.serve.outputs import PackedOutputs
+from bertrt.serve.workload import Request
+
+
+def test_batch_cut_counts_real_tokens_packed_and_the_rectangle_padded():
+    lengths = [5, 3, 8, 2, 9]
+    assert batch_cut(lengths, 16, None, packed=True) == 3    # 5+3+8 = 16
+    assert batch_cut(lengths, 15, None, packed=True) == 2
+    assert batch_cut(lengths, 16, None, packed=False) == 2   # 3 x 8 = 24 > 16
+    assert batch_cut(lengths, 100, 4, packed=True) == 4      # the count limit
+    assert batch_cut([40, 1], 16, None, packed=True) == 1    # over the budget: alone
+    assert batch_cut([], 16, None, packed=True) == 0
+
+
+def request(length: int, first: int = 0) -> Request:
+    return Request(np.arange(first, first + length, dtype=np.int64),
+                   np.zeros(length, dtype=np.int64))
+
+
+class FakeEngine:
+    """Runs a packed batch: each token's hidden state is its id (H = 1); records the batches;
+    blocks while `hold` is clear."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.running = threading.Event()
+
+    def __call__(self, requests: list[Request]) -> PackedOutputs:
+        self.batches.append([int(r.input_ids[0]) for r in requests])
+        self.running.set()
+        self.hold.wait(10)
+        ids = np.concatenate([r.input_ids for r in requests]).astype(np.float32)[:, None]
+        cu = np.concatenate([[0], np.cumsum([r.length for r in requests])])
+        return PackedOutputs({"last_hidden_state": ids}, {}, cu)
+
+
+def mean_ids(view, rows):
+    return list(view.pooled("mean")[rows, 0])
+
+
+def run_jobs(batcher: Batcher, jobs_requests: list[list[Request]]) -> list[Job]:
+    """Submit each list as one job; wait for all."""
+    finished = threading.Semaphore(0)
+    jobs = [Job(reqs, mean_ids, lambda job: finished.release()) for reqs in jobs_requests]
+    for job in jobs:
+        batcher.submit(job)
+    for _ in jobs:
+        assert finished.acquire(timeout=10)
+    return jobs
+
+
+def test_what_waits_while_the_engine_runs_is_cut_by_the_budget_oldest_first():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=10)
+    engine.hold.clear()
+    first = Job([request(4, 100)], mean_ids, lambda job: None)
+    batcher.submit(first)
+    assert engine.running.wait(5)  # the engine is busy with the first job alone
+    # queued meanwhile: 6 + 4 fit 10; 3 does not join them; a 12-token one runs alone
+    lengths = [6, 4, 3, 12, 2]
+    finished = threading.Semaphore(0)
+    jobs = [Job([request(n, 10 * (i + 1))], mean_ids, lambda job: finished.release())
+            for i, n in enumerate(lengths)]
+    for job in jobs:
+        batcher.submit(job)
+    engine.hold.set()
+    for _ in jobs:
+        assert finished.acquire(timeout=10)
+    batcher.close()
+    assert engine.batches == [[100], [10, 20], [30], [40], [50]]
+    for job, n, i in zip(jobs, lengths, range(1, 6)):
+        assert job.results == [pytest.approx(10 * i + (n - 1) / 2)]  # its own rows' mean
+        assert job.error is None and job.batches == 1
+
+
+def test_a_padded_budget_counts_size_times_longest_and_a_count_limit_holds():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=False, max_batch_tokens=12, max_batch_requests=2)
+    engine.hold.clear()
+    batcher.submit(Job([request(1, 100)], mean_ids, lambda job: None))
+    assert engine.running.wait(5)
+    engine.hold.set()
+    # 2 x 6 = 12 fits; then 3 x 4 = 12 would fit the budget but the count stops at 2
+    run_jobs(batcher, [[request(6, 10)], [request(2, 20)], [request(4, 30)], [request(1, 40)],
+                       [request(1, 50)]])
+    batcher.close()
+    assert engine.batches[1:] in ([[10, 20], [30, 40], [50]], [[10], [20, 30], [40, 50]])
+
+
+def test_a_request_of_many_inputs_is_split_across_batches_and_reassembled():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=8)
+    [job] = run_jobs(batcher, [[request(5, 10), request(5, 20), request(3, 30), request(1, 40)]])
+    batcher.close()
+    assert engine.batches == [[10], [20, 30], [40]]
+    assert job.results == pytest.approx([12, 22, 31, 40])
+    assert job.batches == 3
+    assert job.inference_s > 0 and job.queue_s >= 0
+
+
+def test_max_wait_gathers_requests_that_arrive_within_it():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=100, max_wait_ms=300)
+    start = time.perf_counter()
+    finished = threading.Semaphore(0)
+    jobs = []
+    for i in range(3):
+        job = Job([request(2, 10 * (i + 1))], mean_ids, lambda job: finished.release())
+        jobs.append(job)
+        batcher.submit(job)
+        time.sleep(0.05)
+    for _ in jobs:
+        assert finished.acquire(timeout=10)
+    waited = time.perf_counter() - start
+    batcher.close()
+    assert engine.batches == [[10, 20, 30]]  # one batch, not three
+    assert 0.25 < waited < 2.0
+    assert jobs[0].queue_s == pytest.approx(0.3, abs=0.1)
+
+
+def test_a_full_batch_does_not_wait_for_the_timer():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=4, max_wait_ms=5000)
+    start = time.perf_counter()
+    run_jobs(batcher, [[request(2, 10)], [request(2, 20)]])  # 2 + 2 fill the budget
+    elapsed = time.perf_counter() - start
+    finished = threading.Semaphore(0)
+    batcher.submit(Job([request(2, 30)], mean_ids, lambda job: finished.release()))
+    assert not finished.acquire(timeout=0.2)  # alone, not full: it waits for its timer
+    batcher.close()  # closing runs it at once
+    assert finished.acquire(timeout=1)
+    assert engine.batches == [[10, 20], [30]]
+    assert elapsed < 2
+
+
+def test_cancelled_requests_are_dropped_before_they_are_computed():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=100)
+    engine.hold.clear()
+    batcher.submit(Job([request(1, 100)], mean_ids, lambda job: None))
+    assert engine.running.wait(5)
+    done: list[Job] = []
+    gone = Job([request(3, 10), request(3, 11)], mean_ids, done.append)
+    kept = Job([request(3, 20)], mean_ids, done.append)
+    batcher.submit(gone)
+    batcher.submit(kept)
+    batcher.cancel(gone)
+    engine.hold.set()
+    batcher.close()
+    assert engine.batches == [[100], [20]]
+    assert done == [kept]
+
+
+def test_a_failing_batch_fails_its_jobs_only():
+    calls = []
+
+    def run(requests):
+        calls.append(len(requests))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return FakeEngine()(requests)
+
+    batcher = Batcher(run, packed=True, max_batch_tokens=3)
+    bad, good = run_jobs(batcher, [[request(2, 1)], [request(2, 2)]])
+    batcher.close()
+    assert isinstance(bad.error, RuntimeError) and good.error is None
+    assert good.results == [pytest.approx(2.5)]
+
+
+def test_close_runs_what_is_queued_and_then_refuses():
+    from bertrt.serve.http.errors import HttpError
+
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=100, max_wait_ms=10_000)
+    done: list[Job] = []
+    batcher.submit(Job([request(2, 10)], mean_ids, done.append))
+    batcher.close()  # does not wait out the timer
+    assert len(done) == 1 and engine.batches == [[10]]
+    with pytest.raises(HttpError) as refused:
+        batcher.submit(Job([request(2, 10)], mean_ids, done.append))
+    assert refused.value.status == 503
+
+
+def test_a_client_that_goes_away_while_queued_is_not_computed(encoder):
+    """Raw ASGI: the engine is held busy by a first request; a second request's client
+    disconnects while it waits; only the first one's sequences ever run."""
+    from bertrt.serve.http.app import Server
+
+    server = Server(encoder)
+    ran: list[int] = []
+    busy, release = threading.Event(), threading.Event()
+    run = server.service.run
+
+    def held(requests):
+        ran.append(len(requests))
+        busy.set()
+        release.wait(10)
+        return run(requests)
+
+    server.service.run = held
+
+    async def call(body: dict, disconnect: asyncio.Event | None) -> list[dict]:
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": json.dumps(body).encode(),
+                     "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            if disconnect is not None:
+                await disconnect.wait()
+                return {"type": "http.disconnect"}
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
+                 "query_string": b"", "root_path": "", "headers": [],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await server.app(scope, receive, send)
+        return sent
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        async with server.app.router.lifespan_context(server.app):
+            leave = asyncio.Event()
+            first = asyncio.create_task(call({"inputs": ["dog"]}, None))
+            await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)
+            second = asyncio.create_task(call({"inputs": ["the cat", "sat"]}, leave))
+            while server.batcher.queued < 2:  # tokenized and queued
+                await asyncio.sleep(0.01)
+            leave.set()
+            gone = await second
+            release.set()
+            return await first, gone
+
+    first, gone = asyncio.run(scenario())
+    assert first[0]["status"] == 200
+    assert gone[0]["status"] == 499
+    assert ran == [1]  # the second request's two sequences never ran
+    assert "bertrt_dropped_sequences_total 2.0" in server.metrics.exposition().decode()

@@ -1,0 +1,256 @@
+"""Serving under load: `bertrt serve` against the same server configured as the anchors
+(text-embeddings-inference, Infinity, Triton) run on a CPU, on real text.
+
+Every configuration is one `bertrt serve` process of MiniLM-L6 on 127.0.0.1 with 2 model
+threads, all started at once and loaded in turn (interleaved: a drift of the shared machine
+hits them alike):
+
+- `bertrt packed fp32`: the default, padding-free batches cut by a budget of real tokens;
+- `anchor: padded, <= 8 per batch`: each batch padded to its longest, at most 8 requests a
+  batch, fp32 (text-embeddings-inference on a CPU);
+- `padded fp32`: padded batches under the same budget, no count cap;
+- `bertrt packed int8`: the default with `--precision int8`;
+- the best CPU backend x precision beyond those: OpenVINO bf16 where the engine offers it
+  and the machine runs it (otherwise its line says why not).
+
+Correctness first: each server's `/embed` of the first texts is checked against
+`InferenceEngine.embed` in this process (fp32: max abs 1e-5; int8: min cosine 0.99). Then
+per configuration: its saturation throughput (closed loop, 16 clients, 4 s); the highest
+open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisections between 0
+and the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
+`--samples` requests, at most 4x, in `--slices` slices taken round-robin over the servers
+and pooled, so a burst of the shared machine's other work lands on all of them); and a
+light load at 10 % of the default's highest rate, whose p50 is set beside a single
+unbatched engine call (`engine.embed([text])`, p50 over the same texts, measured in this
+process while the servers idle, before and after; int8 beside the int8 engine's).
+Bounded: about 5 minutes with the defaults.
+
+    python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
+                                [--steps 3]
+                                [--threads 2] [--p99-ms 250] [--markdown] [--json OUT]
+                                [--plot PNG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+from bench_packed import real_texts  # the script's folder
+from bench_torch import minilm_dir
+
+from bertrt.errors import BertrtError
+from bertrt.serve.engine import ENGINE_BACKENDS, InferenceEngine
+from bertrt.serve.http.live import ServerProcess
+from bertrt.serve.http.loadgen import LoadPoint, LoadRun, format_point, plot, run_load
+
+#: (label, `bertrt serve` arguments); the first is bertrt's default, the second the anchor.
+CONFIGS = [
+    ("bertrt packed fp32", ""),
+    ("anchor: padded, <= 8 per batch", "--padded --max-batch-requests 8"),
+    ("padded fp32", "--padded"),
+    ("bertrt packed int8", "--precision int8"),
+]
+
+
+def best_cpu_config(model: str, threads: int) -> tuple[tuple[str, str] | None, str]:
+    """OpenVINO bf16 when the engine offers it and this machine runs it (the CPU needs bf16
+    units); else None, and why not."""
+    if "openvino" not in ENGINE_BACKENDS:
+        return None, ("not in this build (the engine's backends: "
+                      f"{', '.join(ENGINE_BACKENDS)})")
+    try:
+        InferenceEngine(model, backend="openvino", precision="bf16", threads=threads).close()
+    except BertrtError as exc:
+        return None, f"not available here ({exc})"
+    return ("openvino bf16", "--backend openvino --precision bf16"), ""
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                    if ln.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def check_outputs(server: ServerProcess, label: str, texts: list[str],
+                  expected: np.ndarray) -> str:
+    import httpx
+
+    got = np.array(httpx.post(f"{server.url}/embed", json={"inputs": texts, "truncate": True},
+                              timeout=60).json(), dtype=np.float32)
+    if "int8" in label or "bf16" in label:
+        cosine = float((got * expected).sum(1).min())
+        assert cosine >= 0.99, f"{label}: min cosine {cosine:.4f} to the fp32 engine"
+        return f"min cosine {cosine:.4f}"
+    diff = float(np.abs(got - expected).max())
+    assert diff < 1e-5, f"{label}: max abs diff {diff:.2e} to the engine"
+    return f"max abs diff {diff:.1e}"
+
+
+def pool(points: list[LoadPoint]) -> LoadPoint:
+    """One point of several slices of the same load."""
+    errors: dict[str, int] = {}
+    for p in points:
+        for kind, count in p.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    return LoadPoint(points[0].mode, points[0].load, sum(p.seconds for p in points),
+                     sum(p.sent for p in points), sum(p.ok for p in points), errors,
+                     [x for p in points for x in p.latencies])
+
+
+def single_call_ms(engine: InferenceEngine, texts: list[str]) -> float:
+    """p50 of `engine.embed([text])` over `texts`, ms."""
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        engine.embed([text])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=1000)
+    parser.add_argument("--duration", type=float, default=6.0,
+                        help="Seconds per open-loop rate (longer for low rates, to send "
+                             "--samples requests, up to 4x).")
+    parser.add_argument("--samples", type=int, default=120,
+                        help="Requests an open-loop rate should send, for its p99.")
+    parser.add_argument("--slices", type=int, default=3,
+                        help="Slices each rate is sent in, round-robin over the servers.")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="Bisection steps of the highest rate within the p99 bound.")
+    parser.add_argument("--light-duration", type=float, default=15.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--p99-ms", type=float, default=250.0)
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+
+    model = str(minilm_dir())
+    texts = real_texts(args.texts)
+    configs = list(CONFIGS)
+    best, why_not = best_cpu_config(model, args.threads)
+    if best is not None:
+        configs.append(best)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    engine = InferenceEngine(model, threads=args.threads)
+    engine_int8 = InferenceEngine(model, threads=args.threads, precision="int8")
+    expected = engine.embed(texts[:16])
+    lengths = [len(x) for x in engine.tokenizer(texts, padding=False, truncation=True,
+                                                max_length=engine.max_length)["input_ids"]]
+    servers: list[ServerProcess] = []
+    runs = [LoadRun(label, "", "", {}) for label, _ in configs]
+    try:
+        for label, extra in configs:
+            print(f"starting {label}: bertrt serve MiniLM {extra}", file=sys.stderr)
+            servers.append(ServerProcess(model, [*extra.split(), "--threads",
+                                                 str(args.threads), "--auto-truncate"]))
+        checks = [check_outputs(s, label, texts[:16], expected)
+                  for (label, _), s in zip(configs, servers)]
+
+        def load(i: int, keep: bool = True, **kwargs: object) -> LoadPoint:
+            one = run_load(servers[i].url, texts, label=configs[i][0], timeout=10,
+                           log=(lambda line: print(line, file=sys.stderr)) if keep else None,
+                           **kwargs)
+            runs[i].url, runs[i].route, runs[i].info = one.url, one.route, one.info
+            if keep:
+                runs[i].points.extend(one.points)
+            return one.points[-1]
+
+        saturation = [load(i, concurrency=[16], duration=4.0).throughput
+                      for i in range(len(configs))]
+        # bisection of each configuration's rate between 0 and its saturation; each step's
+        # rates run in --slices slices, round-robin over the configurations, and each pools
+        # its slices: a burst of the machine's other work lands on every configuration
+        low = [0.0] * len(configs)
+        high = [s * 1.05 for s in saturation]
+        for step in range(args.steps):
+            rates = [round((lo + hi) / 2, 2) for lo, hi in zip(low, high)]
+            parts: list[list[LoadPoint]] = [[] for _ in configs]
+            for piece in range(args.slices):
+                for i, rate in enumerate(rates):
+                    seconds = min(max(args.duration, args.samples / rate),
+                                  4 * args.duration) / args.slices
+                    parts[i].append(load(i, rates=[rate], duration=seconds,
+                                         seed=100 * step + piece, warmup=0, keep=False))
+            for i, rate in enumerate(rates):
+                point = pool(parts[i])
+                runs[i].points.append(point)
+                print(format_point(configs[i][0], point), file=sys.stderr)
+                if point.percentile_ms(99) <= args.p99_ms and not point.errors:
+                    low[i] = rate
+                else:
+                    high[i] = rate
+        best_rate = [rate or None for rate in low]
+        light_rate = round(0.1 * (best_rate[0] or saturation[0] * 0.3), 2)
+        light_seconds = min(max(args.light_duration, 60 / light_rate), 3 * args.light_duration)
+        sample = texts[:100]
+        # a single unbatched call of the engine each server runs (int8: the int8 engine)
+        singles = {"fp32": [single_call_ms(engine, sample)],
+                   "int8": [single_call_ms(engine_int8, sample)]}
+        light = [load(i, rates=[light_rate], duration=light_seconds, seed=99, warmup=0)
+                 for i in range(len(configs))]
+        singles["fp32"].append(single_call_ms(engine, sample))
+        singles["int8"].append(single_call_ms(engine_int8, sample))
+    finally:
+        for server in servers:
+            server.stop()
+        engine.close()
+        engine_int8.close()
+    single = {k: float(np.mean(v)) for k, v in singles.items()}
+    anchor = best_rate[1]
+
+    print()
+    print(f"MiniLM-L6, {args.threads} model threads per server, {len(texts)} real texts "
+          f"(docstrings; tokens median {np.median(lengths):.0f}, mean {np.mean(lengths):.0f}, "
+          f"max {max(lengths)}), CPU {cpu_name()} ({os.cpu_count()} cores, shared; load "
+          f"average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after), "
+          f"{time.perf_counter() - started:.0f} s")
+    print("single unbatched engine call, p50 over 100 texts (before, after the light load): "
+          + "; ".join(f"{k} {single[k]:.1f} ms ({v[0]:.1f}, {v[1]:.1f})"
+                      for k, v in singles.items())
+          + f"; light load {light_rate:g} req/s for {light_seconds:.0f} s")
+    header = ("| configuration | check | saturation (16 clients) req/s | highest rate with "
+              f"p99 <= {args.p99_ms:g} ms | x anchor | light-load p50 ms | x single call |")
+    print(header)
+    print("|" + "---|" * 7)
+    for i, (label, extra) in enumerate(configs):
+        rate = best_rate[i]
+        ratio = f"{rate / anchor:.2f}" if rate and anchor else "-"
+        p50 = light[i].percentile_ms(50)
+        own = single["int8" if "int8" in label else "fp32"]
+        print(f"| {label} | {checks[i]} | {saturation[i]:.1f} | "
+              f"{rate if rate is not None else 'none'} | {ratio} | {p50:.1f} | "
+              f"{p50 / own:.2f} |")
+    if best is None:
+        print(f"| OpenVINO bf16 | {why_not} | | | | | |")
+    if not args.markdown:
+        print()
+        from bertrt.serve.http.loadgen import format_table
+
+        print(format_table(runs))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump({"single_call_ms": singles, "light_rate": light_rate,
+                       "best_rate": dict(zip([c[0] for c in configs], best_rate)),
+                       "saturation": dict(zip([c[0] for c in configs], saturation)),
+                       "runs": [r.to_dict() for r in runs]}, f, indent=2)
+    if args.plot:
+        plot(runs, args.plot, title=f"MiniLM-L6, {args.threads} threads, real texts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
