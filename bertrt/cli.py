@@ -98,7 +98,7 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute.")
 @click.option("--no-fuse", is_flag=True, help="Export the graph as built, without fusions.")
 @click.option("--head", type=click.Choice(["none", "pretraining", "classification",
-                                           "token-classification"]),
+                                           "token-classification", "question-answering"]),
               default=None, help="Head to export (default: the model's own).")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.")
 @click.option("--packed", is_flag=True,
