@@ -157,12 +157,14 @@ def _register_subcommands() -> None:
     """Commands whose code lives with its layer: training and serving."""
     from bertrt.serve.cli import serve_bench
     from bertrt.serve.commands import embed, predict
+    from bertrt.serve.evaluate import evaluate
     from bertrt.train.cli import train
 
     main.add_command(train)
     main.add_command(serve_bench)
     main.add_command(embed)
     main.add_command(predict)
+    main.add_command(evaluate)
 
 
 _register_subcommands()
