@@ -140,8 +140,8 @@ def _same(got, want, rel=1e-4):
      dict(top_k=3, null_threshold=0.0)),
 ])
 def test_answers_equal_the_transformers_pipeline(qa_dir, backend, packed, settings, ours):
-    sentences = (2, 4, 8, 20) if packed else (2, 8, 45)  # 45 sentences: ~600 tokens
-    pairs = _pairs(52, seed=3 if packed else 4, sentences=sentences)
+    # 52 pairs over short windows; 20 with the defaults, 30 sentences being ~400 tokens
+    pairs = _pairs(52, 3, (2, 4, 8, 12)) if packed else _pairs(20, 4, (2, 8, 30))
     want = _reference(qa_dir, pairs, **settings)
     with InferenceEngine(qa_dir, backend=backend, packed=packed, threads=2) as engine:
         got = engine.answer([q for q, _ in pairs], [c for _, c in pairs], **ours)
@@ -154,7 +154,7 @@ def test_answers_equal_the_transformers_pipeline(qa_dir, backend, packed, settin
                               qa.encode_contexts(engine.tokenizer, [c for _, c in pairs]),
                               ours.get("max_seq_len", 384), ours.get("doc_stride", 128))
     counts = np.bincount([w.pair for w in windows])
-    assert counts.max() >= 3 and (counts > 1).sum() >= 10  # long contexts are really there
+    assert (counts > 1).sum() >= 5 and counts.max() >= (3 if packed else 2)  # long contexts
 
 
 def test_windows_are_the_tokenizers_overflowing_windows(qa_dir):
