@@ -2,7 +2,7 @@
 metrics, and a fine-tune from MiniLM on a synthetic SQuAD v2.0 set that reaches F1 >= 80 on its
 held-out split; `bertrt eval` scores the trained model as training did.
 
-The synthetic set: paragraphs of 3 to 6 facts of five kinds about made-up names, shuffled
+The synthetic set: paragraphs of 3 to 5 facts of five kinds about made-up names, shuffled
 among filler sentences, so answers sit anywhere and most contexts span several windows; three
 questions per paragraph, and in 40% of them a question about a name the paragraph does not
 mention (v2.0 `is_impossible`). Train and held-out sets share no name. The model is MiniLM with
@@ -70,8 +70,8 @@ def make_squad(seed: int, paragraphs: int, impossible: float = 0.4) -> dict:
     rng = random.Random(seed)
     out, qid = [], 0
     for _ in range(paragraphs):
-        facts = [_fact(rng) for _ in range(rng.randint(3, 6))]
-        parts = [f[0] for f in facts] + rng.sample(FILLER, rng.randint(1, 4))
+        facts = [_fact(rng) for _ in range(rng.randint(3, 5))]
+        parts = [f[0] for f in facts] + rng.sample(FILLER, rng.randint(0, 2))
         rng.shuffle(parts)
         context = " ".join(parts)
         qas = []
