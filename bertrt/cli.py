@@ -25,7 +25,8 @@ def main() -> None:
 @click.argument("target", required=False)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Inspect a preset size.")
 @click.option("--head", default=None,
-              help="none | pretraining | classification | token-classification.")
+              help="none | pretraining | classification | token-classification | "
+                   "question-answering.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--fused", "pipeline", is_flag=False, flag_value="all", default=None,
