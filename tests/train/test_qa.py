@@ -2,13 +2,13 @@
 metrics, and a fine-tune from MiniLM on a synthetic SQuAD v2.0 set that reaches F1 >= 80 on its
 held-out split; `bertrt eval` scores the trained model as training did.
 
-The synthetic set: paragraphs of 3 to 5 facts of five kinds about made-up names, shuffled
-among filler sentences, so answers sit anywhere and most contexts span several windows; three
-questions per paragraph, and in 40% of them a question about a name the paragraph does not
-mention (v2.0 `is_impossible`). Train and held-out sets share no name. The model is MiniLM with
-its vocabulary cut to the pieces the set uses (their embedding rows kept), which keeps the
-embedding table's gradient and optimizer step small; the fine-tune is 100 steps of 16 windows
-of 64 tokens.
+The synthetic set: paragraphs of 3 or 4 facts of distinct kinds (of five) about made-up names,
+shuffled among filler sentences, so answers sit anywhere and many contexts span several
+windows; three questions per paragraph, and in 40% of them a question of a kind the paragraph
+has no fact of (v2.0 `is_impossible`). Train and held-out sets share no name. The model is
+MiniLM with its vocabulary cut to the pieces the set uses (their embedding rows kept, so each
+text tokenizes as with the full vocabulary), which keeps the embedding table's gradient and
+optimizer step small; the fine-tune is 100 steps of 16 windows of 64 tokens.
 """
 
 from __future__ import annotations
@@ -42,12 +42,11 @@ FILLER = ["The weather there changes quickly in spring.", "Old maps show a diffe
           "The region is known for its long festivals."]
 
 
-def _fact(rng: random.Random) -> tuple[str, str, str]:
-    """(sentence, question, answer) of one made-up fact."""
+def _fact(rng: random.Random, kind: int) -> tuple[str, str, str]:
+    """(sentence, question, answer) of one made-up fact of one of five kinds."""
     def name(n: int = 2) -> str:
         return "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()
 
-    kind = rng.randrange(5)
     if kind == 0:
         e, a = name(3), name() + "port"
         return f"The capital of {e} is {a}.", f"What is the capital of {e}?", a
@@ -70,8 +69,9 @@ def make_squad(seed: int, paragraphs: int, impossible: float = 0.4) -> dict:
     rng = random.Random(seed)
     out, qid = [], 0
     for _ in range(paragraphs):
-        facts = [_fact(rng) for _ in range(rng.randint(3, 5))]
-        parts = [f[0] for f in facts] + rng.sample(FILLER, rng.randint(0, 2))
+        kinds = rng.sample(range(5), rng.randint(3, 4))
+        facts = [_fact(rng, kind) for kind in kinds]
+        parts = [f[0] for f in facts] + rng.sample(FILLER, rng.randint(1, 4))
         rng.shuffle(parts)
         context = " ".join(parts)
         qas = []
@@ -80,9 +80,10 @@ def make_squad(seed: int, paragraphs: int, impossible: float = 0.4) -> dict:
             qas.append({"id": f"q{seed}-{qid}", "question": question, "is_impossible": False,
                         "answers": [{"text": answer, "answer_start": start}]})
             qid += 1
-        if rng.random() < impossible:
-            qas.append({"id": f"q{seed}-{qid}", "question": _fact(rng)[1], "answers": [],
-                        "is_impossible": True})
+        if rng.random() < impossible:  # about a kind of fact the paragraph lacks
+            absent = rng.choice([k for k in range(5) if k not in kinds])
+            qas.append({"id": f"q{seed}-{qid}", "question": _fact(rng, absent)[1],
+                        "answers": [], "is_impossible": True})
             qid += 1
         out.append({"context": context, "qas": qas})
     return {"version": "v2.0", "data": [{"title": "synthetic", "paragraphs": out}]}
@@ -200,7 +201,7 @@ def test_answers_map_to_tokens_and_absent_ones_to_cls(squad_files, small_minilm)
     examples, _ = squad.read_squad(squad_files["train"])
     windows = squad.training_windows(examples, tokenizer, 64, 16, 24)
     per_pair = np.bincount([w.pair for w in windows.windows])
-    assert (per_pair > 1).mean() > 0.5  # most contexts take several windows
+    assert (per_pair > 1).mean() > 0.4  # many contexts take several windows
     held = 0
     for w, window in enumerate(windows.windows):
         example = examples[window.pair]
