@@ -25,7 +25,8 @@ def main() -> None:
 @click.argument("target", required=False)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Inspect a preset size.")
 @click.option("--head", default=None,
-              help="none | pretraining | classification | token-classification.")
+              help="none | pretraining | classification | token-classification | "
+                   "question-answering.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--fused", "pipeline", is_flag=False, flag_value="all", default=None,
@@ -98,7 +99,7 @@ def inspect(target: str | None, preset: str | None, head: str | None, batch: int
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute.")
 @click.option("--no-fuse", is_flag=True, help="Export the graph as built, without fusions.")
 @click.option("--head", type=click.Choice(["none", "pretraining", "classification",
-                                           "token-classification"]),
+                                           "token-classification", "question-answering"]),
               default=None, help="Head to export (default: the model's own).")
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.")
 @click.option("--packed", is_flag=True,
@@ -157,6 +158,7 @@ def _register_subcommands() -> None:
     """Commands whose code lives with its layer: training and serving."""
     from bertrt.serve.cli import serve_bench
     from bertrt.serve.commands import embed, predict
+    from bertrt.serve.evaluate import evaluate
     from bertrt.serve.http.cli import serve
     from bertrt.train.cli import train
 
@@ -165,6 +167,7 @@ def _register_subcommands() -> None:
     main.add_command(embed)
     main.add_command(predict)
     main.add_command(serve)
+    main.add_command(evaluate)
 
 
 _register_subcommands()

@@ -353,8 +353,9 @@ def load(model_dir: str | os.PathLike[str], head: str | None = None) -> Model:
     Args:
         model_dir: The directory. `pytorch_model.bin` is read (weights only) when no
             safetensors file is present; `tokenizer.json` serves when there is no vocab.txt.
-        head: "none", "pretraining", "classification" or "token-classification"; by default
-            the head the checkpoint holds (from its tensors, or `architectures`). A head the
-            checkpoint lacks is initialised fresh, with a warning naming its parameters.
+        head: "none", "pretraining", "classification", "token-classification" or
+            "question-answering"; by default the head the checkpoint holds (from its
+            tensors, or `architectures`). A head the checkpoint lacks is initialised fresh,
+            with a warning naming its parameters.
     """
     return Model.load(model_dir, head=head)

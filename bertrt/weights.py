@@ -91,6 +91,8 @@ def detect_head(names: set[str], architectures: list[str] | None) -> str:
         return "classification"
     if arch == "BertForPreTraining":
         return "pretraining"
+    if arch == "BertForQuestionAnswering" or "qa_outputs.weight" in names:
+        return "question-answering"
     if any(n.startswith("cls.predictions.") for n in names) and any(
         n.startswith("cls.seq_relationship.") for n in names
     ):

@@ -25,7 +25,9 @@ from bertrt.graph.ir import (
 )
 from bertrt.graph.ops import Op
 
-HEADS = ("none", "pretraining", "classification", "token-classification")
+HEADS = ("none", "pretraining", "classification", "token-classification", "question-answering")
+#: Heads that, as in the reference, have no pooler.
+POOLERLESS = ("token-classification", "question-answering")
 
 #: The Hugging Face class that holds each head (the `architectures` entry of config.json).
 ARCHITECTURES = {
@@ -33,6 +35,7 @@ ARCHITECTURES = {
     "pretraining": "BertForPreTraining",
     "classification": "BertForSequenceClassification",
     "token-classification": "BertForTokenClassification",
+    "question-answering": "BertForQuestionAnswering",
 }
 
 _ONES = ("ones",)
@@ -53,7 +56,8 @@ def canonical_head(head: str | None) -> str:
         return "none"
     name = head.lower().replace("_", "-")
     aliases = {"sequence-classification": "classification", "token": "token-classification",
-               "tag": "token-classification", "pretrain": "pretraining"}
+               "tag": "token-classification", "pretrain": "pretraining",
+               "qa": "question-answering"}
     name = aliases.get(name, name)
     if name not in HEADS:
         from bertrt.errors import ConfigError
@@ -99,8 +103,10 @@ def build_bert(config: BertConfig, head: str | None = None, masked_lm: bool = Fa
 
     Inputs (with their roles): `input_ids` (batch, seq) int64; `attention_mask` and
     `token_type_ids` (batch, seq) int64, optional (absent: attend everywhere, segment 0).
-    Outputs: `last_hidden_state`, `pooler_output` (not for token-classification, which has no
-    pooler, as in the reference), and the head's logits.
+    Outputs: `last_hidden_state`, `pooler_output` (not for token-classification and
+    question-answering, which have no pooler, as in the reference), and the head's logits:
+    `logits`; for question-answering `start_logits` and `end_logits` (batch, seq), a score per
+    token for the answer span to start (end) there.
 
     Args:
         config: The model's configuration.
@@ -138,7 +144,7 @@ def build_bert(config: BertConfig, head: str | None = None, masked_lm: bool = Fa
     g.set_output("last_hidden_state", x)
 
     pooled = None
-    if head != "token-classification":  # as in the reference, the tagger has no pooler
+    if head not in POOLERLESS:  # as in the reference, the tagger and the QA model have none
         with g.scope(POOLER):
             # Pooler: tanh(W h_[CLS] + b): (B, S, H) -> (B, H)
             first = g.op(Op.SELECT_TOKEN, x, index=0, name=prefix + "pooler.first_token")
@@ -167,6 +173,12 @@ def build_bert(config: BertConfig, head: str | None = None, masked_lm: bool = Fa
         elif head == "token-classification":
             h = heads.dropout(x, cfg.hidden_dropout_prob, "classifier")
             g.set_output("logits", heads.linear("classifier", h, H, cfg.num_labels))
+        elif head == "question-answering":
+            # Span head, no dropout (as the reference): (B, S, H) -> (B, S, 2) -> 2 x (B, S)
+            spans = heads.linear("qa_outputs", x, H, 2)
+            for index, name in enumerate(("start_logits", "end_logits")):
+                g.set_output(name, g.op(Op.SELECT_LAST, spans, index=index,
+                                        name=f"qa_outputs.{name}"))
     return g
 
 

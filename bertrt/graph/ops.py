@@ -39,6 +39,7 @@ class Op(enum.StrEnum):
     MERGE_HEADS = "MERGE_HEADS"
     MATMUL = "MATMUL"
     SELECT_TOKEN = "SELECT_TOKEN"
+    SELECT_LAST = "SELECT_LAST"
     GATHER_ROWS = "GATHER_ROWS"
     MASK_INDEX = "MASK_INDEX"
     PACKED_POSITIONS = "PACKED_POSITIONS"
@@ -369,6 +370,23 @@ def _select_token(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
 register(OpDef(
     Op.SELECT_TOKEN, ("x",), _select_token, attrs={"index": 0},
     doc="(B, S, H) -> (B, H): the token at `index` ([CLS] for 0).",
+))
+
+
+def _select_last(types: Types, attrs: Mapping[str, Any]) -> list[TensorType]:
+    (x,) = _need("SELECT_LAST", types, 1)
+    width = x.shape[-1] if x.shape else None
+    index = attrs["index"]
+    if not isinstance(width, int) or not 0 <= index < width:
+        raise GraphError(f"SELECT_LAST: index {index} is outside the last axis of "
+                         f"{list(x.shape)}")
+    return [TensorType(x.dtype, x.shape[:-1])]
+
+
+register(OpDef(
+    Op.SELECT_LAST, ("x",), _select_last, attrs={"index": REQUIRED},
+    doc="(..., C) -> (...): entry `index` of the last axis (a span head's start or end "
+    "logit of each token).",
 ))
 
 

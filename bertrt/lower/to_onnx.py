@@ -406,6 +406,12 @@ def _select_token(ctx: Emitter, node: Node) -> str:
     return ctx.node("Gather", [x, ctx.const(node.attrs["index"], _INT64)], axis=1)
 
 
+def _select_last(ctx: Emitter, node: Node) -> str:
+    (x,) = ctx.inputs(node)
+    # (..., C) -> (...): a scalar index drops the axis
+    return ctx.node("Gather", [x, ctx.const(node.attrs["index"], _INT64)], axis=-1)
+
+
 def _gather_rows(ctx: Emitter, node: Node) -> str:
     x, positions = ctx.inputs(node)
     flat = ctx.node("Reshape", [x, ctx.const([-1, node.inputs[0].shape[2]], _INT64)])
@@ -610,6 +616,7 @@ ONNX_OPS: dict[Op, OnnxOp] = {
     Op.MERGE_HEADS: OnnxOp(_merge_heads),
     Op.MATMUL: OnnxOp(_matmul),
     Op.SELECT_TOKEN: OnnxOp(_select_token),
+    Op.SELECT_LAST: OnnxOp(_select_last),
     Op.GATHER_ROWS: OnnxOp(_gather_rows),
     Op.EMBED_LAYER_NORM: OnnxOp(_embed_layer_norm, _ort_embed_layer_norm),
     Op.SKIP_LAYER_NORM: OnnxOp(_skip_layer_norm, _ort_skip_layer_norm),

@@ -110,6 +110,7 @@ TORCH_OPS: dict[Op, TorchOp] = {
     Op.MERGE_HEADS: TorchOp(_merge_heads, aliases=True),
     Op.MATMUL: TorchOp(_matmul),
     Op.SELECT_TOKEN: TorchOp(lambda x, *, index: x[:, index], aliases=True),
+    Op.SELECT_LAST: TorchOp(lambda x, *, index: x[..., index], aliases=True),
     Op.GATHER_ROWS: TorchOp(_gather_rows),
     Op.EMBED_LAYER_NORM: TorchOp(kernels.embed_layer_norm, training=True),
     Op.SKIP_LAYER_NORM: TorchOp(kernels.skip_layer_norm, training=True),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bertrt.errors import BertrtError
+from bertrt.graph.ir import SEQ
 from bertrt.padding import pack_rows
 from bertrt.serve.batcher import pad_batch
 from bertrt.serve.outputs import PackedOutputs, PaddedOutputs, SequenceOutputs
@@ -198,7 +199,8 @@ class Backend:
         if self.packed:
             return self._run_packed(requests)
         batch = pad_batch(requests, pad_id)
-        return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths)
+        return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths,
+                                        self.token_outputs)
 
     def _run_packed(self, requests: Sequence[Request]) -> SequenceOutputs:
         """`run` on the packed layout of `requests` (for a backend whose model is packed)."""
@@ -207,7 +209,8 @@ class Backend:
         outputs = self.run({"input_ids": ids, "token_type_ids": types, "cu_seqlens": cu})
         return PackedOutputs.from_batch(outputs, cu, self.token_outputs)
 
-    #: Names of the per-token outputs of a packed model (None: those with T rows).
+    #: Names of the per-token outputs, (B, S, ...) padded or (T, ...) packed (None: those of
+    #: rank 3 padded, those with T rows packed).
     token_outputs: frozenset[str] | None = None
 
     def close(self) -> None:
@@ -260,10 +263,11 @@ class OrtBackend(Backend):
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         #: A packed export: (tokens,) inputs and cu_seqlens; its per-token outputs' first
-        #: axis is the symbolic `tokens`.
+        #: axis is the symbolic `tokens` (padded: their second is `seq`).
         self.packed = "cu_seqlens" in self.input_types
-        self.token_outputs = frozenset(o.name for o in self.session.get_outputs()
-                                       if o.shape and o.shape[0] == "tokens")
+        self.token_outputs = frozenset(
+            o.name for o in self.session.get_outputs()
+            if o.shape and (o.shape[0] == "tokens" or o.shape[1:2] == ["seq"]))
         self.reduced_precision = self.reduced_precision or self._computes_fp16()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.precision = ("fp16" if self._computes_fp16() else
@@ -466,6 +470,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         self.packed = packed
         self.module = model.to_torch(packed=packed).eval()
+        self.token_outputs = frozenset(name for name, value in model.graph.outputs.items()
+                                       if SEQ in value.shape)
         self.module.check_inputs = False  # ids are valid by construction; skip the reductions
         self._no_positions = (torch.zeros(0, dtype=torch.int64)
                               if skip_mlm and model.head == "pretraining" else None)

@@ -118,8 +118,13 @@ def _run(call: Callable[[], Any], engine: InferenceEngine, verb: str) -> Any:
     return result
 
 
-def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options both commands share; the command gets the engine's as one `EngineArgs`."""
+def _engine_options(fn: Callable[..., Any] | None = None, *,
+                    texts: str = "required") -> Any:
+    """The options the commands share; the command gets the engine's as one `EngineArgs`.
+    `texts`: "required", "optional" (a QA model takes questions and contexts instead) or
+    "none" (no --texts option)."""
+    if fn is None:
+        return functools.partial(_engine_options, texts=texts)
     names = [field.name for field in dataclasses.fields(EngineArgs)]
 
     @functools.wraps(fn)
@@ -128,8 +133,9 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     options = [
         click.argument("model"),
-        click.option("--texts", "texts_path", required=True, metavar="FILE|-",
-                     help="UTF-8 texts, one per line ('-': stdin)."),
+        *([] if texts == "none" else [click.option(
+            "--texts", "texts_path", required=texts == "required", metavar="FILE|-",
+            help="UTF-8 texts, one per line ('-': stdin).")]),
         click.option("--backend", default="auto", show_default=True,
                      help="auto | ort | ort-cuda | openvino | torch (auto: the fastest "
                           "installed CPU runtime at the precisions --precision admits, timed "
@@ -203,30 +209,51 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @click.command()
-@_engine_options
+@_engine_options(texts="optional")
 @click.option("--pairs", "pairs_path", metavar="FILE",
               help="Second texts, one per line of --texts (a classifier of text pairs).")
+@click.option("--questions", "questions_path", metavar="FILE",
+              help="QA model: questions, one per line (with --contexts).")
+@click.option("--contexts", "contexts_path", metavar="FILE",
+              help="QA model: the context of each question, one per line.")
+@click.option("--squad", "squad_path", metavar="FILE",
+              help="QA model: the questions and contexts of a SQuAD JSON file instead.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="QA model: answers per question.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="OUT.jsonl [stdout].")
 @click.option("--raw-scores", is_flag=True,
               help="Add each classification's logits (every label, in id order).")
 @user_errors
-def predict(engine_args: EngineArgs, texts_path: str, progress: bool | None,
-            pairs_path: str | None, output: Path | None, raw_scores: bool) -> None:
+def predict(engine_args: EngineArgs, texts_path: str | None, progress: bool | None,
+            pairs_path: str | None, questions_path: str | None, contexts_path: str | None,
+            squad_path: str | None, top_k: int, output: Path | None, raw_scores: bool) -> None:
     """Label each line of --texts with MODEL, by its head: one JSON line per text.
 
     A sequence classifier gives {"label": ..., "score": ...} (labels from id2label); a token
     classifier gives {"entities": [{"entity", "start", "end", "text", "score"}, ...]}, with
-    character offsets into the line. The Python API: `bertrt.InferenceEngine(...).predict`
-    and `.tag`.
+    character offsets into the line. A question-answering model takes --questions and
+    --contexts (or --squad) instead and gives {"answer", "score", "start", "end"} per question
+    (with --top-k N: {"answers": [...]}; from --squad, with its "id"). The Python API:
+    `bertrt.InferenceEngine(...).predict`, `.tag` and `.answer`.
     """
     _check_output(output, (".jsonl",))
+    qa_inputs = {"--questions": questions_path, "--contexts": contexts_path,
+                 "--squad": squad_path}
+    if any(qa_inputs.values()):
+        return _predict_answers(engine_args, texts_path, qa_inputs, top_k, output)
+    if texts_path is None:
+        raise BertrtError("--texts FILE is required (or, for a question-answering model, "
+                          "--questions and --contexts, or --squad)")
     texts = read_lines(texts_path, "--texts")
     pairs = None if pairs_path is None else read_lines(pairs_path, "--pairs")
     if pairs is not None and len(pairs) != len(texts):
         raise BertrtError(f"--pairs {pairs_path}: {len(pairs)} lines, but --texts has "
                           f"{len(texts)} (expected one pair per text)")
     with engine_args.open() as engine:
+        if engine.head == "question-answering":
+            raise BertrtError(f"{engine_args.model} is a question-answering model: give "
+                              "--questions and --contexts (or --squad), not --texts")
         if engine.head == "token-classification":
             if pairs is not None:
                 raise BertrtError(f"--pairs: {engine_args.model} is a token classifier, which "
@@ -237,3 +264,38 @@ def predict(engine_args: EngineArgs, texts_path: str, progress: bool | None,
             rows = iter(_run(lambda: engine.predict(texts, pairs, raw_scores,
                                                     progress=progress), engine, "labelled"))
         _emit(_jsonl(rows), output)
+
+
+def _predict_answers(engine_args: EngineArgs, texts_path: str | None,
+                     qa_inputs: dict[str, str | None], top_k: int, output: Path | None) -> None:
+    """`bertrt predict` on a question-answering model."""
+    questions_path, contexts_path, squad_path = qa_inputs.values()
+    if texts_path is not None:
+        raise BertrtError("--texts is for classifiers and taggers; a question-answering model "
+                          "takes --questions and --contexts, or --squad")
+    ids: list[str] | None = None
+    if squad_path is not None:
+        if questions_path or contexts_path:
+            raise BertrtError("give --squad FILE, or --questions and --contexts, not both")
+        from bertrt.train.squad import read_squad
+
+        examples, _ = read_squad(squad_path)
+        ids = [e.id for e in examples]
+        questions, contexts = [e.question for e in examples], [e.context for e in examples]
+    else:
+        missing = [flag for flag, path in qa_inputs.items() if path is None and flag != "--squad"]
+        if missing:
+            raise BertrtError(f"{missing[0]} FILE is required with "
+                              f"{'--contexts' if missing[0] == '--questions' else '--questions'}")
+        questions = read_lines(questions_path, "--questions")  # type: ignore[arg-type]
+        contexts = read_lines(contexts_path, "--contexts")  # type: ignore[arg-type]
+        if len(questions) != len(contexts):
+            raise BertrtError(f"--contexts {contexts_path}: {len(contexts)} lines, but "
+                              f"--questions has {len(questions)} (expected one context per "
+                              "question)")
+    with engine_args.open() as engine:
+        found = _run(lambda: engine.answer(questions, contexts, top_k), engine, "answered")
+    rows = [answer if top_k == 1 else {"answers": answer} for answer in found]
+    if ids is not None:
+        rows = [{"id": qid, **row} for qid, row in zip(ids, rows)]
+    _emit(_jsonl(iter(rows)), output)

@@ -71,7 +71,8 @@ PROGRESS_MIN_TEXTS = 512
 _HEADS = {"none": ("an encoder without a task head", "embed()"),
           "pretraining": ("a pretraining model (MLM and NSP heads)", "embed()"),
           "classification": ("a sequence classifier", "predict()"),
-          "token-classification": ("a token classifier (a tagger)", "tag()")}
+          "token-classification": ("a token classifier (a tagger)", "tag()"),
+          "question-answering": ("an extractive question-answering model", "answer()")}
 
 
 class TruncatedWarning(UserWarning):
@@ -400,6 +401,34 @@ class InferenceEngine:
 
         self._run(items, None, consume, "tag", progress, offsets=True)
         return results
+
+    def answer(self, questions: str | Iterable[str], contexts: str | Iterable[str],
+               top_k: int = 1, **settings: Any) -> list[Any]:
+        """The answer span of each question in its context, by an extractive QA model.
+
+        Contexts longer than a window are split into overlapping windows; the best spans of
+        all of a pair's windows compete (`bertrt.serve.qa`: windows, scores, the null answer).
+
+        Args:
+            questions: The questions.
+            contexts: One context per question.
+            top_k: Answers per question.
+            **settings: `max_answer_length` (15 tokens), `doc_stride` (128: the context tokens
+                consecutive windows share), `max_seq_len` (a window's tokens: 384, or
+                `max_length` if smaller), `max_query_length` (64: longer questions are cut),
+                `null_threshold` (None: always a span; a number: the null answer "" is given
+                when its score exceeds the best span's by more), all as transformers'
+                question-answering pipeline defaults them.
+
+        Returns:
+            Per question `{"answer", "score", "start", "end"}` (`contexts[i][start:end]` is
+            the answer); with `top_k` > 1 a list of up to `top_k` of them, best first.
+        """
+        from bertrt.serve import qa
+
+        self._require("question-answering", "answer()")
+        return qa.answer(self, _as_texts(questions, "questions"), _as_texts(contexts, "contexts"),
+                         top_k, **settings)
 
     # ------------------------------------------------------------------ internals
     def _require(self, head: str, call: str) -> None:

@@ -83,12 +83,14 @@ class PaddedOutputs(SequenceOutputs):
     """Per-token outputs (B, S, X), right-padded: sequence b is real at `[b, :lengths[b]]`."""
 
     @classmethod
-    def from_batch(cls, outputs: Mapping[str, np.ndarray], lengths: np.ndarray
-                   ) -> PaddedOutputs:
-        """Split a padded batch's outputs: rank 3 (B, S, X) is per token, the rest per
-        sequence."""
-        per_token = {k: v for k, v in outputs.items() if v.ndim == 3}
-        per_sequence = {k: v for k, v in outputs.items() if v.ndim != 3}
+    def from_batch(cls, outputs: Mapping[str, np.ndarray], lengths: np.ndarray,
+                   token_outputs: Collection[str] | None = None) -> PaddedOutputs:
+        """Split a padded batch's outputs: `token_outputs` are per token, (B, S, ...) (None:
+        those of rank 3, (B, S, X)), the rest per sequence."""
+        if token_outputs is None:
+            token_outputs = [k for k, v in outputs.items() if v.ndim == 3]
+        per_token = {k: v for k, v in outputs.items() if k in token_outputs}
+        per_sequence = {k: v for k, v in outputs.items() if k not in token_outputs}
         return cls(per_token, per_sequence, lengths)
 
     def tokens(self, name: str, index: int) -> np.ndarray:

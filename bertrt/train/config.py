@@ -36,6 +36,7 @@ TASK_KINDS = {
     "tag": TaskKind("token-classification", 1e-4, corpus=False),
     # one output (num_labels=1), mean squared error, as BertForSequenceClassification regresses
     "regress": TaskKind("classification", 1e-4, corpus=False, problem_type="regression"),
+    "qa": TaskKind("question-answering", 1e-4, corpus=False),
 }
 TASKS = tuple(TASK_KINDS)
 SCHEDULES = ("linear", "poly")
@@ -47,7 +48,7 @@ TRAJECTORY_FIELDS = (
     "task", "data", "eval_data", "eval_split", "model", "preset", "vocab", "vocab_size",
     "batch_size", "seq_len", "max_steps", "lr", "weight_decay", "warmup", "schedule",
     "optimizer", "precision", "grad_accum", "clip", "seed", "mask_prob", "whole_word_mask",
-    "freeze", "stages", "layer_lr_decay",
+    "freeze", "stages", "layer_lr_decay", "doc_stride", "max_query_length",
 )
 
 
@@ -72,11 +73,12 @@ class TrainConfig:
     """
 
     task: str = _setting("pretrain", "pretrain (MLM + NSP), classify (sequence labels), tag "
-                         "(token labels) or regress (a score per text or pair).", choices=TASKS)
+                         "(token labels), regress (a score per text or pair) or qa (answer "
+                         "spans, SQuAD).", choices=TASKS)
     data: tuple[str, ...] = _setting(
         (), "Training file(s). Pretrain: text (a sentence per line, blank line between "
         "documents) or JSONL with 'text'. Classify: .csv/.tsv/.jsonl (text, text_pair, "
-        "label); regress: the same, a number as label. Tag: CoNLL.",
+        "label); regress: the same, a number as label. Tag: CoNLL. QA: SQuAD v1.1/v2.0 JSON.",
         shown="pretrain: the embedded corpus")
     eval_data: tuple[str, ...] = _setting(
         (), "Held-out file(s), evaluated every --eval-every steps and at the end.",
@@ -134,6 +136,15 @@ class TrainConfig:
         False, "Recompute encoder layers in the backward pass (less memory).")
     mask_prob: float = _setting(0.15, "Fraction of the tokens masked for MLM, in (0, 1).")
     whole_word_mask: bool = _setting(False, "Mask whole words.")
+    # --task qa: windows over long contexts, and how answers are read from the model
+    doc_stride: int | None = _setting(
+        None, "QA: context tokens that consecutive windows of a long context share.",
+        shown="128, or half a window's context when --seq-len is short", min=0)
+    max_query_length: int = _setting(64, "QA: questions are cut to this many tokens.", min=1)
+    max_answer_length: int = _setting(30, "QA: the longest answer read, in tokens.", min=1)
+    null_threshold: float = _setting(
+        0.0, "QA, SQuAD v2.0: answer nothing when the null answer's score exceeds the best "
+        "span's by more than this.")
     resume: bool = _setting(False, "Continue from the newest checkpoint in --out.")
     overwrite: bool = _setting(False, "Replace the run in --out, once the new one is complete "
                                "(other files there stay).")
@@ -156,6 +167,8 @@ class TrainConfig:
         if self.eval_split is None:
             embedded = kind.corpus and not self.data and not self.eval_data
             self.eval_split = 0.02 if embedded else 0.0
+        if self.task == "qa" and self.doc_stride is None:
+            self.doc_stride = min(128, max(0, self.seq_len - self.max_query_length - 3) // 2)
         self.validate()
 
     def validate(self) -> None:
@@ -197,6 +210,11 @@ class TrainConfig:
             raise BertrtError("give --model DIR or --preset NAME, not both")
         if not kind.corpus and not self.data:
             raise BertrtError(f"--task {self.task} needs --data (a training file)")
+        if self.task == "qa":
+            from bertrt.serve.qa import check_settings
+
+            check_settings(self.seq_len, self.doc_stride, self.max_query_length,  # type: ignore
+                           self.max_answer_length, what="--")
         if self.resume and self.overwrite:
             raise BertrtError("--resume continues what is in --out; --overwrite replaces it: "
                               "give one of them")
@@ -268,7 +286,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: str) -
 _BASE = ("task", "data", "eval_data", "save_every")
 #: Trajectory fields left out when they have this value (added after the first checkpoints).
 _ABSENT: dict[str, Any] = {"eval_split": 0.0, "freeze": [], "stages": None,
-                           "layer_lr_decay": 1.0}
+                           "layer_lr_decay": 1.0, "doc_stride": None, "max_query_length": 64}
 
 
 def check_int(what: str, value: Any, least: int,

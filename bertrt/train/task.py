@@ -19,7 +19,7 @@ import torch
 
 from bertrt.errors import BertrtError
 from bertrt.tokenizer import Tokenizer, TokenizerError, train_vocab
-from bertrt.train import data, losses, tasks
+from bertrt.train import data, losses, squad, tasks
 from bertrt.train.config import TrainConfig
 from bertrt.train.corpus import DataError, read_documents
 
@@ -369,8 +369,103 @@ class RegressTask(_FineTuneTask):
 
     def _metrics(self, preds: list, golds: list) -> dict[str, float]:
         return tasks.regression_metrics(preds, golds)
+class QATask(Task):
+    """Extractive question answering on SQuAD v1.1/v2.0 files: the answer's start and end
+    token in each window (`[CLS]` where the window does not hold it), cross-entropy on both;
+    evaluated as SQuAD is, on whole questions (`bertrt.train.squad`); F1 picks the best."""
+
+    stat_names = ("loss_sum", "correct", "count")
+    shown = (("span_acc", "span", "span acc"),)
+    best_metric = "f1"
+
+    def __init__(self, source: Any, eval_source: Any | None, pad_id: int, cfg: TrainConfig,
+                 null_answers: bool, *, batch_size: int, grad_accum: int) -> None:
+        super().__init__(source, eval_source, None, batch_size=batch_size,
+                         grad_accum=grad_accum)
+        self.pad_id, self.max_answer_length = pad_id, cfg.max_answer_length
+        self.null_threshold = cfg.null_threshold if null_answers else None
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, tokenizer: Tokenizer, paths: list[Path],
+              label2id: dict[str, int] | None, say: Say) -> QATask:
+        if len(paths) != 1 or len(cfg.eval_data) > 1:
+            raise BertrtError("--task qa takes one --data file (and at most one --eval-data)")
+
+        def windows(path: Path, training: bool) -> tuple[squad.QAWindows, bool]:
+            examples, v2 = squad.read_squad(path, training=training)
+            return squad.training_windows(examples, tokenizer, cfg.seq_len, cfg.doc_stride,
+                                          cfg.max_query_length), v2
+
+        train, v2 = windows(paths[0], True)
+        say(f"{paths[0]}: {len(train.examples):,} questions in {len(train.windows):,} windows "
+            f"of {cfg.seq_len} tokens (--doc-stride {cfg.doc_stride})")
+        eval_source = None
+        if cfg.eval_data:
+            held_out, eval_v2 = windows(Path(cfg.eval_data[0]), False)
+            v2 |= eval_v2
+            eval_source = squad.WindowSource(held_out, cfg.seed, shuffle=False)
+        else:
+            say("notice: no --eval-data: no evaluation, and no best checkpoint by f1")
+        return cls(squad.WindowSource(train, cfg.seed), eval_source, tokenizer.pad_id, cfg, v2,
+                   batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+
+    @staticmethod
+    def train_vocab(paths: list[Path], size: int) -> Tokenizer:
+        return _vocab(paths, size, (text for p in paths for text in squad.squad_texts(p)))
+
+    def collate(self, examples: list, indices: list[int]) -> Batch:
+        out = tasks.collate_classification(  # pads ids, mask and types alike
+            [data.Example(e.input_ids.tolist(), e.token_type_ids.tolist()) for e in examples],
+            self.pad_id)
+        del out["labels"]
+        out["start_positions"] = torch.tensor([e.start for e in examples], dtype=torch.int64)
+        out["end_positions"] = torch.tensor([e.end for e in examples], dtype=torch.int64)
+        out["windows"] = torch.tensor([e.number for e in examples], dtype=torch.int64)
+        return out
+
+    def counts(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor([float(len(batch["windows"]))], dtype=torch.float64)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Batch,
+             denominators: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of the start and end cross-entropies over the window's tokens (padding
+        excluded), summed over windows / the step's window count."""
+        start, end = outputs["start_logits"].float(), outputs["end_logits"].float()  # (B, S)
+        padding = batch["attention_mask"].to(start.device) == 0
+        start = start.masked_fill(padding, torch.finfo(start.dtype).min)
+        end = end.masked_fill(padding, torch.finfo(end.dtype).min)
+        gold_start = batch["start_positions"].to(start.device)
+        gold_end = batch["end_positions"].to(start.device)
+        loss_sum = (torch.nn.functional.cross_entropy(start, gold_start, reduction="sum")
+                    + torch.nn.functional.cross_entropy(end, gold_end, reduction="sum")) / 2
+        with torch.no_grad():
+            correct = ((start.argmax(-1) == gold_start) & (end.argmax(-1) == gold_end)).sum()
+            stats = torch.stack([loss_sum.double(), correct.double(),
+                                 torch.tensor(float(len(gold_start)), dtype=torch.float64,
+                                              device=start.device)])
+        return loss_sum / denominators[0].clamp(min=1), stats
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        s = dict(zip(self.stat_names, stats.tolist()))
+        return {"loss": s["loss_sum"] / max(s["count"], 1),
+                "span_acc": s["correct"] / max(s["count"], 1)}
+
+    def _predictions(self, outputs: dict[str, torch.Tensor], batch: Batch) -> tuple[list, list]:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        start, end = outputs["start_logits"].float().cpu(), outputs["end_logits"].float().cpu()
+        return [(int(w), start[b, :n].numpy(), end[b, :n].numpy())
+                for b, (w, n) in enumerate(zip(batch["windows"].tolist(), lengths))], []
+
+    def _scores(self, summary: dict[str, float], preds: list, golds: list,
+                env: Dist) -> dict[str, float]:
+        windows = self.eval_source.windows  # type: ignore[union-attr]
+        found = {w: (s, e) for part in env.gather(preds) for w, s, e in part}
+        answers = squad.predict_answers(windows, [found[w][0] for w in range(len(found))],
+                                        [found[w][1] for w in range(len(found))],
+                                        self.max_answer_length, self.null_threshold)
+        return {**summary, **squad.squad_metrics(windows.examples, answers)}
 
 
 #: The class of each `--task`.
 TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask,
-                                "tag": TagTask, "regress": RegressTask}
+                                "tag": TagTask, "regress": RegressTask, "qa": QATask}

@@ -102,6 +102,7 @@ REFERENCES: dict[str, Case] = {
     "MATMUL": ([_f(B, N, S, D), _f(B, N, S, D)], {"transpose_b": True},
                lambda a, b: a @ b.transpose(0, 1, 3, 2)),
     "SELECT_TOKEN": ([_f(B, S, H)], {"index": 0}, lambda x: x[:, 0]),
+    "SELECT_LAST": ([_f(B, S, 2)], {"index": 1}, lambda x: x[..., 1]),
     "GATHER_ROWS": ([_f(B, S, H), np.array([0, 7, 3])], {},
                     lambda x, i: x.reshape(B * S, H)[i]),
     "EMBED_LAYER_NORM": (
