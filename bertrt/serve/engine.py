@@ -161,8 +161,8 @@ class InferenceEngine:
         vocab: For an `.onnx` file: a `vocab.txt` (uncased), the model dir it was exported
             from (its tokenizer settings and sentence-transformers config), or a `Tokenizer`.
         max_length: Truncate texts to this many tokens, specials included (default: the
-            smallest of the model's positions, the tokenizer's `model_max_length` and
-            sentence-transformers' `max_seq_length`).
+            smallest of the model's positions, the tokenizer's `model_max_length` and, for
+            an encoder (embed), sentence-transformers' `max_seq_length`).
         padded_single: For a packed ONNX backend on a model dir, also load the padded export
             and run batches of one sequence on it (`Backend.single`): a single query has no
             padding to skip, and the padded graph none of the packing gathers (MiniLM, one
@@ -445,8 +445,11 @@ class InferenceEngine:
                 raise BertrtError(f"max_length {max_length} exceeds the model's "
                                   f"max_position_embeddings={positions}")
             return max_length
+        # sentence-transformers' max_seq_length is how its embeddings were made: it binds the
+        # embedding heads, not a classifier, tagger or reader fine-tuned from such a model
+        embeds = self.head in ("none", "pretraining")
         return min(x for x in (positions, self.tokenizer.model_max_length,
-                               self.defaults.max_length) if x)
+                               self.defaults.max_length if embeds else None) if x)
 
     def _wordpieces(self) -> list[str]:
         if self._pieces is None:
