@@ -291,13 +291,7 @@ class OrtBackend(Backend):
 
     def feeds(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's arrays the model takes, in the dtypes it declares."""
-        batch = self.layout(batch)
-        missing = [name for name in self.input_types if name not in batch]
-        if missing:
-            raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
-                              "serve-bench does not provide")
-        return {name: np.ascontiguousarray(batch[name], dtype=dtype)
-                for name, dtype in self.input_types.items()}
+        return typed_inputs(self.path, self.input_types, self.layout(batch))
 
     def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, prepared)
@@ -410,13 +404,8 @@ class OpenVinoBackend(Backend):
                             f"{threads or 'default'} threads")
 
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
-        batch = self.layout(batch)
-        missing = [name for name in self.input_types if name not in batch]
-        if missing:
-            raise BertrtError(f"{self.path}: the model wants input(s) {missing}, which "
-                              "were not given")
-        return {self.inputs[name]: np.ascontiguousarray(batch[name], dtype=dtype)
-                for name, dtype in self.input_types.items()}
+        feeds = typed_inputs(self.path, self.input_types, self.layout(batch))
+        return {self.inputs[name]: array for name, array in feeds.items()}
 
     def execute(self, prepared: dict[Any, np.ndarray]) -> dict[str, np.ndarray]:
         result = self.request.infer(prepared)  # copies the outputs out of the request
@@ -494,6 +483,21 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self._torch.set_num_threads(self._old_threads)
+
+
+def typed_inputs(path: Path, types: dict[str, Any], batch: dict[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """The arrays of `batch` a model file declares (`types`: name -> numpy dtype), contiguous
+    and in those dtypes.
+
+    Raises:
+        BertrtError: the model wants an input the batch does not have.
+    """
+    missing = [name for name in types if name not in batch]
+    if missing:
+        raise BertrtError(f"{path}: the model wants input(s) {missing}, which were not given")
+    return {name: np.ascontiguousarray(batch[name], dtype=dtype)
+            for name, dtype in types.items()}
 
 
 def unpad(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
