@@ -88,12 +88,40 @@ class OnnxInfo:
         return cfg if isinstance(cfg, dict) else None
 
     @property
+    def packed(self) -> bool:
+        """A packed (padding-free) export: it takes `cu_seqlens`."""
+        return any(spec.name == "cu_seqlens" for spec in self.inputs)
+
+    @property
+    def precision(self) -> str:
+        """What bertrt's exporter wrote it to compute in: "int8", "fp16" or "fp32"."""
+        return file_precision(self.metadata)
+
+    def vocab_matches(self, tokenizer: Any) -> bool:
+        """Whether `tokenizer`'s vocabulary is the one the file was exported with (True when
+        the file records no checksum)."""
+        expected = self.metadata.get("vocab_sha256")
+        if not expected:
+            return True
+        from bertrt.lower.to_onnx import vocab_checksum
+
+        vocab = tokenizer.vocab
+        return vocab_checksum(sorted(vocab, key=vocab.__getitem__))["vocab_sha256"] == expected
+
+    @property
     def vocab_size(self) -> int | None:
         """`vocab_size` from the metadata config, else the rows of the word-embedding table."""
         cfg = self.config
         if cfg and isinstance(cfg.get("vocab_size"), int):
             return int(cfg["vocab_size"])
         return self.embedding_rows
+
+
+def file_precision(metadata: dict[str, str]) -> str:
+    """The precision bertrt's exporter recorded in a file's metadata."""
+    if metadata.get("int8") == "true":
+        return "int8"
+    return "fp16" if metadata.get("fp16") == "true" else "fp32"
 
 
 def is_fused(key: str) -> bool:

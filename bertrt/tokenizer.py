@@ -216,6 +216,15 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- construction
 
     @classmethod
+    def from_path(cls, path: str | os.PathLike[str], what: str = "vocab") -> Tokenizer:
+        """A model dir's tokenizer (`from_dir`), or a `vocab.txt` (`from_vocab`, uncased);
+        `what` names the option or argument in the error for a missing path."""
+        p = Path(path)
+        if not p.exists():
+            raise TokenizerError(f"{what} {p}: no such file or directory")
+        return cls.from_dir(p) if p.is_dir() else cls.from_vocab(p)
+
+    @classmethod
     def from_vocab(cls, path: str | os.PathLike[str], lowercase: bool = True,
                    strip_accents: bool | None = None, tokenize_chinese_chars: bool = True,
                    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:

@@ -269,9 +269,10 @@ class OrtBackend(Backend):
             o.name for o in self.session.get_outputs()
             if o.shape and (o.shape[0] == "tokens" or o.shape[1:2] == ["seq"]))
         self.reduced_precision = self.reduced_precision or self._computes_fp16()
-        meta = self.session.get_modelmeta().custom_metadata_map
+        from bertrt.onnx_info import file_precision
+
         self.precision = ("fp16" if self._computes_fp16() else
-                          "int8" if meta.get("int8") == "true" else "fp32")
+                          file_precision(self.session.get_modelmeta().custom_metadata_map))
         self.reduced_precision = self.reduced_precision or self.precision != "fp32"
         self.threads = threads
         self.description = (f"onnxruntime {ort.__version__} "

@@ -235,10 +235,7 @@ class BenchTarget:
         """The `.onnx` file, if it is what `variant` asks for (its layout and precision)."""
         info = self.onnx_info
         assert info is not None
-        packed = any(spec.name == "cu_seqlens" for spec in info.inputs)
-        meta = info.metadata
-        has = ("int8" if meta.get("int8") == "true" else
-               "fp16" if meta.get("fp16") == "true" else "fp32")
+        packed, has = info.packed, info.precision
         wants = "fp32" if variant.precision == "bf16" else variant.precision or has
         if (variant.packed is not None and variant.packed != packed) or wants != has:
             layout = "packed" if packed else "padded"
@@ -321,6 +318,7 @@ def _from_onnx(path: Path, options: BenchOptions, needs_weights: bool, log: Log 
     the weights from `model_dir` when the torch backend runs."""
     from bertrt.model import Model
     from bertrt.onnx_info import describe
+    from bertrt.tokenizer import Tokenizer
 
     info = describe(path)
     cfg = info.config or {}
@@ -332,38 +330,16 @@ def _from_onnx(path: Path, options: BenchOptions, needs_weights: bool, log: Log 
             weights = Model.load(options.model_dir)
             tokenizer = weights.tokenizer if weights.has_tokenizer else None
         else:
-            tokenizer = _load_tokenizer(options.model_dir, "--model-dir")
+            tokenizer = Tokenizer.from_path(options.model_dir, "--model-dir")
     if options.vocab is not None:
-        tokenizer = _load_tokenizer(options.vocab, "--vocab")
+        tokenizer = Tokenizer.from_path(options.vocab, "--vocab")
     if needs_weights and weights is None:
         raise BertrtError("backend torch needs the model's weights: give --model-dir DIR "
                           f"(the model dir {path.name} was exported from)")
-    if tokenizer is not None and not _same_vocab(info, tokenizer):
+    if tokenizer is not None and not info.vocab_matches(tokenizer):
         _say(log, f"warning: the vocabulary given differs from the one {path.name} was "
                   "exported with (sha256 mismatch)")
     return info, weights, tokenizer, limits
-
-
-def _load_tokenizer(path: PathLike, option: str) -> Tokenizer:
-    from bertrt.tokenizer import Tokenizer
-
-    p = Path(path)
-    if not p.exists():
-        raise BertrtError(f"{option} {p}: no such file or directory")
-    return Tokenizer.from_dir(p) if p.is_dir() else Tokenizer.from_vocab(p)
-
-
-def _same_vocab(info: OnnxInfo, tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer's vocab is the one the file was exported with (True when the
-    file records no checksum)."""
-    expected = info.metadata.get("vocab_sha256")
-    if not expected:
-        return True
-    from bertrt.lower.to_onnx import vocab_checksum
-
-    vocab = tokenizer.vocab
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    return vocab_checksum(tokens)["vocab_sha256"] == expected
 
 
 def _text_workload(path: Path, options: BenchOptions, tokenizer: Tokenizer | None,

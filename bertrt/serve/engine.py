@@ -122,7 +122,7 @@ def token_budget_batches(lengths: np.ndarray, budget: int, packed: bool = False
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """Tokenized texts: the sequences, their character offsets (when asked), truncations."""
 
     requests: list[Request]
@@ -243,10 +243,9 @@ class InferenceEngine:
     def _choose(self, model: Any, weights: Model | None, info: OnnxInfo | None,
                 precision: str, packed: bool | None, threads: int | None) -> Candidate:
         """Start the fastest candidate `backend="auto"` admits (`self.backend`)."""
-        meta = {} if info is None else info.metadata
         candidates = auto_candidates(
-            precision, None if info is None else _file_precision(meta),
-            None if info is None else meta.get("flavour"))
+            precision, None if info is None else info.precision,
+            None if info is None else info.metadata.get("flavour"))
         if not candidates:
             if weights is None and not auto_candidates(precision):
                 raise BertrtError("an .onnx model needs onnxruntime (or openvino); install "
@@ -320,7 +319,7 @@ class InferenceEngine:
         items = _as_texts(texts, "texts")
         out = np.empty((len(items), self.hidden_size), dtype=np.float32)
 
-        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: Chunk,
                     picked: np.ndarray) -> None:
             out[rows] = outputs.pool("last_hidden_state", pooling)
 
@@ -354,7 +353,7 @@ class InferenceEngine:
         results: list[dict[str, Any]] = [{} for _ in items]
         regression = self.config.extra.get("problem_type") == "regression"
 
-        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: Chunk,
                     picked: np.ndarray) -> None:
             logits = outputs.sequences("logits").astype(np.float64)  # (B, C)
             if regression:
@@ -388,9 +387,9 @@ class InferenceEngine:
         self._require("token-classification", "tag()")
         items = _as_texts(texts, "texts")
         results: list[list[dict[str, Any]]] = [[] for _ in items]
-        pieces = self._wordpieces()
+        pieces = self.wordpieces()
 
-        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: _Chunk,
+        def consume(rows: np.ndarray, outputs: SequenceOutputs, chunk: Chunk,
                     picked: np.ndarray) -> None:
             assert chunk.offsets is not None
             for b, (row, i) in enumerate(zip(rows, picked)):
@@ -451,16 +450,19 @@ class InferenceEngine:
         return min(x for x in (positions, self.tokenizer.model_max_length,
                                self.defaults.max_length if embeds else None) if x)
 
-    def _wordpieces(self) -> list[str]:
+    def wordpieces(self) -> list[str]:
+        """The vocabulary's tokens in id order (the server's `/tokenize` and `tag` read it)."""
         if self._pieces is None:
             vocab = self.tokenizer.vocab
             self._pieces = sorted(vocab, key=vocab.__getitem__)
         return self._pieces
 
-    def _encode(self, texts: list[str], pairs: list[str] | None, offsets: bool,
-                first: int) -> _Chunk:
-        """Tokenize without truncation, then again at `max_length` only the texts over it
-        (so they are counted; the tokenizer truncates pairs longest-first)."""
+    def encode(self, texts: list[str], pairs: list[str] | None, offsets: bool,
+               first: int) -> Chunk:
+        """Tokenize as the engine's calls do (the server tokenizes through it): without
+        truncation, then again at `max_length` only the texts over it (so they are counted;
+        the tokenizer truncates pairs longest-first). `first`: the position of `texts[0]` in
+        the whole input, for errors."""
         from bertrt.tokenizer import TokenizerError
 
         tok, limit = self.tokenizer, self.max_length
@@ -478,10 +480,10 @@ class InferenceEngine:
             _name_bad_text(texts, pairs, first)
             raise
         requests = [Request(i, t) for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
-        return _Chunk(requests, enc.get("offsets"), len(over))
+        return Chunk(requests, enc.get("offsets"), len(over))
 
     def _run(self, texts: list[str], pairs: list[str] | None,
-             consume: Callable[[np.ndarray, SequenceOutputs, _Chunk, np.ndarray], None],
+             consume: Callable[[np.ndarray, SequenceOutputs, Chunk, np.ndarray], None],
              what: str, progress: bool | None, offsets: bool = False) -> None:
         """Tokenize in chunks, sort each by length, cut by the budget, run, and hand each
         batch's outputs to `consume(rows, outputs, chunk, picked)`: `rows` the batch's
@@ -499,7 +501,7 @@ class InferenceEngine:
                   disable=disable) as bar:
             for first in range(0, len(texts), CHUNK_TEXTS):
                 last = first + CHUNK_TEXTS
-                chunk = self._encode(texts[first:last],
+                chunk = self.encode(texts[first:last],
                                      None if pairs is None else pairs[first:last], offsets,
                                      first)
                 stats.truncated += chunk.truncated
@@ -564,17 +566,11 @@ def _open_model(model: PathLike | Model) -> tuple[Model | None, OnnxInfo | None,
     return None, describe(path), str(path)
 
 
-def _file_precision(meta: dict[str, str]) -> str:
-    """What an .onnx file bertrt exported computes in, from its metadata."""
-    return "int8" if meta.get("int8") == "true" else "fp16" if meta.get("fp16") == "true" \
-        else "fp32"
-
-
 def _check_file(info: OnnxInfo, packed: bool | None, precision: str, backend: str) -> bool:
     """Whether an .onnx file is packed; its layout must be the one asked for, and it must run
     at `precision` (an fp32 file runs at bf16 on OpenVINO; with backend "auto", at any
     precision the one asked for admits)."""
-    is_packed = any(spec.name == "cu_seqlens" for spec in info.inputs)
+    is_packed = info.packed
     if packed is not None and packed != is_packed:
         layout = "packed" if is_packed else "padded"
         raise BertrtError(f"{info.path}: a {layout} export, but packed={packed} was asked for "
@@ -583,7 +579,7 @@ def _check_file(info: OnnxInfo, packed: bool | None, precision: str, backend: st
     if backend == "openvino" and info.metadata.get("flavour") == "ort":
         raise BertrtError(f"{info.path}: an ort-flavour export (com.microsoft ops), which "
                           "OpenVINO cannot read; export it with --flavour standard")
-    has = _file_precision(info.metadata)
+    has = info.precision
     runs = has == precision or (has == "fp32" and precision == "bf16"
                                 and backend in ("openvino", "auto"))
     if backend == "auto":
@@ -612,14 +608,13 @@ def _onnx_tokenizer(info: OnnxInfo, vocab: PathLike | Tokenizer | None
     """The tokenizer of an .onnx file (from `vocab`, else the folder holding the file), and
     the dir it came from (for its sentence-transformers config); its vocabulary must be the
     one the file was exported with."""
-    from bertrt.serve.bench import _load_tokenizer, _same_vocab
     from bertrt.tokenizer import Tokenizer
 
     folder = None
     if isinstance(vocab, Tokenizer):
         tokenizer = vocab
     elif vocab is not None:
-        tokenizer = _load_tokenizer(vocab, "vocab")
+        tokenizer = Tokenizer.from_path(vocab, "vocab")
         folder = Path(vocab) if Path(vocab).is_dir() else None
     elif any((info.path.parent / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
         folder = info.path.parent
@@ -627,7 +622,7 @@ def _onnx_tokenizer(info: OnnxInfo, vocab: PathLike | Tokenizer | None
     else:
         raise BertrtError(f"{info.path}: no tokenizer beside it; give vocab= (--vocab): a "
                           "vocab.txt or the model dir it was exported from")
-    if not _same_vocab(info, tokenizer):
+    if not info.vocab_matches(tokenizer):
         raise BertrtError(f"{info.path}: the vocabulary given is not the one it was exported "
                           "with (vocab sha256 differs)")
     return tokenizer, folder
@@ -658,10 +653,7 @@ def _model_key(model: Any, *settings: Any) -> tuple | None:
 
 def _first_word_id(engine: InferenceEngine) -> int:
     """The smallest id above the special tokens (the probe's ids are drawn above it)."""
-    tok = engine.tokenizer
-    specials = [i for i in (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id)
-                if i is not None]
-    return min(int(engine.config.vocab_size) - 1, max(specials) + 1)
+    return min(int(engine.config.vocab_size) - 1, max(engine.tokenizer.special_ids) + 1)
 
 
 #: OpenVINO candidates `auto` timed and did not keep, held until the process exits: releasing

@@ -117,7 +117,7 @@ class ModelService:
             return Encoded([], [] if offsets else None, 0)
         try:
             if truncate:
-                chunk = self.engine._encode(texts, pairs, offsets, 0)  # type: ignore[arg-type]
+                chunk = self.engine.encode(texts, pairs, offsets, 0)  # type: ignore[arg-type]
                 return Encoded(chunk.requests, chunk.offsets, chunk.truncated)
             enc = tok(texts, pairs, padding=False, truncation=False, return_offsets=offsets)
         except BertrtError as exc:
@@ -194,7 +194,7 @@ class ModelService:
                  texts: list[str]) -> list[list[dict[str, Any]]]:
         """Per text, its entities as `InferenceEngine.tag` gives them."""
         assert encoded.offsets is not None
-        pieces = self.engine._wordpieces()
+        pieces = self.engine.wordpieces()
         out = []
         for logits, request, spans, text in zip(parts, encoded.requests, encoded.offsets,
                                                 texts):
