@@ -5,12 +5,10 @@ wrong model path and a port in use."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 
 import bertrt
+from bertrt.serve.http.live import ServerProcess
 
 REPO = Path(bertrt.__file__).resolve().parent.parent
 
@@ -34,31 +33,11 @@ def _env() -> dict[str, str]:
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-class Process:
-    """A `bertrt serve` process on a free port; `url` once it listens."""
+class Process(ServerProcess):
+    """A `bertrt serve` process on a free port (1 model thread); `url` once it listens."""
 
-    def __init__(self, *args: object) -> None:
-        self.proc = subprocess.Popen(_command(*args, "--port", 0, "--threads", 1),
-                                     stderr=subprocess.PIPE, text=True, env=_env())
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise AssertionError(f"no 'listening on' line: {self.stderr}") from None
-            if "listening on " in line:
-                self.url = line.rsplit("listening on ", 1)[1].strip()
-                return
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
+    def __init__(self, model: object, *args: object) -> None:
+        super().__init__(str(model), [*map(str, args), "--threads", "1"], timeout=60)
 
     def in_flight(self) -> float:
         text = httpx.get(f"{self.url}/metrics").text
