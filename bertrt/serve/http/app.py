@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,6 +37,10 @@ log = logging.getLogger("bertrt.serve")
 
 #: The status a request gets when its client went away (nginx's; nobody reads it).
 CLIENT_GONE = 499
+#: A request whose texts hold at most this many characters in all is tokenized on the event
+#: loop (~0.1 ms): handing it to a worker thread and back costs more than that on a busy
+#: machine. Longer ones go to the tokenization workers, so the loop never stalls on them.
+INLINE_TOKENIZE_CHARS = 2048
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -45,8 +49,16 @@ class ClientGone(Exception):
     """The client disconnected while its request waited."""
 
 
+class FastJSONResponse(JSONResponse):
+    """JSON by orjson: numpy arrays written directly (float32 as the shortest text that
+    reads back to the same float32), several times faster than `json` on embeddings."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def error_response(error: HttpError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return FastJSONResponse(error.body(), status_code=error.status)
 
 
 def _json_type(value: Any) -> str:
@@ -233,8 +245,8 @@ class Server:
                 raise too_large
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:  # invalid UTF-8 too
             raise HttpError("invalid_json", f"the body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
             raise HttpError("validation", f"the body must be a JSON object, got "
@@ -252,8 +264,11 @@ class Server:
                       offsets: bool = False) -> tuple[Encoded, float]:
         truncate = _flag(body, "truncate", self.options.auto_truncate)
         start = time.perf_counter()
-        encoded = await self._in_worker(self.service.encode, texts, pairs, truncate=truncate,
-                                        offsets=offsets)
+        if sum(map(len, texts)) + sum(len(p or "") for p in pairs or ()) <= INLINE_TOKENIZE_CHARS:
+            encoded = self.service.encode(texts, pairs, truncate=truncate, offsets=offsets)
+        else:
+            encoded = await self._in_worker(self.service.encode, texts, pairs,
+                                            truncate=truncate, offsets=offsets)
         self.metrics.input_tokens.inc(encoded.tokens)
         self.metrics.truncated.inc(encoded.truncated)
         return encoded, time.perf_counter() - start
@@ -287,7 +302,7 @@ class Server:
         return job
 
     def _respond(self, content: Any, start: float, tokenize_s: float, job: Job | None,
-                 tokens: int, characters: int) -> JSONResponse:
+                 tokens: int, characters: int) -> FastJSONResponse:
         """The result, with per-stage times (milliseconds) and counts in the headers."""
         queue_s = job.queue_s if job else 0.0
         inference_s = job.inference_s if job else 0.0
@@ -303,7 +318,7 @@ class Server:
                    "x-inference-time": f"{inference_s * 1e3:.3f}",
                    "x-total-time": f"{total_s * 1e3:.3f}",
                    "x-batches": str(job.batches if job else 0)}
-        return JSONResponse(content, headers=headers)
+        return FastJSONResponse(content, headers=headers)
 
     # ------------------------------------------------------------------ routes
     async def embed(self, request: Request) -> Response:
@@ -317,7 +332,7 @@ class Server:
         encoded, tokenize_s = await self._encode(texts, None, body)
         job = await self._infer(request, encoded, self.service.read_pooled)
         vectors = self.service.embeddings(job.results, normalize)
-        return self._respond(vectors.tolist(), start, tokenize_s, job, encoded.tokens,
+        return self._respond(vectors, start, tokenize_s, job, encoded.tokens,
                              sum(map(len, texts)))
 
     async def openai_embeddings(self, request: Request) -> Response:
@@ -345,7 +360,7 @@ class Server:
             values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                                  for v in vectors]
         else:
-            values = vectors.tolist()
+            values = list(vectors)
         data = [{"object": "embedding", "index": i, "embedding": v}
                 for i, v in enumerate(values)]
         usage = {"prompt_tokens": encoded.tokens, "total_tokens": encoded.tokens}
@@ -397,7 +412,7 @@ class Server:
     async def health(self, request: Request) -> Response:
         if self.batcher is None or not self.batcher.alive:
             raise HttpError("unavailable", "the engine is not running")
-        return JSONResponse({"status": "ok"})
+        return FastJSONResponse({"status": "ok"})
 
     async def info(self, request: Request) -> Response:
         from importlib.metadata import PackageNotFoundError, version
@@ -414,7 +429,7 @@ class Server:
                   "payload_limit": self.options.payload_limit,
                   "auto_truncate": self.options.auto_truncate,
                   "tokenization_workers": self.options.tokenization_workers}
-        return JSONResponse({**self.service.info(), **limits, "version": bertrt_version})
+        return FastJSONResponse({**self.service.info(), **limits, "version": bertrt_version})
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)

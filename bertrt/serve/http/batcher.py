@@ -13,7 +13,9 @@ request whose client went away are dropped before they are computed.
 
 The next batch is assembled while the current one runs: requests are tokenized and queued on
 the HTTP side meanwhile, and the previous batch's results are pooled and handed out on the
-finisher thread, so the engine thread only concatenates the next batch's ids and runs it. The
+finisher thread, so the engine thread only concatenates the next batch's ids and runs it.
+When nothing waits once a batch is done (light load), the engine thread hands its results out
+itself: the hop to the finisher would only add latency. The
 batch stays open until the engine is free (TEI seals the next batch as the current one
 starts): a request that arrives during a run still joins the batch right after it.
 """
@@ -148,6 +150,9 @@ class Batcher:
         self._cv = threading.Condition()
         self._queue: deque[_Entry] = deque()
         self._cancelled = 0  # jobs cancelled since the last purge
+        #: Batches handed to the finisher and not finished: while any is, the engine thread
+        #: does not finish one itself (a job's batches are read one at a time).
+        self._finishing = 0
         self._closed = False
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="bertrt-finisher")
         self._thread = threading.Thread(target=self._loop, name="bertrt-engine", daemon=True)
@@ -248,9 +253,23 @@ class Batcher:
                 lengths = [e.length for e in batch]
                 positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
                 self._metrics.observe_batch(len(batch), sum(lengths), positions, seconds)
-            self._finisher.submit(self._finish, batch, outputs, error, started, seconds)
+            with self._cv:
+                inline = not self._queue and not self._finishing
+                self._finishing += not inline
+            if inline:  # nothing waits (light load): answering here saves a thread hop
+                self._finish(batch, outputs, error, started, seconds)
+            else:  # the next batch waits: hand the results on and run it
+                self._finisher.submit(self._finish_later, batch, outputs, error, started,
+                                      seconds)
 
     # ------------------------------------------------------------------ finisher thread
+    def _finish_later(self, *args: Any) -> None:
+        try:
+            self._finish(*args)
+        finally:
+            with self._cv:
+                self._finishing -= 1
+
     def _finish(self, batch: list[_Entry], outputs: SequenceOutputs | None,
                 error: BaseException | None, started: float, seconds: float) -> None:
         by_job: dict[Job, tuple[list[int], list[int]]] = {}
