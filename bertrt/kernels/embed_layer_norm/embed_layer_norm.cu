@@ -15,20 +15,26 @@
 
 constexpr int LN_COLS = 4;  // columns per thread
 
-// The embeddings sum of column c in row `row`, in fp32.
+// The three table rows that token `row` sums (word[id], position[row % seq], token_type[type]).
 template <typename TT>
-__device__ __forceinline__ float embeddings_sum(const long long* __restrict__ ids,
-                                                const long long* __restrict__ types,
-                                                const TT* __restrict__ word,
-                                                const TT* __restrict__ position,
-                                                const TT* __restrict__ token_type,
-                                                long long row, long long seq, long long hidden,
-                                                long long c) {
-    const long long id = ids[row];
-    const long long type = types != nullptr ? types[row] : 0;
-    return to_float(word[id * hidden + c]) + to_float(position[(row % seq) * hidden + c])
-           + to_float(token_type[type * hidden + c]);
-}
+struct TableRows {
+    const TT* word;
+    const TT* position;
+    const TT* token_type;
+
+    __device__ __forceinline__ TableRows(const long long* __restrict__ ids,
+                                         const long long* __restrict__ types, const TT* word_table,
+                                         const TT* position_table, const TT* type_table,
+                                         long long row, long long seq, long long hidden)
+        : word(word_table + ids[row] * hidden),
+          position(position_table + (row % seq) * hidden),
+          token_type(type_table + (types != nullptr ? types[row] : 0) * hidden) {}
+
+    // The embeddings sum at column c, in fp32.
+    __device__ __forceinline__ float sum(long long c) const {
+        return to_float(word[c]) + to_float(position[c]) + to_float(token_type[c]);
+    }
+};
 
 template <typename TT, typename TP, typename TO>
 __global__ void embed_layer_norm_forward(
@@ -42,14 +48,13 @@ __global__ void embed_layer_norm_forward(
     const long long row = blockIdx.x;
     const long long base = row * hidden;
     const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    const TableRows<TT> tables(ids, types, word, position, token_type, row, seq, hidden);
     float v[LN_COLS];
     float total = 0.0f;
 #pragma unroll
     for (int k = 0; k < LN_COLS; ++k) {
         const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;
-        v[k] = c < hidden ? embeddings_sum(ids, types, word, position, token_type, row, seq,
-                                           hidden, c)
-                          : 0.0f;
+        v[k] = c < hidden ? tables.sum(c) : 0.0f;
         total += v[k];
     }
     const float mean = block_sum(total, scratch) / static_cast<float>(hidden);
@@ -103,6 +108,7 @@ __global__ void embed_layer_norm_backward(
         const long long base = row * hidden;
         const float mu = mean[row];
         const float rs = rstd[row];
+        const TableRows<TT> tables(ids, types, word, position, token_type, row, seq, hidden);
         float g[LN_COLS], xh[LN_COLS];
         float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma unroll
@@ -112,8 +118,7 @@ __global__ void embed_layer_norm_backward(
             if (c < hidden) {
                 float d = to_float(dy[base + c]);
                 if (p > 0.0f) d = dropout_keep(seed, base + c, p) ? d * scale : 0.0f;
-                xh[k] = (embeddings_sum(ids, types, word, position, token_type, row, seq,
-                                        hidden, c) - mu) * rs;
+                xh[k] = (tables.sum(c) - mu) * rs;
                 g[k] = d * w[k];
                 acc_w[k] += d * xh[k];
                 acc_b[k] += d;
