@@ -55,9 +55,9 @@ def skip_layer_norm(
     """LayerNorm(dropout(x + bias) + skip) over the last axis: (..., H) -> (..., H).
 
     On the kernel path the output dtype is `output_dtype(x, skip, bias)`, what the reference
-    returns; non-contiguous inputs are copied to contiguous ones first. Dropout
-    draws a 64-bit Philox seed from torch's default CPU generator per call, so
-    `torch.manual_seed` makes it reproducible.
+    returns; non-contiguous inputs are copied to contiguous ones first. Dropout draws a
+    63-bit Philox seed from torch's default CPU generator per call, so `torch.manual_seed`
+    makes it reproducible.
     """
     if not _kernel_takes(x, skip, weight, beta, bias):
         return reference.skip_layer_norm(x, skip, weight, beta, bias, eps=eps, dropout=dropout,
