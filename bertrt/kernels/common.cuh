@@ -115,3 +115,11 @@ __device__ __forceinline__ uint4_t philox(unsigned long long seed, unsigned long
 __device__ __forceinline__ float uniform(unsigned int bits) {
     return static_cast<float>(bits >> 8) * (1.0f / 16777216.0f);
 }
+
+// Dropout's keep decision for element `index` (row * hidden + column, 64-bit) of the call keyed
+// by `seed`: kept with probability 1 - p. A forward, its backward and a `dropout_mask` kernel
+// that call it with the same (seed, index) agree bit for bit, so nothing but the seed is saved.
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long index,
+                                             float p) {
+    return uniform(philox(seed, index).x) >= p;
+}
