@@ -112,7 +112,7 @@ def plan(dry_run: bool) -> Plan:
     config = BertConfig.preset("base")
     return Plan(config, torch.device("cuda"), batch=64, seq=128, curve_steps=30, warmup=3,
                 rounds=4, steps_per_round=5, inference_shapes=((1, 128), (32, 128)),
-                inference_repeats=30, peak_n=8192, kernel_timeout_s=240, dtype=torch.bfloat16)
+                inference_repeats=30, peak_n=8192, kernel_timeout_s=200, dtype=torch.bfloat16)
 
 
 # ====================================================================== progress, sections
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kt = run_pytest(["tests/kernels"], p.kernel_timeout_s)
             device_tests = run_pytest(["tests/lower/test_device.py",
-                                       "tests/train/test_cuda_training.py"], 120)
+                                       "tests/train/test_cuda_training.py"], 90)
             kt["result"] = ("pass" if kt["passed"] else "FAIL") + f" ({kt['summary']})"
             report["kernel_tests"] = kt
             report["device_tests"] = device_tests
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     # c. pre-training throughput and MFU
     with log.section("pretraining"):
         report["pretraining"] = throughput(p, tok, data, with_kernels, with_hf, log,
-                                           budget_s=150)
+                                           budget_s=120)
     if p.device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -579,7 +579,8 @@ class PackedModule(LoweredModule):
             masked_positions = _as_index(masked_positions, "masked_positions", device)
             if self.check_inputs:
                 _check_range(masked_positions, input_ids.numel(), "masked_positions", "tokens")
-        offsets = CuSeqlens(cu.to(torch.int32).to(device), longest)
+        # non-blocking: a blocking copy would wait for the device's queue to drain
+        offsets = CuSeqlens(cu.to(torch.int32).to(device, non_blocking=True), longest)
         return self._generated(masked_positions is not None)(
             self.params(), self.training, input_ids, None, token_type_ids,
             masked_positions, offsets)

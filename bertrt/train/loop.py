@@ -222,7 +222,8 @@ def _step(run: _Run, step: int) -> _Done:
         _enter_stage(run, run.plan.stage_at(step))
     # The step's micro-batches first: the loss denominators count all of them.
     batches = [task.batch(step, micro, env) for micro in range(cfg.grad_accum)]
-    counts = sum(task.counts(b) for b in batches).to(env.device)
+    # non-blocking: a blocking host-to-device copy waits for the device's queue to drain
+    counts = sum(task.counts(b) for b in batches).to(env.device, non_blocking=True)
     denominators = env.all_sum(counts) / env.world  # DDP averages over ranks
     positions = sum(b["input_ids"].numel() for b in batches)  # token positions, padding included
     # Nothing padded: the forward runs without a mask (its fastest attention); asked here, of

@@ -471,9 +471,10 @@ class QATask(Task):
                     + torch.nn.functional.cross_entropy(end, gold_end, reduction="sum")) / 2
         with torch.no_grad():
             correct = ((start.argmax(-1) == gold_start) & (end.argmax(-1) == gold_end)).sum()
-            stats = torch.stack([loss_sum.double(), correct.double(),
-                                 torch.tensor(float(len(gold_start)), dtype=torch.float64,
-                                              device=start.device)])
+            # a fill on the device, not a copy from the host (which would wait for the device)
+            count = torch.full((), float(len(gold_start)), dtype=torch.float64,
+                               device=start.device)
+            stats = torch.stack([loss_sum.double(), correct.double(), count])
         return loss_sum / denominators[0].clamp(min=1), stats
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:
