@@ -2,7 +2,9 @@
 
 The weights are a dict of torch tensors keyed by the graph's (Hugging Face) parameter names.
 `to_torch()` wraps those very tensors as the module's parameters, so training the module trains
-the model and `save()` writes the trained values.
+the model and `save()` writes the trained values. Moves keep that one set of tensors: `model.to`
+moves the weights and every module lowered from them; a module's own `.to` writes what it moved
+back into the weights (`bertrt.lower.to_torch`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +67,8 @@ class Model:
         #: The files of the dir it was loaded from that bertrt does not write (sentence-
         #: transformers configs, tokenizer.json, ...): `save` writes them too (`modeldir`).
         self.carried: Carried | None = None
+        #: The live modules lowered from this model (`to_torch`), which `to` moves too.
+        self._lowered: weakref.WeakSet[LoweredModule] = weakref.WeakSet()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -137,6 +142,27 @@ class Model:
     def num_parameters(self) -> int:
         return sum(int(t.numel()) for t in self.weights.values())
 
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> Model:
+        """Move the weights to `device` and their floating-point tensors to `dtype`, and the
+        modules lowered from this model with them (they keep sharing one set of tensors);
+        returns the model. A tensor already there stays the very same object (on the CPU,
+        `model.to("cpu")` changes nothing); one that moves is a new tensor (a new Parameter
+        once lowered), so build optimizers after moving, as for `nn.Module.to`. A module's
+        own `.to()` also moves the weights, but not the other modules lowered from them."""
+        with torch.no_grad():
+            for name, tensor in self.weights.items():
+                moved = tensor.to(device=device,
+                                  dtype=dtype if tensor.is_floating_point() else None)
+                if moved is tensor:
+                    continue
+                if isinstance(tensor, torch.nn.Parameter):
+                    moved = torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                self.weights[name] = moved
+        for net in list(self._lowered):
+            net.bind(self.weights)
+        return self
+
     # ------------------------------------------------------------------ lowerings
     def to_torch(self, fuse: bool | str = True, checkpoint_layers: bool = False,
                  packed: bool = False) -> LoweredModule:
@@ -166,6 +192,7 @@ class Model:
             masked, _ = fused_copy(build_bert(self.config, self.head, masked_lm=True), passes)
         net = lower(graph, self.weights, checkpoint_layers=checkpoint_layers,
                     masked_graph=masked)
+        self._lowered.add(net)
         return net.eval()
 
     def export_onnx(

@@ -4,6 +4,12 @@
 (Hugging Face) names and *are* the tensors in `weights` (shared storage, not copies). Its forward
 is Python source generated from the graph once — one plain call per node, no interpretation per
 call — so it costs what a hand-written module costs.
+
+One set of tensors, whatever moves them: the generated forward reads the module's parameters at
+call time (not a tuple captured at build time), and a move of the module (`.to`, `.cuda`,
+`.double`, `.to_empty`: everything that goes through `nn.Module._apply`, which may create new
+Parameter objects across device types) writes the moved parameters back into `weights`. So
+`model.to_torch().to("cuda")` trains the tensors the `Model` saves.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +60,39 @@ def _softmax(x: torch.Tensor, key_mask: torch.Tensor | None = None, *, axis: int
     return torch.softmax(x, axis)
 
 
-def _packed_positions(cu_seqlens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return token_positions(cu_seqlens)[1]  # (B+1,) -> (T,) positions 0.. in each sequence
+class CuSeqlens(NamedTuple):
+    """`cu_seqlens` as `PackedModule` hands it to the generated forward: the (B+1,) int32
+    offsets on the model's device, and the longest sequence, known on the host so that no op
+    has to ask the device for it (a host sync per layer on CUDA)."""
+
+    offsets: torch.Tensor
+    max_len: int
 
 
-def _first_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    return x.index_select(0, cu_seqlens[:-1].long())  # (T, H) -> (B, H)
+def _offsets(cu: torch.Tensor | CuSeqlens) -> tuple[torch.Tensor, int | None]:
+    """The offsets tensor and the longest length if known (the ops take a bare tensor too)."""
+    return (cu.offsets, cu.max_len) if isinstance(cu, CuSeqlens) else (cu, None)
+
+
+def _packed_positions(cu_seqlens: torch.Tensor | CuSeqlens,
+                      input_ids: torch.Tensor) -> torch.Tensor:
+    offsets, _ = _offsets(cu_seqlens)
+    # (B+1,) -> (T,) positions 0.. in each sequence; T from the ids' shape (no device read)
+    return token_positions(offsets, total=input_ids.shape[0])[1]
+
+
+def _first_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor | CuSeqlens) -> torch.Tensor:
+    offsets, _ = _offsets(cu_seqlens)
+    return x.index_select(0, offsets[:-1].long())  # (T, H) -> (B, H)
+
+
+def _packed_attention(x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor,
+                      k_weight: torch.Tensor, k_bias: torch.Tensor, v_weight: torch.Tensor,
+                      v_bias: torch.Tensor, cu_seqlens: torch.Tensor | CuSeqlens,
+                      **attrs: Any) -> torch.Tensor:
+    offsets, max_len = _offsets(cu_seqlens)
+    return kernels.packed_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                                    offsets, max_seqlen=max_len, **attrs)
 
 
 def _mask_index(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,7 +151,7 @@ TORCH_OPS: dict[Op, TorchOp] = {
     Op.ATTENTION: TorchOp(kernels.attention, training=True),
     Op.PACKED_POSITIONS: TorchOp(_packed_positions),
     Op.FIRST_TOKENS: TorchOp(_first_tokens),
-    Op.PACKED_ATTENTION: TorchOp(kernels.packed_attention, training=True),
+    Op.PACKED_ATTENTION: TorchOp(_packed_attention, training=True),
 }
 check_table(TORCH_OPS, "torch")
 
@@ -144,15 +177,15 @@ class LoweredModule(nn.Module):
             raise KeyError(f"no weights for parameter(s) {missing[:5]}")
         if masked_graph is not None and list(masked_graph.params) != list(graph.params):
             raise ValueError("masked_graph: its parameters differ from the graph's")
-        params: list[nn.Parameter] = []
-        for name in graph.params:
-            tensor = weights[name]
-            if not isinstance(tensor, nn.Parameter):
-                tensor = nn.Parameter(tensor)  # wraps the same storage
-                weights[name] = tensor
-            self._register_dotted(name, tensor)
-            params.append(tensor)
-        self._param_list = tuple(params)
+        #: The dict the module's parameters were taken from (a `Model`'s `weights`): moves of
+        #: the module write the moved parameters back into it (`_apply`).
+        self._weights = weights
+        self._names = tuple(graph.params)
+        for name in self._names:
+            self._register_dotted(name, self._as_parameter(name))
+        # Where each parameter lives, in graph order: (its owner's `_parameters`, its leaf
+        # name). The forward reads them at call time, so a replaced Parameter is seen.
+        self._slots = tuple(self._slot(name) for name in self._names)
         self.graph_name = graph.name
         self.output_names = tuple(graph.outputs)
         self.input_names = tuple(v.name for v in graph.inputs)
@@ -175,6 +208,48 @@ class LoweredModule(nn.Module):
             _, self._forward_masked = generate_forward(masked_graph,
                                                        checkpoint_layers=checkpoint_layers)
             _, self._forward_masked_inference = generate_forward(masked_graph, inference=True)
+
+    def _as_parameter(self, name: str) -> nn.Parameter:
+        tensor = self._weights[name]
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor)  # wraps the same storage
+            self._weights[name] = tensor
+        return tensor
+
+    def _slot(self, name: str) -> tuple[dict[str, Any], str]:
+        *path, leaf = name.split(".")
+        module: nn.Module = self
+        for part in path:
+            module = module._modules[part]  # type: ignore[assignment]
+        return module._parameters, leaf
+
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters in graph order, as the generated forward takes them (cheap: one
+        dict lookup each)."""
+        return tuple(owner[leaf] for owner, leaf in self._slots)  # type: ignore[misc]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (inputs are moved there)."""
+        owner, leaf = self._slots[0]
+        return owner[leaf].device  # type: ignore[union-attr]
+
+    def bind(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make `weights` (by parameter name) this module's parameters, as `lower` does: what
+        `Model.to` calls on the modules lowered from it after moving their tensors."""
+        self._weights = weights
+        for name, (owner, leaf) in zip(self._names, self._slots):
+            owner[leaf] = self._as_parameter(name)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> LoweredModule:
+        # `nn.Module._apply` moves each parameter in place (`param.data = ...`) when the old
+        # and new tensors are of compatible types (a dtype move on one device), but registers
+        # a new Parameter across device types (CPU -> CUDA, meta) or when torch.__future__ asks
+        # it to overwrite or swap: write whatever it left back into the shared weights.
+        super()._apply(fn, recurse)
+        for name, (owner, leaf) in zip(self._names, self._slots):
+            self._weights[name] = owner[leaf]  # type: ignore[assignment]
+        return self
 
     def _register_dotted(self, name: str, param: nn.Parameter) -> None:
         # Submodules follow the Hugging Face names, so `named_parameters()` and `state_dict()`
@@ -200,7 +275,7 @@ class LoweredModule(nn.Module):
             input_ids, attention_mask, token_type_ids, masked_positions
         )
         return self._generated(masked_positions is not None)(
-            self._param_list, self.training, input_ids, attention_mask, token_type_ids,
+            self.params(), self.training, input_ids, attention_mask, token_type_ids,
             masked_positions, None,
         )
 
@@ -212,7 +287,7 @@ class LoweredModule(nn.Module):
         return self._forward if grad else self._forward_inference
 
     def _prepare(self, input_ids, attention_mask, token_type_ids, masked_positions):
-        device = self._param_list[0].device
+        device = self.device
         input_ids = _as_index(input_ids, "input_ids", device)
         if input_ids.dim() == 1:
             raise InputError("input_ids: expected shape (batch, seq), got a 1-D tensor; "
@@ -225,10 +300,14 @@ class LoweredModule(nn.Module):
             raise InputError(f"input_ids: sequence length {seq} exceeds "
                              f"max_position_embeddings={self.max_positions}")
         if attention_mask is not None:
-            attention_mask = _as_index(attention_mask, "attention_mask", device)
+            attention_mask = _as_index(attention_mask, "attention_mask", None)  # where it is
             _same_shape(attention_mask, input_ids, "attention_mask")
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing padded: the unmasked path is exact and faster
+            # Nothing padded: the unmasked path is exact and faster. Asked of a host mask only:
+            # of a device mask it would cost a host sync, and the masked path is exact too.
+            if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+                attention_mask = None
+            else:
+                attention_mask = attention_mask.to(device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         else:
@@ -468,19 +547,22 @@ class PackedModule(LoweredModule):
         token_type_ids: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        device = self._param_list[0].device
+        device = self.device
         input_ids = _as_index(input_ids, "input_ids", device)
         if input_ids.dim() != 1 or input_ids.numel() == 0:
             raise InputError(f"input_ids: a packed model takes a non-empty 1-D (tokens,) "
                              f"tensor, got shape {tuple(input_ids.shape)}")
-        cu = _as_index(cu_seqlens, "cu_seqlens", device)
+        # The offsets are checked, and their longest length read, on the host (given on a
+        # device, they are copied back once): on the device each read would be a host sync.
+        cu = _as_index(cu_seqlens, "cu_seqlens", torch.device("cpu"))
         lengths = cu[1:] - cu[:-1]
         if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((lengths <= 0).any()) \
                 or int(cu[-1]) != input_ids.numel():
             raise InputError(f"cu_seqlens: expected (batch+1,) increasing offsets from 0 to "
                              f"the token count {input_ids.numel()}, got {cu.tolist()[:8]}")
-        if self.max_positions is not None and int(lengths.max()) > self.max_positions:
-            raise InputError(f"cu_seqlens: a sequence of {int(lengths.max())} tokens exceeds "
+        longest = int(lengths.max())
+        if self.max_positions is not None and longest > self.max_positions:
+            raise InputError(f"cu_seqlens: a sequence of {longest} tokens exceeds "
                              f"max_position_embeddings={self.max_positions}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -495,10 +577,13 @@ class PackedModule(LoweredModule):
             if not self.takes_masked_positions:
                 raise InputError("masked_positions: only the pretraining head takes it")
             masked_positions = _as_index(masked_positions, "masked_positions", device)
-            _check_range(masked_positions, input_ids.numel(), "masked_positions", "tokens")
+            if self.check_inputs:
+                _check_range(masked_positions, input_ids.numel(), "masked_positions", "tokens")
+        # non-blocking: a blocking copy would wait for the device's queue to drain
+        offsets = CuSeqlens(cu.to(torch.int32).to(device, non_blocking=True), longest)
         return self._generated(masked_positions is not None)(
-            self._param_list, self.training, input_ids, None, token_type_ids,
-            masked_positions, cu.to(torch.int32))
+            self.params(), self.training, input_ids, None, token_type_ids,
+            masked_positions, offsets)
 
 
 def lower(graph: Graph, weights: Mapping[str, torch.Tensor],

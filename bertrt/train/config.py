@@ -39,6 +39,9 @@ TASK_KINDS = {
     "qa": TaskKind("question-answering", 1e-4, corpus=False),
 }
 TASKS = tuple(TASK_KINDS)
+#: The tasks whose batches train packed (`--packed`): their losses read pooled outputs or
+#: per-token ones with their labels packed alike (`bertrt.train.task.Task.pack`).
+PACKED_TASKS = ("classify", "tag", "regress")
 SCHEDULES = ("linear", "poly")
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -108,8 +111,9 @@ class TrainConfig:
                              choices=SCHEDULES)
     optimizer: str = _setting("adamw", "adamw, or lamb (Adam with a per-tensor trust ratio).",
                               choices=OPTIMIZERS)
-    precision: str = _setting("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient "
-                              "scaling).", choices=PRECISIONS)
+    precision: str | None = _setting(None, "fp32, bf16 (autocast) or fp16 (autocast + "
+                                     "gradient scaling).", shown="bf16 on CUDA, else fp32",
+                                     choices=PRECISIONS)
     grad_accum: int = _setting(1, "Micro-batches per optimizer step.", min=1)
     clip: float = _setting(1.0, "Gradient-norm clipping (0: off).")
     freeze: tuple[str, ...] = _setting(
@@ -132,6 +136,9 @@ class TrainConfig:
     seed: int = _setting(0, "Seeds the model, the data order, the masking and dropout.", min=0)
     threads: int | None = _setting(None, "Torch threads per process.",
                                    shown="the checkpoint's, else cores / processes", min=1)
+    packed: bool | None = _setting(
+        None, "Fine-tuning (classify, tag, regress): train on the batches' real tokens only, "
+        "padding-free (the same loss up to rounding).", shown="on CUDA")
     checkpoint_activations: bool = _setting(
         False, "Recompute encoder layers in the backward pass (less memory).")
     mask_prob: float = _setting(0.15, "Fraction of the tokens masked for MLM, in (0, 1).")
@@ -176,7 +183,8 @@ class TrainConfig:
         _choice("--task", self.task, TASKS)
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _choice("--precision", self.precision, PRECISIONS)
+        if self.precision is not None:  # None: the device's default (`for_device`)
+            _choice("--precision", self.precision, PRECISIONS)
         for f in dataclasses.fields(self):
             if "min" in f.metadata and getattr(self, f.name) is not None:
                 check_int(_flag(f.name), getattr(self, f.name), f.metadata["min"])
@@ -219,6 +227,21 @@ class TrainConfig:
             raise BertrtError("--resume continues what is in --out; --overwrite replaces it: "
                               "give one of them")
 
+    def for_device(self, cuda: bool) -> TrainConfig:
+        """These settings with the device's defaults filled in: bf16 autocast on CUDA (fp32
+        elsewhere) unless --precision is given, and packed fine-tuning on CUDA for the tasks
+        that can train packed unless --packed/--no-packed is given. A run's trajectory and
+        `run.json` hold the filled-in values."""
+        packs = self.task in PACKED_TASKS
+        if self.packed and not packs:
+            raise BertrtError(f"--packed: --task {self.task} trains padded batches; packed "
+                              f"training is for {', '.join(PACKED_TASKS)}")
+        precision = self.precision or ("bf16" if cuda else "fp32")
+        packed = (cuda and packs) if self.packed is None else self.packed
+        if (precision, packed) == (self.precision, self.packed):
+            return self
+        return dataclasses.replace(self, precision=precision, packed=packed)
+
     # ------------------------------------------------------------------ derived
     @property
     def head(self) -> str:
@@ -243,8 +266,9 @@ class TrainConfig:
         """The `bertrt train` arguments that rebuild this config (for re-launching; without
         --nproc, the launcher's); with `changed_only`, only the settings that differ from
         what they would be without their flag (for a command shown to the user)."""
+        # the CPU's defaults filled in: a CPU run's filled-in values are not changes
         base = TrainConfig(task=self.task, data=self.data, eval_data=self.eval_data,
-                           save_every=self.save_every) if changed_only else None
+                           save_every=self.save_every).for_device(False) if changed_only else None
         argv: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -14,6 +14,12 @@ What makes N processes equal to one, and a resumed run equal to an uninterrupted
   the forward (`losses`), so micro-batch and rank boundaries do not weigh items differently;
 * the only per-rank randomness is dropout, seeded `seed + rank`, and its RNG state is saved for
   every rank in each checkpoint with the optimizer, scheduler and GradScaler states.
+
+On CUDA the host runs ahead of the device: a step's numbers (loss, metrics, gradient norm) stay
+on the device and are read, with every step's since the last read, only where a row is written
+or checked (the first step, every --log-every, evaluations, checkpoints, the last step); a
+non-finite loss is found there and named by its step, before any checkpoint could save it. Off
+a GPU a read costs nothing, and every step is read (and checked) as it ends.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from bertrt.train import checkpoint as ckpt
 from bertrt.train import outdir, report, setup, stages
 from bertrt.train.config import TrainConfig, config_hash
 from bertrt.train.setup import Dist, Optimization, is_distributed_launch
-from bertrt.train.task import TASKS, Task
+from bertrt.train.task import TASKS, Task, pack, to_device
 
 __all__ = ["Dist", "TrainingError", "is_distributed_launch", "train"]
 
@@ -54,8 +60,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
             before that step is evaluated, logged or checkpointed (tests stop a run there).
     """
     env = setup.setup_distributed()
+    setup.configure_device(env)
     try:
-        return _train(cfg, env, on_step)
+        return _train(cfg.for_device(env.device.type == "cuda"), env, on_step)
     finally:
         if env.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -71,14 +78,33 @@ class _Run:
     replaces: bool  # --overwrite: `out` becomes OUT once the run is complete
     task: Task
     model: Model
-    net: torch.nn.Module  # the model's module; `module` is DDP's wrapper of it, or itself
-    module: torch.nn.Module
+    net: torch.nn.Module  # the model's module (padded): evaluation, stages
+    stepper: torch.nn.Module  # what the steps run: `net`, or its packed form (--packed)
+    module: torch.nn.Module  # DDP's wrapper of `stepper`, or `stepper` itself
     opt: Optimization
     threads: int
     best: float | None  # the best eval score so far (fine-tuning)
     plan: stages.Plan  # which parameters each stage trains (`--freeze`, `--stages`)
     stage: int  # the stage the module and optimizer are set up for
     say: report.Say
+
+    @property
+    def eager(self) -> bool:
+        """Read each step's numbers as it ends: off a GPU nothing runs ahead of the host, so
+        the read costs nothing (see the module's docstring)."""
+        return self.env.device.type != "cuda"
+
+
+@dataclass
+class _Done:
+    """An optimizer step whose numbers may still be on the device."""
+
+    step: int  # steps done with it (1-based)
+    t0: float  # when it began (perf_counter)
+    stats: torch.Tensor  # the task's summed statistics and the token positions, all ranks
+    grad_norm: torch.Tensor
+    lr: float
+    stage: int | None  # the stage it trained (1-based), when staged
 
 
 def _train(cfg: TrainConfig, env: Dist, on_step: Callable[[int], None] | None) -> Path:
@@ -122,13 +148,14 @@ def _run(cfg: TrainConfig, env: Dist, begin: setup.Start, say: report.Say,
     model = setup.build_model(cfg, tokenizer, task.labels, begin, say)
     plan = stages.plan(model.graph, cfg.freeze, cfg.stages, cfg.max_steps)
     stage = plan.stage_at(begin.step)
-    net, module = setup.lower(model, cfg, env, plan.trainable[stage])
+    lowered = setup.lower(model, cfg, env, plan.trainable[stage])
+    net = lowered.net
     opt = setup.optimization(cfg, model, net, env, begin.state, say)
     # resumed at a boundary: the parameters the stage freezes give up their saved state
     stages.apply(net, plan.trainable[stage], opt.optimizer)
     setup.open_out(begin, env, tokenizer if trained else None)
-    run = _Run(cfg, env, begin.work, begin.replaces, task, model, net, module, opt, threads,
-               begin.best, plan, stage, say)
+    run = _Run(cfg, env, begin.work, begin.replaces, task, model, net, lowered.stepper,
+               lowered.module, opt, threads, begin.best, plan, stage, say)
 
     # ------------------------------------------------------------------ the loop
     if env.master:
@@ -137,18 +164,27 @@ def _run(cfg: TrainConfig, env: Dist, begin: setup.Start, say: report.Say,
     if cfg.freeze or cfg.stages:
         say(plan.describe(stage, _sizes(net)))
     done = begin.step
+    pending: list[_Done] = []  # steps not read yet
     try:
         with report.Progress(cfg, begin.work, begin.step, task, say, t_start) as progress:
             for step in range(begin.step, cfg.max_steps):
-                row = _step(run, step)
+                pending.append(_step(run, step))
                 done = step + 1
                 if on_step is not None:
                     on_step(done)
                 final = done == cfg.max_steps
-                if task.eval_source is not None and (done % cfg.eval_every == 0 or final):
-                    row.update(_evaluate(run, done))
-                progress.log(row)
-                if done % cfg.save_every == 0 or final:
+                evaluate = task.eval_source is not None and (done % cfg.eval_every == 0
+                                                             or final)
+                save = done % cfg.save_every == 0 or final
+                # the same steps on every rank: a read may stop the run, which all must do
+                if run.eager or evaluate or save or progress.writes(done):
+                    rows = _read(run, pending)
+                    pending.clear()
+                    if evaluate:
+                        rows[-1].update(_evaluate(run, done))
+                    for row in rows:
+                        progress.log(row)
+                if save:
                     _checkpoint(run, done)
     except KeyboardInterrupt:
         report.interrupted(cfg, begin, done, env.world, say)
@@ -178,47 +214,82 @@ def _finished(cfg: TrainConfig, begin: setup.Start, env: Dist, say: report.Say) 
     return begin.out
 
 
-def _step(run: _Run, step: int) -> dict[str, Any]:
-    """Optimizer step `step` (0-based) over its micro-batches; its row of metrics."""
+def _step(run: _Run, step: int) -> _Done:
+    """Optimizer step `step` (0-based) over its micro-batches."""
     cfg, env, task, opt = run.cfg, run.env, run.task, run.opt
     t0 = time.perf_counter()
     if run.plan.stage_at(step) != run.stage:
         _enter_stage(run, run.plan.stage_at(step))
     # The step's micro-batches first: the loss denominators count all of them.
     batches = [task.batch(step, micro, env) for micro in range(cfg.grad_accum)]
-    counts = sum(task.counts(b) for b in batches).to(env.device)
+    # non-blocking: a blocking host-to-device copy waits for the device's queue to drain
+    counts = sum(task.counts(b) for b in batches).to(env.device, non_blocking=True)
     denominators = env.all_sum(counts) / env.world  # DDP averages over ranks
-    # summed on the device: one host sync per step (below), not one per micro-step
+    positions = sum(b["input_ids"].numel() for b in batches)  # token positions, padding included
+    # Nothing padded: the forward runs without a mask (its fastest attention); asked here, of
+    # the host's copy, since the module cannot ask a device mask without a host sync.
+    unpadded = ["attention_mask" in b and bool(b["attention_mask"].all()) for b in batches]
+    if cfg.packed:
+        batches = [pack(b) for b in batches]
+    batches = [to_device(b, env.device) for b in batches]
+    # summed on the device, and read when a row is written (`_read`)
     stats = torch.zeros(len(task.stat_names) + 1, dtype=torch.float64, device=env.device)
     for micro, batch in enumerate(batches):
         last_micro = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last_micro or not env.enabled else (
             run.module.no_sync())  # type: ignore[operator]
+        inputs = task.inputs(batch, env.device)
+        if unpadded[micro] and not cfg.packed:
+            del inputs["attention_mask"]
         with sync:
             with opt.autocast:
-                outputs = run.module(**task.inputs(batch, env.device))
+                outputs = run.module(**inputs)
                 loss, micro_stats = task.loss(outputs, batch, denominators)
             opt.scaler.scale(loss).backward()
         stats[:-1] += micro_stats
-        stats[-1] += batch["input_ids"].numel()  # token positions, padding included
-    stats = env.all_sum(stats).cpu()
-    metrics = task.summarize(stats[:-1])  # the step's, over all ranks
-    if not math.isfinite(metrics["loss"]):
-        raise _non_finite(f"the loss is {metrics['loss']}", step + 1, run)
+    stats[-1] += positions
+    stats = env.all_sum(stats)
+    if run.eager:  # before the update, as the update would spread a NaN to every parameter
+        _check_loss(run, step + 1, stats)
     grad_norm, lr = _update(run, step)
-    row = {"step": step + 1, "loss": metrics["loss"], "lr": lr,
-           "tokens_per_s": float(stats[-1]) / (time.perf_counter() - t0), **metrics,
-           "grad_norm": grad_norm}
-    if run.plan.staged:
-        row["stage"] = run.stage + 1
-    return row
+    return _Done(step + 1, t0, stats, grad_norm, lr,
+                 run.stage + 1 if run.plan.staged else None)
+
+
+def _check_loss(run: _Run, step: int, stats: torch.Tensor) -> dict[str, float]:
+    """The step's metrics from its summed `stats`; a non-finite loss stops the run."""
+    metrics = run.task.summarize(stats[:-1].cpu())
+    if not math.isfinite(metrics["loss"]):
+        raise _non_finite(f"the loss is {metrics['loss']}", step, run)
+    return metrics
+
+
+def _read(run: _Run, pending: list[_Done]) -> list[dict[str, Any]]:
+    """The rows of the `pending` steps, read from the device at once (one host sync), each
+    checked as the step that made it would have been; tokens/s is over all of them."""
+    values = torch.stack([torch.cat([d.stats, d.grad_norm.double().reshape(1)])
+                          for d in pending]).cpu()
+    seconds = time.perf_counter() - pending[0].t0
+    tokens_per_s = float(values[:, -2].sum()) / seconds
+    rows = []
+    for done, row_values in zip(pending, values):
+        metrics = _check_loss(run, done.step, row_values[:-1])
+        grad_norm = float(row_values[-1])
+        if not math.isfinite(grad_norm) and not run.opt.scaler.is_enabled():
+            raise _non_finite(f"the gradient norm is {grad_norm}", done.step, run)
+        row = {"step": done.step, "loss": metrics["loss"], "lr": done.lr,
+               "tokens_per_s": tokens_per_s, **metrics, "grad_norm": grad_norm}
+        if done.stage is not None:
+            row["stage"] = done.stage
+        rows.append(row)
+    return rows
 
 
 def _enter_stage(run: _Run, stage: int) -> None:
     """Between two steps: train the parameters of `stage` (fresh optimizer state for those
     that join, none kept for those that leave), with a DDP wrapper that reduces them."""
     stages.apply(run.net, run.plan.trainable[stage], run.opt.optimizer)
-    run.module = setup.wrap(run.net, run.env)
+    run.module = setup.wrap(run.stepper, run.env)
     run.stage = stage
     run.say(run.plan.describe(stage, _sizes(run.net)))
 
@@ -227,14 +298,15 @@ def _sizes(net: torch.nn.Module) -> dict[str, int]:
     return {name: p.numel() for name, p in net.named_parameters()}
 
 
-def _update(run: _Run, step: int) -> tuple[float, float]:
-    """Clip and apply the gradients, advance the schedule; the gradient norm and the lr used."""
+def _update(run: _Run, step: int) -> tuple[torch.Tensor, float]:
+    """Clip and apply the gradients, advance the schedule; the gradient norm (on the device)
+    and the lr used."""
     opt = run.opt
     opt.scaler.unscale_(opt.optimizer)
     max_norm = run.cfg.clip if run.cfg.clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, max_norm))
-    if not math.isfinite(grad_norm) and not opt.scaler.is_enabled():
-        raise _non_finite(f"the gradient norm is {grad_norm}", step + 1, run)
+    grad_norm = torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
+    if run.eager and not opt.scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+        raise _non_finite(f"the gradient norm is {float(grad_norm)}", step + 1, run)
     lr = opt.scheduler.get_last_lr()[0]
     opt.scaler.step(opt.optimizer)  # with fp16 a step with inf gradients is skipped
     opt.scaler.update()
@@ -258,7 +330,7 @@ def _evaluate(run: _Run, done: int) -> dict[str, float]:
 def _checkpoint(run: _Run, done: int) -> None:
     """`OUT/checkpoints/step-<done>`: the model and everything an exact resume needs."""
     cfg, env, opt = run.cfg, run.env, run.opt
-    if not all(bool(torch.isfinite(p).all()) for p in opt.params):
+    if not bool(torch.stack([torch.isfinite(p).all() for p in opt.params]).all()):
         raise _non_finite("the parameters are no longer finite", done, run)
     rng = env.gather(ckpt.rng_state())  # every rank's dropout RNG
     if env.master:

@@ -104,6 +104,10 @@ class Progress:
         if self.file is not None:
             self.file.close()
 
+    def writes(self, done: int) -> bool:
+        """Whether the row of step `done` goes to `metrics.jsonl` (as do eval steps')."""
+        return done == 1 or done % self.cfg.log_every == 0 or done == self.cfg.max_steps
+
     def log(self, row: dict[str, Any]) -> None:
         """Show step `row["step"]`; write it on the first, every --log-every, the last step
         and steps with an evaluation."""
@@ -114,8 +118,7 @@ class Progress:
         self.bar.set_postfix_str(postfix(self.task, row), refresh=False)
         if not self.shown and (done % self.cfg.save_every == 0 or done == self.cfg.max_steps):
             self.say(f"step {done}/{self.cfg.max_steps}: {postfix(self.task, row)}")
-        if (done == 1 or done % self.cfg.log_every == 0 or done == self.cfg.max_steps
-                or "eval_loss" in row):
+        if self.writes(done) or "eval_loss" in row:
             row["elapsed_s"] = time.perf_counter() - self.t_start
             self.file.write(json.dumps(_rounded(row)) + "\n")  # type: ignore[union-attr]
             self.file.flush()  # type: ignore[union-attr]

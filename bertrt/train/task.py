@@ -28,7 +28,37 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]
 Say = Callable[[str], None]
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions")
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions", "cu_seqlens")
+
+#: Inputs the forward reads on the host (the packed offsets: their longest length sizes the
+#: attention), so they stay there; a device copy would cost a host sync to read back.
+_ON_HOST = ("cu_seqlens",)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """`batch` on `device`. To CUDA the tensors go through pinned (page-locked) memory as
+    non-blocking copies: the host queues them and goes on (the copy waits for nothing the
+    device is doing, and nothing waits for the copy but the kernels that read it)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v if k in _ON_HOST else v.pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def pack(batch: Batch) -> Batch:
+    """A right-padded batch in the packed (padding-free) layout `PackedModule` takes: the
+    real tokens of `input_ids` and `token_type_ids` one row after another (T,), `cu_seqlens`
+    (B+1,) int32 from `attention_mask` (which goes), and every other (B, S) tensor (token
+    labels) packed alike; per-example tensors (B,) stay as they are."""
+    mask = batch["attention_mask"].bool()  # (B, S)
+    lengths = mask.sum(1)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    shape = mask.shape
+    out = {k: (v[mask] if v.shape[:2] == shape else v)  # (B, S) -> (T,)
+           for k, v in batch.items() if k != "attention_mask"}
+    out["cu_seqlens"] = cu
+    return out
 
 
 class Task(ABC):
@@ -109,7 +139,8 @@ class Task(ABC):
         with torch.no_grad():
             for start in range(0, len(mine), batch_size):
                 indices = mine[start:start + batch_size]
-                batch = self.collate([self.eval_source[i] for i in indices], indices)
+                batch = to_device(self.collate([self.eval_source[i] for i in indices], indices),
+                                  env.device)
                 with autocast:
                     outputs = net(**self.inputs(batch, env.device))
                     _, batch_stats = self.loss(outputs, batch, ones)
@@ -440,9 +471,10 @@ class QATask(Task):
                     + torch.nn.functional.cross_entropy(end, gold_end, reduction="sum")) / 2
         with torch.no_grad():
             correct = ((start.argmax(-1) == gold_start) & (end.argmax(-1) == gold_end)).sum()
-            stats = torch.stack([loss_sum.double(), correct.double(),
-                                 torch.tensor(float(len(gold_start)), dtype=torch.float64,
-                                              device=start.device)])
+            # a fill on the device, not a copy from the host (which would wait for the device)
+            count = torch.full((), float(len(gold_start)), dtype=torch.float64,
+                               device=start.device)
+            stats = torch.stack([loss_sum.double(), correct.double(), count])
         return loss_sum / denominators[0].clamp(min=1), stats
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:

@@ -55,19 +55,27 @@ def attention(
     return context.transpose(1, 2).reshape(b, s, h)
 
 
-def token_positions(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed tokens: each token's sequence index and its position in it, both (T,) int64."""
+def token_positions(cu_seqlens: torch.Tensor,
+                    total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: each token's sequence index and its position in it, both (T,) int64.
+
+    `total` is T when the caller knows it (from a tensor's shape): on CUDA the device is then
+    never asked for it (a host sync).
+    """
     cu = cu_seqlens.long()
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device),
-                                  cu[1:] - cu[:-1])
+                                  cu[1:] - cu[:-1], output_size=total)
     return seq, torch.arange(seq.numel(), device=cu.device) - cu[:-1][seq]
 
 
-def packed_layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
+                  total: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Where each packed token sits in the padded (B, Smax) view of its batch.
 
     Args:
         cu_seqlens: (B+1,) cumulative lengths, 0 first.
+        max_seqlen: Smax, when the caller knows it (else read from the device).
+        total: T, when the caller knows it (see `token_positions`).
 
     Returns:
         `slots` (T,) int64: b*Smax + s of token t (its sequence b, position s); `lengths` (B,);
@@ -75,8 +83,11 @@ def packed_layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     """
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    smax = int(lengths.max()) if lengths.numel() else 0
-    seq, pos = token_positions(cu)
+    if max_seqlen is not None:
+        smax = max_seqlen
+    else:
+        smax = int(lengths.max()) if lengths.numel() else 0
+    seq, pos = token_positions(cu, total)
     return seq * smax + pos, lengths, smax
 
 
@@ -94,14 +105,16 @@ def packed_attention(
     scale: float,
     dropout: float = 0.0,
     training: bool = False,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Self-attention over packed tokens: (T, H) -> (T, H), each sequence on its own.
 
     The projections run on the T real tokens; only the attention core sees the padded
     (B, N, Smax, D) view, with the keys past each length masked as `attention` masks them.
+    `max_seqlen` is the longest length when the caller knows it (no device read).
     """
     t, h = x.shape
-    slots, lengths, smax = packed_layout(cu_seqlens)
+    slots, lengths, smax = packed_layout(cu_seqlens, max_seqlen, total=t)
     b, d = lengths.numel(), h // heads
 
     def padded(w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
