@@ -66,10 +66,11 @@ def test_kernel_matches_float64_cross_entropy(shape, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_mlm_loss_through_autograd(dtype) -> None:
+def test_mlm_loss_through_autograd(dtype, monkeypatch) -> None:
     """`mlm_loss` as training calls it: logits from a decoder matmul, loss / denominator; the
     sums and the decoder's input gradient against float64."""
     assert cuda.wants_kernel(torch.zeros(1, device="cuda"))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 means fp32
     rows, hidden, vocab = 64, 32, 30522
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype).requires_grad_(True)
