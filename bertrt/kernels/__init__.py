@@ -9,7 +9,9 @@ Until the CUDA kernels land, every public function runs its reference.
 from bertrt.kernels.attention import attention, key_mask_bias, packed_attention, packed_layout
 from bertrt.kernels.bias_gelu import bias_gelu
 from bertrt.kernels.embed_layer_norm import embed_layer_norm
+from bertrt.kernels.mlm_loss import mlm_loss
+from bertrt.kernels.optim import adamw_step, lamb_step
 from bertrt.kernels.skip_layer_norm import skip_layer_norm
 
-__all__ = ["attention", "bias_gelu", "embed_layer_norm", "key_mask_bias", "packed_attention",
-           "packed_layout", "skip_layer_norm"]
+__all__ = ["adamw_step", "attention", "bias_gelu", "embed_layer_norm", "key_mask_bias",
+           "lamb_step", "mlm_loss", "packed_attention", "packed_layout", "skip_layer_norm"]

@@ -9,6 +9,10 @@ between ranks and micro-batches.
 Each function returns the loss to back-propagate and a vector of detached sums for logging
 (named by the matching `*_STATS` tuple); summed over micro-batches and ranks, the sums give
 the step's exact metrics.
+
+The MLM loss is `bertrt.kernels.mlm_loss`: on CUDA a fused kernel whose backward writes the
+gradient over the prediction logits (nothing may use them after the loss), elsewhere torch's
+cross-entropy, as it always was.
 """
 
 from __future__ import annotations
@@ -16,16 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bertrt.kernels import mlm_loss
 from bertrt.train.data import IGNORE_INDEX as IGNORE
 
 PRETRAINING_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count",
                      "nsp_loss_sum", "nsp_correct", "nsp_count")
 CLASSIFICATION_STATS = ("loss_sum", "correct", "count")  # tagging uses these too
-
-
-def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the masked rows: logits (M, V), labels (M,) (-100 ignored)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
 
 
 def pretraining_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -41,23 +41,25 @@ def pretraining_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Te
 
     Args:
         outputs: the forward's dict; `prediction_logits` (M, V) are the rows of
-            `batch["masked_positions"]`, `seq_relationship_logits` (B, 2).
+            `batch["masked_positions"]` (on CUDA, consumed by the backward: see the module
+            doc), `seq_relationship_logits` (B, 2).
         batch: `mlm_labels` (M,), `nsp_labels` (B,).
         denominators: (2,) masked-token and sentence-pair counts of the step (see module doc).
     """
     mlm_logits = outputs["prediction_logits"]  # (M, V)
     nsp_logits = outputs["seq_relationship_logits"].float()  # (B, 2)
-    mlm_labels, nsp_labels = batch["mlm_labels"], batch["nsp_labels"]
-    mlm_sum = mlm_loss_sum(mlm_logits, mlm_labels)
+    # the collated labels stay on the host; the logits' device (a no-op on CPU)
+    mlm_labels = batch["mlm_labels"].to(mlm_logits.device)
+    nsp_labels = batch["nsp_labels"].to(nsp_logits.device)
+    mlm_sum, mlm_correct, mlm_count = mlm_loss(mlm_logits, mlm_labels)
     nsp_sum = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=IGNORE, reduction="sum")
     loss = mlm_sum / denominators[0].clamp(min=1) + nsp_sum / denominators[1].clamp(min=1)
     with torch.no_grad():
-        mlm_keep = mlm_labels != IGNORE
         nsp_keep = nsp_labels != IGNORE
         stats = torch.stack([
             mlm_sum.double(),
-            ((mlm_logits.argmax(-1) == mlm_labels) & mlm_keep).sum().double(),
-            mlm_keep.sum().double(),
+            mlm_correct.double(),
+            mlm_count.double(),
             nsp_sum.double(),
             ((nsp_logits.argmax(-1) == nsp_labels) & nsp_keep).sum().double(),
             nsp_keep.sum().double(),
@@ -75,7 +77,7 @@ def classification_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch
     """Cross-entropy of `logits` (B, C) against `labels` (B,), or of token logits (B, S, C)
     against `labels` (B, S) with -100 on ignored positions (tagging)."""
     logits = outputs["logits"].float()
-    labels = batch["labels"]
+    labels = batch["labels"].to(logits.device)  # from the host; a no-op on CPU
     logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     loss = loss_sum / denominators[0].clamp(min=1)
