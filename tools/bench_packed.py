@@ -109,6 +109,28 @@ def packed_runner(sess, rows: list[np.ndarray], batches: list[list[int]]):
     return run
 
 
+def batch1_latency(systems: dict[str, object], rounds: int = 5, calls: int = 10,
+                   warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each system, timed in blocks: per round, each system in turn
+    (the order rotated every round) runs `warmup` calls and then `calls` timed ones, back to
+    back. Not call by call: ONNX Runtime's and OpenVINO's worker threads spin for a while
+    after a run, and with every system's threads in one process, the one that ran last
+    keeps cores the next one needs (interleaved call by call, whichever spins last looks
+    up to 3x faster than the same graph in another session)."""
+    names = list(systems)
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = systems[name]
+            for _ in range(warmup):
+                run()
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                run()
+                lat[name].append(time.perf_counter() - t0)
+    return lat
+
+
 def matmul_peaks(threads: int, m: int = 2048, k: int = 384, n: int = 1536,
                  repeats: int = 20) -> dict[str, float]:
     """GFLOP/s of one ONNX Runtime MatMul, fp32 (`MatMul`) and int8 (`MatMulInteger`, uint8
@@ -285,14 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     request = [Request(query[0], np.zeros_like(query[0]))]
     for name, engine in running.items():  # the engine's path for one sequence (its twin)
         one[name] = (lambda e=engine: e.backend.run_sequences(request, 0))
-    lat: dict[str, list[float]] = {k: [] for k in one}
-    for _ in range(30):
-        for name, run in one.items():
-            t0 = time.perf_counter()
-            run()
-            lat[name].append(time.perf_counter() - t0)
+    lat = batch1_latency(one)
     base = statistics.median(lat["ort-opt"])
-    print("\nbatch 1 x 16 tokens (median of 30, interleaved):")
+    print("\nbatch 1 x 16 tokens (median of 5 rounds x 10 calls, each system alone in its "
+          "block, blocks rotated):")
     for name, ts in lat.items():
         t = statistics.median(ts)
         print(f"  {name:40s} {t * 1e3:6.2f} ms  {base / t:5.2f}x ort-opt")

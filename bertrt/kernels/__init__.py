@@ -2,8 +2,11 @@
 
 Every op has a pure-torch reference (`<op>/reference.py`, forward and backward by autograd) and
 one public function that dispatches: a CUDA tensor with CuPy present runs the CuPy kernel
-(`<op>/<op>.cu`), anything else runs the reference. CuPy is imported lazily, never on CPU.
-Until the CUDA kernels land, every public function runs its reference.
+(`<op>/<op>.cu`, compiled by NVRTC at first use, through `cuda.py`), anything else runs the
+reference. CuPy is imported lazily, never on CPU. `BERTRT_KERNELS=reference` (or
+`cuda.use_kernels(False)`) runs the references on CUDA too. Attention has no kernel of its
+own: torch's flash / memory-efficient SDPA, and its varlen flash path for the packed graph.
+See docs/kernels.md.
 """
 
 from bertrt.kernels.attention import attention, key_mask_bias, packed_attention, packed_layout

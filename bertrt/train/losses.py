@@ -110,7 +110,7 @@ def regression_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Ten
     loss = loss_sum / denominators[0].clamp(min=1)
     with torch.no_grad():
         p, g = preds.double(), golds.double()
-        stats = torch.stack([loss_sum.double(), torch.tensor(float(len(g)), dtype=torch.float64,
-                                                             device=p.device),
+        stats = torch.stack([loss_sum.double(), torch.full((), float(len(g)), dtype=torch.float64,
+                                                           device=p.device),
                              p.sum(), g.sum(), (p * p).sum(), (g * g).sum(), (p * g).sum()])
     return loss, stats
