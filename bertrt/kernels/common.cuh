@@ -85,6 +85,23 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
     return warp_max(x);
 }
 
+// The mean and reciprocal standard deviation of a row of `hidden` values held COLS per thread
+// (thread t: columns t + k * blockDim.x; `total` is this thread's sum of its columns), over the
+// whole block. Two passes over the registers: the variance of centred values, no cancellation.
+template <int COLS>
+__device__ __forceinline__ void row_moments(const float (&v)[COLS], float total,
+                                            long long hidden, float eps, float* scratch,
+                                            float& mean, float& rstd) {
+    mean = block_sum(total, scratch) / static_cast<float>(hidden);
+    float squares = 0.0f;
+#pragma unroll
+    for (int k = 0; k < COLS; ++k) {
+        const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;
+        if (c < hidden) squares += (v[k] - mean) * (v[k] - mean);
+    }
+    rstd = rsqrtf(block_sum(squares, scratch) / static_cast<float>(hidden) + eps);
+}
+
 // Philox4x32-10 (Salmon et al., 2011): counter-based random numbers, so a backward pass can
 // regenerate the forward's dropout mask from (seed, element index) instead of storing it.
 struct uint4_t { unsigned int x, y, z, w; };

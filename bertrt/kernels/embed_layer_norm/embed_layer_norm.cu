@@ -57,14 +57,8 @@ __global__ void embed_layer_norm_forward(
         v[k] = c < hidden ? tables.sum(c) : 0.0f;
         total += v[k];
     }
-    const float mean = block_sum(total, scratch) / static_cast<float>(hidden);
-    float squares = 0.0f;
-#pragma unroll
-    for (int k = 0; k < LN_COLS; ++k) {
-        const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;
-        if (c < hidden) squares += (v[k] - mean) * (v[k] - mean);
-    }
-    const float rstd = rsqrtf(block_sum(squares, scratch) / static_cast<float>(hidden) + eps);
+    float mean, rstd;
+    row_moments(v, total, hidden, eps, scratch, mean, rstd);
 #pragma unroll
     for (int k = 0; k < LN_COLS; ++k) {
         const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;

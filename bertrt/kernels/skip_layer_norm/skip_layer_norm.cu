@@ -43,15 +43,8 @@ __global__ void skip_layer_norm_forward(
             total += v[k];
         }
     }
-    // Two passes over registers: the variance of centred values, no cancellation.
-    const float mean = block_sum(total, scratch) / static_cast<float>(hidden);
-    float squares = 0.0f;
-#pragma unroll
-    for (int k = 0; k < LN_COLS; ++k) {
-        const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;
-        if (c < hidden) squares += (v[k] - mean) * (v[k] - mean);
-    }
-    const float rstd = rsqrtf(block_sum(squares, scratch) / static_cast<float>(hidden) + eps);
+    float mean, rstd;  // two passes over the registers (see row_moments)
+    row_moments(v, total, hidden, eps, scratch, mean, rstd);
 #pragma unroll
     for (int k = 0; k < LN_COLS; ++k) {
         const long long c = threadIdx.x + static_cast<long long>(k) * blockDim.x;
