@@ -67,6 +67,12 @@ CHUNK_TEXTS = 4096
 #: Inputs at least this long get a progress bar (on a terminal, unless `progress=` says).
 PROGRESS_MIN_TEXTS = 512
 
+#: The outputs the engine reads, by head: `embed` pools the hidden states of every head
+#: (`Backend.read_only`: an encoder's pooler is then not run).
+READS = {"none": ("last_hidden_state",), "pretraining": ("last_hidden_state",),
+         "classification": ("last_hidden_state", "logits"),
+         "token-classification": ("last_hidden_state", "logits"),
+         "question-answering": ("last_hidden_state", "start_logits", "end_logits")}
 #: What each head is, and the call that serves it, for the errors of the others.
 _HEADS = {"none": ("an encoder without a task head", "embed()"),
           "pretraining": ("a pretraining model (MLM and NSP heads)", "embed()"),
@@ -205,7 +211,7 @@ class InferenceEngine:
             choice = self._choose(model, weights, info, precision, packed, threads)
         else:
             choice = _check_runs(Candidate(backend, precision), weights is not None)
-            self.backend = _start_backend(choice, weights, info, threads, packed, self._twin)
+            self.backend = self._start(choice, weights, info, threads, packed)
         self.backend_name, self.precision = choice.backend, choice.precision
         self.max_batch_tokens = max_batch_tokens or self.backend.batch_tokens
         self.threads = threads
@@ -257,14 +263,14 @@ class InferenceEngine:
         known = remembered(key)
         if known in candidates or len(candidates) == 1:
             choice = known if known in candidates else candidates[0]
-            self.backend = _start_backend(choice, weights, info, threads, packed, self._twin)
+            self.backend = self._start(choice, weights, info, threads, packed)
             return choice
         batch, query = probe_requests(int(self.config.vocab_size), _first_word_id(self),
                                       self.max_length)
         best: tuple[Trial, Backend] | None = None
         pad = self.tokenizer.pad_id
         for candidate in candidates:
-            backend = _start_backend(candidate, weights, info, threads, packed, self._twin)
+            backend = self._start(candidate, weights, info, threads, packed)
             trial = Trial(candidate, *time_backend(backend, batch, query, pad))
             self.trials.append(trial)
             if best is None or trial.score < best[0].score:
@@ -278,6 +284,13 @@ class InferenceEngine:
         self.backend = best[1]
         remember(key, best[0].candidate)
         return best[0].candidate
+
+    def _start(self, choice: Candidate, weights: Model | None, info: OnnxInfo | None,
+               threads: int | None, packed: bool | None) -> Backend:
+        """A backend for `choice` that returns only the outputs the engine reads."""
+        backend = _start_backend(choice, weights, info, threads, packed, self._twin)
+        backend.read_only(READS[self.head])
+        return backend
 
     def __repr__(self) -> str:
         return f"InferenceEngine({self.description})"

@@ -257,6 +257,25 @@ def test_packed_and_int8_backends_agree_with_padded(encoder_dir, encoder, monkey
         InferenceEngine(encoder_dir, backend="torch", precision="int8")
 
 
+def test_backends_return_only_what_the_engine_reads(encoder_dir, classifier_dir):
+    """An encoder's engine never runs the pooler (ONNX Runtime prunes what no output asked
+    for needs); a classifier's keeps its logits; both keep the hidden states embed pools."""
+    from bertrt.serve.workload import Request
+
+    one = [Request(np.array([2, 5, 6, 3]), np.zeros(4, np.int64))]
+    two = one + [Request(np.array([2, 7, 3]), np.zeros(3, np.int64))]
+    for backend in ("ort", "torch"):
+        with InferenceEngine(encoder_dir, backend=backend, packed=backend == "ort") as engine:
+            assert "pooler_output" in engine.backend.output_names
+            for batch in (one, two):  # the padded twin (one sequence) and the packed model
+                assert engine.backend.run_sequences(batch).names == ["last_hidden_state"]
+    with InferenceEngine(classifier_dir, backend="ort") as engine:
+        assert sorted(engine.backend.run_sequences(two).names) == ["last_hidden_state",
+                                                                   "logits"]
+        with pytest.raises(BertrtError, match="has none of the outputs"):
+            engine.backend.read_only(["pooler"])
+
+
 def test_padded_and_packed_outputs_pool_alike():
     rng = np.random.default_rng(0)
     lengths = np.array([3, 1, 5])
