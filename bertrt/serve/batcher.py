@@ -53,6 +53,12 @@ def pad_batch(requests: Sequence[Request], pad_id: int = 0) -> Batch:
     """One right-padded batch from `requests` (padded to the longest)."""
     if not requests:
         raise ValueError("pad_batch: no requests")
+    if len(requests) == 1:  # nothing to pad: views of the request's own rows
+        (one,) = requests
+        ids = np.asarray(one.input_ids, dtype=np.int64)[None]
+        return Batch({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "token_type_ids": np.asarray(one.token_type_ids, dtype=np.int64)[None]},
+                     np.array([ids.shape[1]], dtype=np.int64))
     lengths = np.array([r.length for r in requests], dtype=np.int64)
     inputs = {"input_ids": pad_rows([r.input_ids for r in requests], fill=pad_id),
               "attention_mask": length_mask(lengths).astype(np.int64),

@@ -20,6 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -510,8 +511,10 @@ class InferenceEngine:
         else:
             disable = not progress
         pad_id = self.tokenizer.pad_id
-        with tqdm(total=len(texts), unit="text", desc=what, leave=False,
-                  disable=disable) as bar:
+        bar_or_none = (nullcontext() if disable is True else  # a query: not even a disabled bar
+                       tqdm(total=len(texts), unit="text", desc=what, leave=False,
+                            disable=disable))
+        with bar_or_none as bar:
             for first in range(0, len(texts), CHUNK_TEXTS):
                 last = first + CHUNK_TEXTS
                 chunk = self.encode(texts[first:last],
@@ -520,8 +523,9 @@ class InferenceEngine:
                 stats.truncated += chunk.truncated
                 lengths = np.array([r.length for r in chunk.requests], dtype=np.int64)
                 order = np.argsort(-lengths, kind="stable")  # longest first
-                for part in token_budget_batches(lengths[order], self.max_batch_tokens,
-                                                 self.packed):
+                parts = ([slice(0, 1)] if len(lengths) == 1 else  # a query
+                         token_budget_batches(lengths[order], self.max_batch_tokens, self.packed))
+                for part in parts:
                     picked = order[part]
                     outputs = self.backend.run_sequences([chunk.requests[i] for i in picked],
                                                          pad_id)
@@ -531,7 +535,8 @@ class InferenceEngine:
                     stats.batches += 1
                     stats.tokens += tokens
                     stats.positions += tokens if self.packed else int(sizes.max()) * len(sizes)
-                    bar.update(len(picked))
+                    if bar is not None:
+                        bar.update(len(picked))
         stats.seconds = time.perf_counter() - start
         if stats.truncated:
             warnings.warn(f"{stats.truncated} of {stats.texts} texts were longer than "

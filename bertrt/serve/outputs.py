@@ -100,6 +100,10 @@ class PaddedOutputs(SequenceOutputs):
         values = self._token(name)  # (B, S, X)
         if check_pooling(mode) == "cls":
             return np.ascontiguousarray(values[:, 0], dtype=np.float32)
+        if (self.lengths == values.shape[1]).all():  # no padding (a single query): no mask
+            if mode == "max":
+                return values.max(axis=1).astype(np.float32)
+            return values.mean(axis=1, dtype=np.float64).astype(np.float32)
         mask = length_mask(self.lengths, values.shape[1])[..., None]
         if mode == "max":
             return np.where(mask, values, -np.inf).max(axis=1).astype(np.float32)

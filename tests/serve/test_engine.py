@@ -290,6 +290,12 @@ def test_padded_and_packed_outputs_pool_alike():
     np.testing.assert_array_equal(padded.sequences("pooled"), packed.sequences("pooled"))
     with pytest.raises(BertrtError, match="no per-sequence output 'logits'"):
         packed.sequences("logits")
+    # a batch without padding (every length = the width, as a single query) pools unmasked
+    full = PaddedOutputs.from_batch({"h": hidden[2:]}, lengths[2:])
+    for mode in ("cls", "mean", "max"):
+        np.testing.assert_allclose(full.pool("h", mode), padded.pool("h", mode)[2:], rtol=1e-6)
+    np.testing.assert_allclose(full.pool("h", "mean")[0], hidden[2].astype(np.float64).mean(0),
+                               rtol=1e-6)
 
 
 # ---------------------------------------------------------------------- predict and tag
