@@ -151,8 +151,9 @@ def _engine_options(fn: Callable[..., Any] | None = None, *,
                      help="Intra-op threads [the runtime's default: all cores]."),
         click.option("--batch-tokens", type=int, default=None,
                      help="Positions per batch: batch size x longest when padded, the real "
-                          "tokens when packed; a longer text runs alone [the backend's: 2048 "
-                          "on CPU, 16384 on CUDA]."),
+                          "tokens when packed; a longer text runs alone [the backend's: 512 "
+                          "on ONNX Runtime's CPU provider, 2048 on OpenVINO and torch, "
+                          "16384 on CUDA]."),
         click.option("--vocab", metavar="PATH",
                      help="For an .onnx MODEL: vocab.txt, or the model dir it was exported "
                           "from [the folder holding MODEL]."),

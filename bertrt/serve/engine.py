@@ -163,8 +163,8 @@ class InferenceEngine:
             process-wide, set for the engine's life and restored by `close`).
         max_batch_tokens: A batch's budget of positions: B × Smax for a padded batch, its real
             tokens for a packed one; a text longer than the budget runs alone. None: the
-            backend's `batch_tokens` (2048 on CPU, where larger batches fall out of cache;
-            16384 on CUDA).
+            backend's `batch_tokens` (on CPU small, where activations stay in cache: 512 on
+            ONNX Runtime, 2048 on OpenVINO and torch; 16384 on CUDA).
         vocab: For an `.onnx` file: a `vocab.txt` (uncased), the model dir it was exported
             from (its tokenizer settings and sentence-transformers config), or a `Tokenizer`.
         max_length: Truncate texts to this many tokens, specials included (default: the

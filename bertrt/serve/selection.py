@@ -126,14 +126,24 @@ def probe_requests(vocab_size: int, first_id: int, max_length: int, seed: int = 
 
 def time_backend(backend: Backend, batch: list[Request], query: list[Request], pad_id: int
                  ) -> tuple[float, float]:
-    """Median milliseconds of `backend.run_sequences` on each probe, after one untimed run."""
+    """Median milliseconds of each probe, after one untimed run: the batch as the engine would
+    run it on this backend (longest first, cut by the backend's `batch_tokens`), the query in
+    one `run_sequences`."""
+    from bertrt.serve.engine import token_budget_batches
+
+    lengths = np.array([r.length for r in batch])
+    order = np.argsort(-lengths, kind="stable")
+    parts = [[batch[i] for i in order[part]] for part in
+             token_budget_batches(lengths[order], backend.batch_tokens, backend.packed)]
     out = []
-    for probe in (batch, query):
-        backend.run_sequences(probe, pad_id)
+    for probe in (parts, [query]):
+        for part in probe:
+            backend.run_sequences(part, pad_id)
         times = []
         for _ in range(PROBE_REPEATS):
             start = time.perf_counter()
-            backend.run_sequences(probe, pad_id)
+            for part in probe:
+                backend.run_sequences(part, pad_id)
             times.append(time.perf_counter() - start)
         out.append(statistics.median(times) * 1e3)
     return out[0], out[1]

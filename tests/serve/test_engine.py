@@ -398,7 +398,7 @@ def test_a_model_object_and_a_pretraining_head(tokenizer):
         torch_out = engine.embed(TEXTS, pooling="mean")
     with InferenceEngine(model, backend="ort") as engine:
         assert "Model (pretraining head)" in engine.description
-        assert engine.max_batch_tokens == OrtBackend.batch_tokens == 2048  # the CPU default
+        assert engine.max_batch_tokens == OrtBackend.batch_tokens == 512  # the CPU default
         np.testing.assert_allclose(engine.embed(TEXTS, pooling="mean"), torch_out, atol=1e-5)
 
 

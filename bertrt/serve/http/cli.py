@@ -45,7 +45,8 @@ def _missing_extra() -> BertrtError:
                    "else cls].")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
               help="A batch's budget: its real tokens when packed, size x longest when "
-                   "padded [the backend's: 2048 on CPU].")
+                   "padded [the backend's: 512 on ONNX Runtime's CPU provider, 2048 on "
+                   "OpenVINO].")
 @click.option("--max-batch-requests", type=click.IntRange(min=1), default=None,
               help="At most N inputs per batch [no limit but the budget].")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,

@@ -17,7 +17,8 @@ class ServeOptions:
         port: TCP port (0: any free one, printed at start).
         max_batch_tokens: A batch's budget of positions: its real tokens when the engine
             packs, batch size x longest when it pads; an input over it runs alone. None: the
-            engine's (the backend's `batch_tokens`, 2048 on CPU).
+            engine's (the backend's `batch_tokens`: 512 on ONNX Runtime's CPU provider, 2048
+            on OpenVINO).
         max_batch_requests: At most this many inputs (sequences) per batch; None: no limit
             beyond the token budget.
         max_wait_ms: When the engine is free and the waiting inputs do not fill a batch, wait
