@@ -259,8 +259,9 @@ class OrtBackend(Backend):
     Args:
         path: The `.onnx` file.
         threads: Intra-op threads (None: ONNX Runtime's default, one per core).
-        spinning: Let idle pool threads spin (faster alone; set False when other runtimes
-            share the cores in the same process).
+        spinning: Let pool threads spin between a run's ops (faster alone; set False when
+            other runtimes share the cores in the same process). They stop spinning when a
+            run ends either way.
     """
 
     name = "ort"
@@ -282,6 +283,10 @@ class OrtBackend(Backend):
         options.log_severity_level = 3  # errors only: the report is the output
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        else:  # spin between a run's ops, not after it: the cores go back to tokenization
+            # and HTTP between batches (bertrt serve, MiniLM, 16 clients: ~1.2x the requests/s
+            # of spinning on, at the same light-load latency; spinning off: +40% p50 there)
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=self.providers)
