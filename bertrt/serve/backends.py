@@ -270,9 +270,11 @@ class OrtBackend(Backend):
     Args:
         path: The `.onnx` file.
         threads: Intra-op threads (None: ONNX Runtime's default, one per core).
-        spinning: Let pool threads spin between a run's ops (faster alone; set False when
-            other runtimes share the cores in the same process). They stop spinning when a
-            run ends either way.
+        spinning: Let idle pool threads spin (faster alone; set False when other runtimes
+            share the cores in the same process).
+        yield_cores: Stop spinning when a run ends (spin only between its ops): for a process
+            whose other threads need the cores between runs (a server's HTTP and
+            tokenization).
     """
 
     name = "ort"
@@ -282,7 +284,7 @@ class OrtBackend(Backend):
     batch_tokens = 512
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
-                 spinning: bool = True) -> None:
+                 spinning: bool = True, yield_cores: bool = False) -> None:
         ort = import_onnxruntime()
         self.path = Path(path)
         self._check_provider(ort)
@@ -294,9 +296,10 @@ class OrtBackend(Backend):
         options.log_severity_level = 3  # errors only: the report is the output
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        else:  # spin between a run's ops, not after it: the cores go back to tokenization
-            # and HTTP between batches (bertrt serve, MiniLM, 16 clients: ~1.2x the requests/s
-            # of spinning on, at the same light-load latency; spinning off: +40% p50 there)
+        elif yield_cores:  # spin between a run's ops, not after it: the cores go back to
+            # the process's other threads between runs (bertrt serve, MiniLM, 16 clients:
+            # ~1.2x the requests/s of spinning on, at the same light-load latency; spinning off
+            # entirely: +40% p50 there); a lone caller's back-to-back queries lose ~6%
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), options,
@@ -371,8 +374,8 @@ class OrtCudaBackend(OrtBackend):
     batch_tokens = 16384
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
-                 spinning: bool = True) -> None:
-        super().__init__(path, threads, spinning)
+                 spinning: bool = True, yield_cores: bool = False) -> None:
+        super().__init__(path, threads, spinning, yield_cores)
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable("onnxruntime could not start its CUDA execution provider "
                                      "(no usable GPU?)")
@@ -588,7 +591,7 @@ def repad(outputs: dict[str, np.ndarray], attention_mask: np.ndarray,
 
 def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
                  threads: int | None, spinning: bool = True, precision: str = "fp32",
-                 packed: bool = False) -> Backend:
+                 packed: bool = False, yield_cores: bool = False) -> Backend:
     """A backend by name.
 
     Raises:
@@ -603,7 +606,7 @@ def make_backend(name: str, *, onnx_path: Path | None, model: Model | None,
         if name == "openvino":
             return OpenVinoBackend(onnx_path, threads=threads, precision=precision)
         cls = OrtCudaBackend if name == "ort-cuda" else OrtBackend
-        return cls(onnx_path, threads=threads, spinning=spinning)
+        return cls(onnx_path, threads=threads, spinning=spinning, yield_cores=yield_cores)
     if model is None:
         raise BertrtError("backend torch needs the model's weights: give a model dir as MODEL "
                           "(or --model-dir DIR beside an .onnx file)")

@@ -311,6 +311,22 @@ def test_a_packed_batch_split_by_length_gives_the_same_outputs(encoder_dir, monk
         assert runs == [7]
 
 
+def test_yield_cores_stops_spinning_after_each_run(encoder_dir):
+    """The server's engine: ONNX Runtime's threads spin between a run's ops only (both the
+    packed model and its padded twin); a lone caller's engine leaves ONNX Runtime's default."""
+    def stops(backend) -> bool:
+        options = backend.session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.force_spinning_stop") == "1"
+        except RuntimeError:  # not set
+            return False
+
+    with InferenceEngine(encoder_dir, backend="ort", yield_cores=True) as engine:
+        assert stops(engine.backend) and stops(engine.backend.single)
+    with InferenceEngine(encoder_dir, backend="ort") as engine:
+        assert not stops(engine.backend) and not stops(engine.backend.single)
+
+
 def test_padded_and_packed_outputs_pool_alike():
     rng = np.random.default_rng(0)
     lengths = np.array([3, 1, 5])

@@ -100,7 +100,7 @@ def serve(model: str, host: str, port: int, backend: str, precision: str,
     try:
         with InferenceEngine(model, backend=backend, precision=precision, packed=packed,
                              threads=threads, max_batch_tokens=max_batch_tokens, vocab=vocab,
-                             max_length=max_length) as engine:
+                             max_length=max_length, yield_cores=True) as engine:
             run_server(engine, options, sock=sock, log_level=log_level)
     finally:
         sock.close()
