@@ -22,9 +22,9 @@ and the saturation (each rate sent for `--duration` seconds, longer at low rates
 and pooled, so a burst of the shared machine's other work lands on all of them); and a
 light load at 10 % of the default's highest rate, whose p50 is set beside a single
 unbatched engine call (`engine.embed([text])`, p50 over 80 of the texts, measured in this
-process while the servers idle, before and after, each call after a Poisson gap at the light
-load's rate, as the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is
-printed too).
+process while the servers idle, each call after a Poisson gap at the light load's rate, as
+the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is printed too),
+both in `--slices` slices taken in turn (the machine's speed drifts over minutes).
 Bounded: about 5 minutes with the defaults.
 
     python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
@@ -111,11 +111,11 @@ def pool(points: list[LoadPoint]) -> LoadPoint:
                      [x for p in points for x in p.latencies])
 
 
-def single_call_ms(engine: InferenceEngine, texts: list[str], rate: float | None = None,
-                   seed: int = 0) -> float:
-    """p50 of `engine.embed([text])` over `texts`, ms: back to back, or with `rate`, each call
-    after a Poisson gap as the light load's requests arrive (an idle gap costs a call ~1.5 ms
-    here: the runtime's threads and caches go cold)."""
+def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None = None,
+                 seed: int = 0) -> list[float]:
+    """Milliseconds of `engine.embed([text])` for each of `texts`: back to back, or with
+    `rate`, each call after a Poisson gap as the light load's requests arrive (an idle gap
+    costs a call ~1.5 ms here: the runtime's threads and caches go cold)."""
     rng = np.random.default_rng(seed)
     times = []
     for text in texts:
@@ -123,8 +123,8 @@ def single_call_ms(engine: InferenceEngine, texts: list[str], rate: float | None
             time.sleep(rng.exponential(1.0 / rate))
         start = time.perf_counter()
         engine.embed([text])
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,23 +206,31 @@ def main(argv: list[str] | None = None) -> int:
         best_rate = [rate or None for rate in low]
         light_rate = round(0.1 * (best_rate[0] or saturation[0] * 0.3), 2)
         light_seconds = min(max(args.light_duration, 60 / light_rate), 3 * args.light_duration)
+        # the light load beside a single unbatched call of the engine each server runs (int8:
+        # the int8 engine), arriving as the light load's requests do (and fp32 back to back,
+        # for reference): in --slices slices taken in turn, so the machine's drift over the
+        # minutes this takes lands on the servers and the single calls alike
         sample = texts[:80]
-        # a single unbatched call of the engine each server runs (int8: the int8 engine),
-        # arriving as the light load's requests do; and fp32 back to back, for reference
-        singles = {"fp32": [single_call_ms(engine, sample, light_rate, seed=1)],
-                   "int8": [single_call_ms(engine_int8, sample, light_rate, seed=2)],
-                   "fp32 back to back": [single_call_ms(engine, sample)]}
-        light = [load(i, rates=[light_rate], duration=light_seconds, seed=99, warmup=0)
-                 for i in range(len(configs))]
-        singles["fp32"].append(single_call_ms(engine, sample, light_rate, seed=3))
-        singles["int8"].append(single_call_ms(engine_int8, sample, light_rate, seed=4))
-        singles["fp32 back to back"].append(single_call_ms(engine, sample))
+        singles: dict[str, list[float]] = {"fp32": [], "int8": [], "fp32 back to back": []}
+        light_parts: list[list[LoadPoint]] = [[] for _ in configs]
+        for piece in range(args.slices):
+            part = sample[piece::args.slices]
+            singles["fp32"] += single_calls(engine, part, light_rate, seed=piece)
+            singles["int8"] += single_calls(engine_int8, part, light_rate, seed=10 + piece)
+            singles["fp32 back to back"] += single_calls(engine, part)
+            for i in range(len(configs)):
+                light_parts[i].append(load(i, rates=[light_rate],
+                                           duration=light_seconds / args.slices,
+                                           seed=99 + piece, warmup=0, keep=False))
+        light = [pool(parts) for parts in light_parts]
+        for i, point in enumerate(light):
+            runs[i].points.append(point)
     finally:
         for server in servers:
             server.stop()
         engine.close()
         engine_int8.close()
-    single = {k: float(np.mean(v)) for k, v in singles.items()}
+    single = {k: float(np.median(v)) for k, v in singles.items()}
     anchor = best_rate[1]
 
     print()
@@ -232,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
           f"average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after), "
           f"{time.perf_counter() - started:.0f} s")
     print(f"single unbatched engine call, p50 over {len(sample)} texts arriving at the light "
-          "load's rate (before, after the light load): "
-          + "; ".join(f"{k} {single[k]:.1f} ms ({v[0]:.1f}, {v[1]:.1f})"
-                      for k, v in singles.items())
-          + f"; light load {light_rate:g} req/s for {light_seconds:.0f} s")
+          f"load's rate, in {args.slices} slices between the servers' light-load slices: "
+          + "; ".join(f"{k} {single[k]:.1f} ms" for k in singles)
+          + f"; light load {light_rate:g} req/s for {light_seconds:.0f} s a server")
     header = ("| configuration | check | saturation (16 clients) req/s | highest rate with "
               f"p99 <= {args.p99_ms:g} ms | x anchor | light-load p50 ms | x single call |")
     print(header)
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(runs))
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump({"single_call_ms": singles, "light_rate": light_rate,
+            json.dump({"single_call_ms": single, "light_rate": light_rate,
                        "best_rate": dict(zip([c[0] for c in configs], best_rate)),
                        "saturation": dict(zip([c[0] for c in configs], saturation)),
                        "runs": [r.to_dict() for r in runs]}, f, indent=2)
