@@ -39,6 +39,10 @@ import numpy as np
 from bench_onnx import export_ort_optimized  # the script's folder
 from bench_torch import minilm_dir
 
+#: Seconds of idling before each timed system (ONNX Runtime's and OpenVINO's threads stop
+#: spinning by then).
+SETTLE_S = 0.2
+
 
 def real_texts(n: int, seed: int = 0) -> list[str]:
     """`n` texts from the docstring corpus: 1 to ~12 sentences each (mostly short), in a
@@ -274,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {k: [] for k in systems}
         for _ in range(args.rounds):
             for name, run in systems.items():
+                # the previous system's pool threads spin on for a while after its last run:
+                # let them go idle, or the next system shares its cores with them
+                time.sleep(SETTLE_S)
                 t0 = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t0)
