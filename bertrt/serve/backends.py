@@ -153,8 +153,11 @@ class Backend:
     #: For a packed backend: run a batch as two, its short and its long sequences apart, when
     #: that saves at least this many attention positions per token (`length_groups`: the
     #: attention core runs on a padded view, so one long sequence pads every short one); 0:
-    #: never. The engine sets it (`SPLIT_SAVING_PER_HIDDEN` x the hidden size) where measured.
+    #: never. The engine sets it to `split_per_hidden` x the model's hidden size.
     split_saving: float = 0.0
+    #: `split_saving` per unit of hidden size, where it was measured (`OrtBackend`); 0: the
+    #: backend does not split.
+    split_per_hidden: float = 0.0
     #: The engine's default budget of positions per batch on this backend. On CPU, small
     #: batches keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than at
     #: 16384 (2 threads, real text); OpenVINO is best at 1-2k (`OrtBackend`: 512).
@@ -187,9 +190,11 @@ class Backend:
         raise NotImplementedError
 
     #: Every output the model has, in its order.
-    output_names: list[str] = []
+    output_names: Sequence[str] = ()
     #: The outputs `execute` returns (None: all of `output_names`); see `read_only`.
     reads: frozenset[str] | None = None
+    #: `output_names` less those `read_only` dropped, in the model's order.
+    fetched: Sequence[str] = ()
 
     def read_only(self, names: Collection[str]) -> None:
         """Return only the outputs named (those the model has; its twin's too): what the
@@ -204,6 +209,7 @@ class Backend:
             raise BertrtError(f"the model has none of the outputs {sorted(names)} (it has "
                               f"{', '.join(self.output_names)})")
         self.reads = kept
+        self.fetched = [name for name in self.output_names if name in kept]
         if self.single is not None:
             self.single.read_only(kept)
 
@@ -282,6 +288,9 @@ class OrtBackend(Backend):
     #: MiniLM on real text, 2 threads, AMD EPYC (seq/s at budgets 256/512/1024/2048): packed
     #: fp32 243/254/239/216, packed int8 472/564/515/472, padded fp32 -/249/250/221.
     batch_tokens = 512
+    #: MiniLM (H=384), arrival-order batches of ~500 real tokens, 2 threads: splits saving
+    #: 0.14 and 0.16 x H positions per token lost 4%; 0.28 broke even; 0.34-1.3 gained 11-44%.
+    split_per_hidden = 0.3
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True, yield_cores: bool = False) -> None:
@@ -311,6 +320,7 @@ class OrtBackend(Backend):
         self.input_types = {i.name: _NP_OF_ORT.get(i.type, np.int64)
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fetched = self.output_names
         #: A packed export: (tokens,) inputs and cu_seqlens; its per-token outputs' first
         #: axis is the symbolic `tokens` (padded: their second is `seq`).
         self.packed = "cu_seqlens" in self.input_types
@@ -344,15 +354,7 @@ class OrtBackend(Backend):
         return typed_inputs(self.path, self.input_types, self.layout(batch))
 
     def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = self._fetched
-        return dict(zip(names, self.session.run(names, prepared)))
-
-    @property
-    def _fetched(self) -> list[str]:
-        """The outputs asked of the session (in the model's order)."""
-        if self.reads is None:
-            return self.output_names
-        return [name for name in self.output_names if name in self.reads]
+        return dict(zip(self.fetched, self.session.run(self.fetched, prepared)))
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
@@ -372,6 +374,8 @@ class OrtCudaBackend(OrtBackend):
     reduced_precision = True
     #: A GPU wants large batches.
     batch_tokens = 16384
+    #: Not measured on CUDA (whose packed path is off by default): no length split.
+    split_per_hidden = 0.0
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True, yield_cores: bool = False) -> None:
@@ -392,14 +396,14 @@ class OrtCudaBackend(OrtBackend):
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)  # one host-to-device copy per input
-        for name in self._fetched:
+        for name in self.fetched:
             binding.bind_output(name, "cuda", 0)  # stays on the device until copied back
         return binding, feeds
 
     def execute(self, prepared: tuple[Any, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         binding, _ = prepared
         self.session.run_with_iobinding(binding)
-        return dict(zip(self._fetched, binding.copy_outputs_to_cpu()))
+        return dict(zip(self.fetched, binding.copy_outputs_to_cpu()))
 
 
 class OpenVinoBackend(Backend):

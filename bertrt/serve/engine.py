@@ -63,11 +63,6 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "fp16")
 #: (its eager gathers around each attention core cost more than the padding saves); CUDA is
 #: not measured yet, so it stays padded.
 PACKED_BY_DEFAULT = {"ort": True, "ort-cuda": False, "openvino": True, "torch": False}
-#: A packed ONNX Runtime batch is run as two (short and long sequences apart) when that saves
-#: at least this x hidden_size attention positions per token (`Backend.split_saving`).
-#: Measured on MiniLM (H=384), arrival-order batches of ~500 real tokens, 2 threads: savings
-#: of 0.16 and 0.14 x H per token lost 4%; 0.28 broke even; 0.34-1.3 gained 11-44%.
-SPLIT_SAVING_PER_HIDDEN = 0.3
 #: Texts tokenized (and length-sorted) together: bounds the memory of a long input.
 CHUNK_TEXTS = 4096
 #: Inputs at least this long get a progress bar (on a terminal, unless `progress=` says).
@@ -131,6 +126,16 @@ def token_budget_batches(lengths: np.ndarray, budget: int, packed: bool = False
         cuts.append(slice(start, end))
         start = end
     return cuts
+
+
+def length_sorted_batches(lengths: np.ndarray, budget: int, packed: bool = False
+                          ) -> list[np.ndarray]:
+    """The batches the engine runs sequences of `lengths` (in any order) in: sorted longest
+    first, cut by `token_budget_batches`. Returns each batch's indices into `lengths`."""
+    if len(lengths) == 1:  # a query: nothing to sort or cut
+        return [np.zeros(1, dtype=np.int64)]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[part] for part in token_budget_batches(lengths[order], budget, packed)]
 
 
 @dataclass
@@ -303,8 +308,7 @@ class InferenceEngine:
         backend = _start_backend(choice, weights, info, threads, packed, self._twin,
                                  self._yield)
         backend.read_only(READS[self.head])
-        if backend.packed and backend.name == "ort":
-            backend.split_saving = SPLIT_SAVING_PER_HIDDEN * self.hidden_size
+        backend.split_saving = backend.split_per_hidden * self.hidden_size
         return backend
 
     def __repr__(self) -> str:
@@ -536,11 +540,8 @@ class InferenceEngine:
                                      first)
                 stats.truncated += chunk.truncated
                 lengths = np.array([r.length for r in chunk.requests], dtype=np.int64)
-                order = np.argsort(-lengths, kind="stable")  # longest first
-                parts = ([slice(0, 1)] if len(lengths) == 1 else  # a query
-                         token_budget_batches(lengths[order], self.max_batch_tokens, self.packed))
-                for part in parts:
-                    picked = order[part]
+                for picked in length_sorted_batches(lengths, self.max_batch_tokens,
+                                                    self.packed):
                     outputs = self.backend.run_sequences([chunk.requests[i] for i in picked],
                                                          pad_id)
                     consume(first + picked, outputs, chunk, picked)
@@ -788,4 +789,4 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 __all__ = ["CHUNK_TEXTS", "ENGINE_BACKENDS", "InferenceEngine",
            "PACKED_BY_DEFAULT", "PRECISIONS", "RunStats", "TruncatedWarning",
-           "token_budget_batches"]
+           "length_sorted_batches", "token_budget_batches"]

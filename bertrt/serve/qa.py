@@ -235,13 +235,11 @@ class WindowLogits:
 
 def run_windows(engine: InferenceEngine, windows: Sequence[Window]) -> WindowLogits:
     """Run `windows` on the engine's backend, longest first in token-budget batches."""
-    from bertrt.serve.engine import token_budget_batches
+    from bertrt.serve.engine import length_sorted_batches
 
     out = WindowLogits([np.empty(0)] * len(windows), [np.empty(0)] * len(windows))
     lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    for part in token_budget_batches(lengths[order], engine.max_batch_tokens, engine.packed):
-        picked = order[part]
+    for picked in length_sorted_batches(lengths, engine.max_batch_tokens, engine.packed):
         outputs = engine.backend.run_sequences([windows[i].request for i in picked],
                                                engine.tokenizer.pad_id)
         for b, i in enumerate(picked):

@@ -129,12 +129,11 @@ def time_backend(backend: Backend, batch: list[Request], query: list[Request], p
     """Median milliseconds of each probe, after one untimed run: the batch as the engine would
     run it on this backend (longest first, cut by the backend's `batch_tokens`), the query in
     one `run_sequences`."""
-    from bertrt.serve.engine import token_budget_batches
+    from bertrt.serve.engine import length_sorted_batches
 
     lengths = np.array([r.length for r in batch])
-    order = np.argsort(-lengths, kind="stable")
-    parts = [[batch[i] for i in order[part]] for part in
-             token_budget_batches(lengths[order], backend.batch_tokens, backend.packed)]
+    parts = [[batch[i] for i in picked] for picked in
+             length_sorted_batches(lengths, backend.batch_tokens, backend.packed)]
     out = []
     for probe in (parts, [query]):
         for part in probe:
