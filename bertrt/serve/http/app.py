@@ -180,7 +180,8 @@ class Server:
         self.batcher = Batcher(self.service.run, packed=self.service.engine.packed,
                                max_batch_tokens=self.max_batch_tokens,
                                max_batch_requests=self.options.max_batch_requests,
-                               max_wait_ms=self.options.max_wait_ms, metrics=self.metrics)
+                               max_wait_ms=self.options.max_wait_ms,
+                               max_batch_ms=self.options.max_batch_ms, metrics=self.metrics)
         try:
             yield
         finally:  # the server has answered every request it accepted by now
@@ -423,6 +424,7 @@ class Server:
             bertrt_version = "unknown"
         limits = {"max_batch_tokens": self.max_batch_tokens,
                   "max_batch_requests": self.options.max_batch_requests,
+                  "max_batch_ms": self.options.max_batch_ms,
                   "max_wait_ms": self.options.max_wait_ms,
                   "max_concurrent_requests": self.options.max_concurrent,
                   "max_client_batch_size": self.options.max_client_batch,

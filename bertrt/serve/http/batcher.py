@@ -5,9 +5,14 @@
                                                                             ─▶ resolve the Job
 
 A batch is cut whenever the engine is free, from the sequences waiting, oldest first: as many
-as fit `max_batch_tokens` (a packed batch costs its real tokens; a padded one batch size x its
+as fit the budget (a packed batch costs its real tokens; a padded one batch size x its
 longest, as `bertrt.serve.engine.token_budget_batches` counts) and `max_batch_requests`; a
-sequence over the budget runs alone. With `max_wait_ms`, a batch that the waiting sequences do
+sequence over the budget runs alone. The budget is `max_batch_tokens`, or less with
+`max_batch_ms`: the positions the engine runs in that many milliseconds, at the speed its
+recent batches ran (`Pace`). A request waits for the batch running when it comes and then
+for its own, so under load its latency is a few batch durations: a batch kept to a time
+keeps the tail short on any machine, model or precision, as Clipper sizes its batches to a
+latency objective. With `max_wait_ms`, a batch that the waiting sequences do
 not fill waits until its oldest has waited that long (or the batch fills). Sequences of a
 request whose client went away are dropped before they are computed.
 
@@ -62,6 +67,39 @@ def batch_cut(lengths: Iterable[int], budget: int, max_requests: int | None,
         size += 1
         tokens += length
     return size
+
+
+class Pace:
+    """The engine's recent speed in seconds per position, and the budget that runs in a target
+    time.
+
+    Both sums decay by `decay` per batch, so the speed follows the last ~1 / (1 - decay)
+    batches; positions weigh in as they were computed, so a full batch counts for more than
+    a single query, whose fixed cost per run would otherwise read as a slow engine. The
+    budget converges from either side: a batch cut short of the target runs faster per
+    position than its share of the fixed cost says, and the next is cut longer.
+
+    Args:
+        target_s: Seconds a batch should take.
+        floor: The smallest budget, in positions (one slow batch, e.g. the machine's other
+            work, cannot shrink batches to nothing).
+        decay: Weight of the past per batch.
+    """
+
+    def __init__(self, target_s: float, floor: int = 64, decay: float = 0.9) -> None:
+        self.target_s, self.floor, self.decay = target_s, floor, decay
+        self._seconds = self._positions = 0.0
+
+    def observe(self, positions: int, seconds: float) -> None:
+        self._seconds = self.decay * self._seconds + seconds
+        self._positions = self.decay * self._positions + positions
+
+    def budget(self, cap: int) -> int:
+        """Positions a batch may cost to run in the target time (`cap` until a batch ran)."""
+        if not self._seconds:
+            return cap
+        fit = int(self.target_s * self._positions / self._seconds)
+        return max(min(fit, cap), min(self.floor, cap))
 
 
 class BatchView:
@@ -134,16 +172,23 @@ class Batcher:
             thread only.
         packed: Whether `run` computes real tokens only (the budget then counts them).
         max_batch_tokens, max_batch_requests, max_wait_ms: See `ServeOptions`.
+        max_batch_ms: A batch's target duration: the budget shrinks below `max_batch_tokens`
+            to what the engine runs in that time (`Pace`); None or 0: `max_batch_tokens`.
         metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
-            seconds), the queue's size and the sequences dropped; None: nothing is told.
+            seconds), the budget, the queue's size and the sequences dropped; None: nothing
+            is told.
     """
 
     def __init__(self, run: Callable[[list[Request]], SequenceOutputs], *, packed: bool,
                  max_batch_tokens: int, max_batch_requests: int | None = None,
-                 max_wait_ms: float = 0.0, metrics: Any = None) -> None:
+                 max_wait_ms: float = 0.0, max_batch_ms: float | None = None,
+                 metrics: Any = None) -> None:
         self._run = run
         self.packed = packed
         self.max_batch_tokens = max_batch_tokens
+        self.pace = Pace(max_batch_ms / 1000.0) if max_batch_ms else None
+        #: The positions the next batch may cost (engine thread).
+        self.budget = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
@@ -211,7 +256,7 @@ class Batcher:
 
     def _cut(self, extra: tuple[int, ...] = ()) -> int:
         return batch_cut(itertools.chain((e.length for e in self._queue), extra),
-                         self.max_batch_tokens, self.max_batch_requests, self.packed)
+                         self.budget, self.max_batch_requests, self.packed)
 
     def _full(self, size: int) -> bool:
         """Whether a batch of the first `size` waiting sequences has no room for another
@@ -249,10 +294,14 @@ class Batcher:
                 log.exception("a batch of %d sequences failed", len(batch))
                 error = exc
             seconds = time.perf_counter() - started
+            lengths = [e.length for e in batch]
+            positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
+            if self.pace is not None and error is None:
+                self.pace.observe(positions, seconds)
+                self.budget = self.pace.budget(self.max_batch_tokens)
             if self._metrics is not None:
-                lengths = [e.length for e in batch]
-                positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
-                self._metrics.observe_batch(len(batch), sum(lengths), positions, seconds)
+                self._metrics.observe_batch(len(batch), sum(lengths), positions, seconds,
+                                            self.budget)
             with self._cv:
                 inline = not self._queue and not self._finishing
                 self._finishing += not inline

@@ -13,6 +13,7 @@ import click
 
 from bertrt.errors import BertrtError, user_errors
 from bertrt.serve.engine import ENGINE_BACKENDS, PRECISIONS
+from bertrt.serve.http.options import MAX_BATCH_MS
 from bertrt.serve.outputs import POOLINGS
 
 
@@ -47,6 +48,10 @@ def _missing_extra() -> BertrtError:
               help="A batch's budget: its real tokens when packed, size x longest when "
                    "padded [the backend's: 512 on ONNX Runtime's CPU provider, 2048 on "
                    "OpenVINO].")
+@click.option("--max-batch-ms", type=click.FloatRange(min=0), default=MAX_BATCH_MS,
+              show_default=True,
+              help="A batch's target duration: the budget shrinks to what the engine runs in X "
+                   "ms at its recent speed (0: always the full --max-batch-tokens).")
 @click.option("--max-batch-requests", type=click.IntRange(min=1), default=None,
               help="At most N inputs per batch [no limit but the budget].")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -66,7 +71,8 @@ def _missing_extra() -> BertrtError:
 @user_errors
 def serve(model: str, host: str, port: int, backend: str, precision: str,
           packed: bool | None, threads: int | None, vocab: str | None, max_length: int | None,
-          pooling: str | None, max_batch_tokens: int | None, max_batch_requests: int | None,
+          pooling: str | None, max_batch_tokens: int | None, max_batch_ms: float,
+          max_batch_requests: int | None,
           max_wait_ms: float, max_concurrent: int, max_client_batch: int, payload_limit: int,
           auto_truncate: bool, tokenization_workers: int, log_level: str) -> None:
     """Serve MODEL (a model dir or an .onnx file) over HTTP until SIGTERM.
@@ -92,7 +98,8 @@ def serve(model: str, host: str, port: int, backend: str, precision: str,
                           ".onnx file)")
 
     options = ServeOptions(host=host, port=port, max_batch_tokens=max_batch_tokens,
-                           max_batch_requests=max_batch_requests, max_wait_ms=max_wait_ms,
+                           max_batch_requests=max_batch_requests, max_batch_ms=max_batch_ms,
+                           max_wait_ms=max_wait_ms,
                            max_concurrent=max_concurrent, max_client_batch=max_client_batch,
                            payload_limit=payload_limit, auto_truncate=auto_truncate,
                            pooling=pooling, tokenization_workers=tokenization_workers)

@@ -57,6 +57,10 @@ class ServerMetrics:
         self.batch_seconds = Histogram("bertrt_batch_duration_seconds",
                                        "Seconds the engine ran a batch",
                                        buckets=DURATION_BUCKETS, registry=registry)
+        self.batch_budget = Gauge(
+            "bertrt_batch_budget_positions",
+            "Positions the next batch may cost: --max-batch-tokens, or what the engine runs in "
+            "--max-batch-ms at its recent speed", registry=registry)
         self.stage_seconds = Histogram(
             "bertrt_request_stage_duration_seconds",
             "Per-request seconds by stage: tokenize, queue (waiting for a batch), inference "
@@ -64,11 +68,12 @@ class ServerMetrics:
             registry=registry)
 
     def observe_batch(self, sequences: int, tokens: int, positions: int,
-                      seconds: float) -> None:
+                      seconds: float, budget: int) -> None:
         self.batch_size.observe(sequences)
         self.batch_tokens.observe(tokens)
         self.batch_positions.observe(positions)
         self.batch_seconds.observe(seconds)
+        self.batch_budget.set(budget)
 
     def observe_stages(self, **seconds: float) -> None:
         for stage, value in seconds.items():

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from bertrt.serve.http.batcher import Batcher, Job, batch_cut
+from bertrt.serve.http.batcher import Batcher, Job, Pace, batch_cut
+from bertrt.serve.http.metrics import ServerMetrics
 from bertrt.serve.outputs import PackedOutputs
 from bertrt.serve.workload import Request
 
@@ -26,6 +27,57 @@ def test_batch_cut_counts_real_tokens_packed_and_the_rectangle_padded():
     assert batch_cut(lengths, 100, 4, packed=True) == 4      # the count limit
     assert batch_cut([40, 1], 16, None, packed=True) == 1    # over the budget: alone
     assert batch_cut([], 16, None, packed=True) == 0
+
+
+def test_pace_converges_to_the_budget_that_runs_in_the_target_time():
+    # an engine costing 2 ms a run plus 0.15 ms a position: a 40 ms batch holds
+    # (40 - 2) / 0.15 = 253 positions, reached from a batch far too small or too large
+    def seconds(positions: int) -> float:
+        return (2 + 0.15 * positions) / 1000
+
+    for start in (4, 2048):
+        pace = Pace(0.040, floor=1, decay=0.5)
+        assert pace.budget(cap=2048) == 2048  # nothing ran yet: the cap
+        budget = start
+        for _ in range(40):  # every batch fills the budget (a long queue)
+            pace.observe(budget, seconds(budget))
+            budget = pace.budget(cap=2048)
+        assert abs(budget - 253) <= 2, (start, budget)
+    # the cap and the floor bound it
+    pace = Pace(0.040, floor=64)
+    pace.observe(10, 1.0)      # one very slow batch
+    assert pace.budget(cap=2048) == 64
+    assert pace.budget(cap=32) == 32
+    pace = Pace(0.040)
+    pace.observe(1000, 0.001)  # a very fast engine
+    assert pace.budget(cap=512) == 512
+
+
+def test_max_batch_ms_cuts_batches_to_what_the_engine_runs_in_that_time():
+    # 0.25 ms a position (at least: sleep overshoots), a 20 ms target: at most 80 positions a
+    # batch once one ran, however large max_batch_tokens is
+    ran: list[int] = []
+
+    def run(requests: list[Request]) -> PackedOutputs:
+        tokens = sum(r.length for r in requests)
+        ran.append(tokens)
+        time.sleep(0.00025 * tokens)
+        ids = np.concatenate([r.input_ids for r in requests]).astype(np.float32)[:, None]
+        cu = np.concatenate([[0], np.cumsum([r.length for r in requests])])
+        return PackedOutputs({"last_hidden_state": ids}, {}, cu)
+
+    metrics = ServerMetrics()
+    batcher = Batcher(run, packed=True, max_batch_tokens=1000, max_batch_ms=20,
+                      metrics=metrics)
+    run_jobs(batcher, [[request(4, 0)]])  # one batch ran: the engine's speed is known
+    jobs = run_jobs(batcher, [[request(4, i)] for i in range(100)])
+    batcher.close()
+    assert all(job.error is None for job in jobs)
+    assert sum(ran) == 404
+    assert max(ran) <= 80, ran   # without the target, one batch could take all 400
+    assert len(ran) >= 6
+    gauge = metrics.registry.get_sample_value("bertrt_batch_budget_positions")
+    assert gauge == batcher.budget and 64 <= batcher.budget <= 80
 
 
 def request(length: int, first: int = 0) -> Request:
