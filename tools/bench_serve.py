@@ -29,7 +29,9 @@ light load at 10 % of the default's highest rate, whose p50 is set beside a sing
 unbatched engine call (`engine.embed([text])`, p50 over 80 of the texts, measured in this
 process while the servers idle, each call after a Poisson gap at the light load's rate, as
 the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is printed too),
-both in `--slices` slices taken in turn (the machine's speed drifts over minutes).
+both in `--slices` slices taken in turn (the machine's speed drifts over minutes). Last, the
+offline ceiling: the default engine's texts/s on all the texts at once (length-sorted budget
+batches, nothing else running), which bounds any server's rate.
 Bounded: about 5 minutes with the defaults.
 
     python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
@@ -47,6 +49,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 from bench_packed import real_texts  # the script's folder
@@ -133,6 +136,12 @@ def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None =
         engine.embed([text])
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def timed(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         light = [pool(parts) for parts in light_parts]
         for i, point in enumerate(light):
             runs[i].points.append(point)
+        # the ceiling no server of this engine passes: every text at once, length-sorted and
+        # cut by the engine's budget, no HTTP, no load generator, no latency bound
+        ceiling = len(texts) / min(timed(engine.embed, texts) for _ in range(2))
     finally:
         for server in servers:
             server.stop()
@@ -265,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{p50 / own:.2f} |")
     if best is None:
         print(f"| OpenVINO bf16 | {why_not} | | | | | |")
+    print(f"\noffline ceiling: the default engine ({engine.backend.description}) embeds "
+          f"all {len(texts)} texts at once in length-sorted budget batches at {ceiling:.1f} "
+          f"texts/s, {ceiling / anchor:.2f}x the anchor's highest rate" if anchor else "")
     if not args.markdown:
         print()
         from bertrt.serve.http.loadgen import format_table
@@ -275,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"single_call_ms": single, "light_rate": light_rate,
                        "best_rate": dict(zip([c[0] for c in configs], best_rate)),
                        "saturation": dict(zip([c[0] for c in configs], saturation)),
+                       "offline_ceiling": ceiling,
                        "runs": [r.to_dict() for r in runs]}, f, indent=2)
     if args.plot:
         plot(runs, args.plot, title=f"MiniLM-L6, {args.threads} threads, real texts")
