@@ -15,6 +15,8 @@ hits them alike):
   Runtime's CPU provider: a long input no longer pads a batch of short ones), no count cap:
   what the budget alone buys, without packing;
 - `bertrt packed int8`: ONNX Runtime on the int8 export (`--backend ort --precision int8`);
+- `bertrt packed fp32, ort streams`: ONNX Runtime named, whose server runs one batch per
+  core under load (`--streams`, default: the model threads) where `auto` may pick OpenVINO;
 - the best CPU backend x precision beyond those: OpenVINO bf16 where the engine offers it
   and the machine runs it (otherwise its line says why not).
 
@@ -71,6 +73,8 @@ CONFIGS = [
     # ONNX Runtime named: `--precision int8` alone lets auto pick any backend within the int8
     # gate (OpenVINO bf16 where the CPU has it)
     ("bertrt packed int8", "--backend ort --precision int8"),
+    # ONNX Runtime named: auto may pick OpenVINO fp32, which has no narrow session
+    ("bertrt packed fp32, ort streams", "--backend ort"),
 ]
 
 

@@ -150,6 +150,11 @@ class Backend:
     #: batches of one sequence: they have no padding to skip, and the padded graph has no
     #: packing gathers (the engine sets it; `close` closes it too).
     single: Backend | None = None
+    #: A single-thread session of the same model (ONNX Runtime on the CPU): a server runs
+    #: several batches on it at once under load, one per core, where one batch on every
+    #: core would wait at each op for its slowest thread (the engine's `streams` sets it;
+    #: `close` closes it too).
+    narrow: Backend | None = None
     #: For a packed backend: run a batch as two, its short and its long sequences apart, when
     #: that saves at least this many attention positions per token (`length_groups`: the
     #: attention core runs on a padded view, so one long sequence pads every short one); 0:

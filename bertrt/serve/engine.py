@@ -29,7 +29,13 @@ import numpy as np
 
 from bertrt.config import BertConfig
 from bertrt.errors import BertrtError
-from bertrt.serve.backends import FLAVOURS, Backend, BackendUnavailable, make_backend
+from bertrt.serve.backends import (
+    FLAVOURS,
+    Backend,
+    BackendUnavailable,
+    OrtBackend,
+    make_backend,
+)
 from bertrt.serve.outputs import SequenceOutputs, check_pooling
 from bertrt.serve.pooling import embedding_defaults
 from bertrt.serve.selection import (
@@ -189,6 +195,11 @@ class InferenceEngine:
             back to the process's other threads between runs (`bertrt serve` sets it: its
             HTTP and tokenization need them); False (a lone caller): they spin on a while,
             which makes back-to-back single queries ~6% faster.
+        streams: Batches a caller may run at once, one per core (`bertrt serve` under load):
+            above 1, a packed ONNX Runtime CPU backend also loads a single-thread session of
+            the same export (`Backend.narrow`; the weights' memory once more), which that
+            many threads call at once; `streams` says how many the engine supports (1 on
+            other backends). Each call of the engine itself still runs on `threads`.
 
     Raises:
         BertrtError: one line: a bad argument, a missing or unreadable model, a vocabulary
@@ -201,8 +212,11 @@ class InferenceEngine:
                  max_batch_tokens: int | None = None, *,
                  vocab: PathLike | Tokenizer | None = None,
                  max_length: int | None = None, padded_single: bool = True,
-                 yield_cores: bool = False) -> None:
+                 yield_cores: bool = False, streams: int = 1) -> None:
         _check_options(backend, precision, threads, max_batch_tokens, max_length)
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise BertrtError(f"streams: expected a positive integer, got {streams!r}")
+        self._streams = streams
         self._twin = bool(padded_single)
         self._yield = bool(yield_cores)
         weights, info, self.source = _open_model(model)
@@ -276,7 +290,7 @@ class InferenceEngine:
             raise BertrtError(f"no installed backend runs precision {precision} on this "
                               "machine (onnxruntime: fp32, int8; openvino: fp32, and bf16 "
                               "where the CPU has native bf16)")
-        key = _model_key(model, precision, packed, threads)
+        key = _model_key(model, precision, packed, threads, self._streams)
         known = remembered(key)
         if known in candidates or len(candidates) == 1:
             choice = known if known in candidates else candidates[0]
@@ -288,7 +302,7 @@ class InferenceEngine:
         pad = self.tokenizer.pad_id
         for candidate in candidates:
             backend = self._start(candidate, weights, info, threads, packed)
-            trial = Trial(candidate, *time_backend(backend, batch, query, pad))
+            trial = Trial(candidate, *time_backend(backend, batch, query, pad, self._streams))
             self.trials.append(trial)
             if best is None or trial.score < best[0].score:
                 if best is not None:
@@ -306,10 +320,18 @@ class InferenceEngine:
                threads: int | None, packed: bool | None) -> Backend:
         """A backend for `choice` that returns only the outputs the engine reads."""
         backend = _start_backend(choice, weights, info, threads, packed, self._twin,
-                                 self._yield)
-        backend.read_only(READS[self.head])
-        backend.split_saving = backend.split_per_hidden * self.hidden_size
+                                 self._yield, self._streams > 1)
+        for one in (backend, backend.narrow):
+            if one is not None:
+                one.read_only(READS[self.head])
+                one.split_saving = one.split_per_hidden * self.hidden_size
         return backend
+
+    @property
+    def streams(self) -> int:
+        """Batches a server may run at once: `streams` where the backend has a narrow
+        session (`Backend.narrow`), else 1."""
+        return self._streams if self.backend.narrow is not None else 1
 
     def __repr__(self) -> str:
         return f"InferenceEngine({self.description})"
@@ -703,18 +725,28 @@ def _retire(backend: Backend) -> None:
         _close(backend)
 
 
+def _with_narrow(backend: Backend, path: Path, narrow: bool, yield_cores: bool) -> Backend:
+    """`backend`, given a single-thread session of `path` when `narrow` and it is packed."""
+    if narrow and backend.packed:
+        backend.narrow = OrtBackend(path, threads=1, yield_cores=yield_cores)
+    return backend
+
+
 def _close(backend: Backend) -> None:
     backend.close()
-    if backend.single is not None:
-        backend.single.close()
+    for other in (backend.single, backend.narrow):
+        if other is not None:
+            other.close()
 
 
 def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | None,
                    threads: int | None, packed: bool | None, twin: bool = False,
-                   yield_cores: bool = False) -> Backend:
+                   yield_cores: bool = False, narrow: bool = False) -> Backend:
     """The backend: on the .onnx file as it is, or on the weights (exported to a temporary
     file in the backend's flavour, removed once the runtime holds the model); with `twin`,
-    a packed ONNX one gets its padded twin for batches of one sequence (`Backend.single`)."""
+    a packed ONNX one gets its padded twin for batches of one sequence (`Backend.single`);
+    with `narrow`, a packed ONNX Runtime CPU one gets a single-thread session of the same
+    file (`Backend.narrow`)."""
     from bertrt.serve.backends import TorchBackend
 
     name, precision = choice.backend, choice.precision
@@ -725,13 +757,14 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
             assert weights is not None
             return TorchBackend(weights, threads=threads, skip_mlm=True, packed=packed)
         if info is not None:
-            return make_backend(name, onnx_path=info.path, model=None, threads=threads,
-                                precision=precision, yield_cores=yield_cores)
+            backend = make_backend(name, onnx_path=info.path, model=None, threads=threads,
+                                   precision=precision, yield_cores=yield_cores)
+            return _with_narrow(backend, info.path, narrow and name == "ort", yield_cores)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
             layouts = [packed, False] if packed and twin else [packed]
-            started = []
+            started, paths = [], []
             for layout in layouts:
                 path = weights.export_onnx(
                     Path(tmp) / f"model-{len(started)}.onnx",
@@ -741,12 +774,14 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
                     # the pretraining head's per-token vocabulary logits cost more than the
                     # encoder, and the engine reads hidden states only
                     head="none" if weights.head == "pretraining" else None)
+                paths.append(path)
                 started.append(make_backend(name, onnx_path=path, model=None,
                                             threads=threads, precision=precision,
                                             yield_cores=yield_cores))
             if len(started) == 2:
                 started[0].single = started[1]
-            return started[0]
+            return _with_narrow(started[0], paths[0], narrow and name == "ort",
+                                yield_cores)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 

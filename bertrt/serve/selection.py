@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,25 +125,39 @@ def probe_requests(vocab_size: int, first_id: int, max_length: int, seed: int = 
     return [request(n) for n in lengths], [request(min(PROBE_QUERY, top))]
 
 
-def time_backend(backend: Backend, batch: list[Request], query: list[Request], pad_id: int
-                 ) -> tuple[float, float]:
+def time_backend(backend: Backend, batch: list[Request], query: list[Request], pad_id: int,
+                 streams: int = 1) -> tuple[float, float]:
     """Median milliseconds of each probe, after one untimed run: the batch as the engine would
     run it on this backend (longest first, cut by the backend's `batch_tokens`), the query in
-    one `run_sequences`."""
+    one `run_sequences`. With `streams` > 1 and a narrow session (`Backend.narrow`), the
+    batch as a loaded server runs it: cut `streams` times finer and shared among `streams`
+    threads on the narrow session at once."""
     from bertrt.serve.engine import length_sorted_batches
 
+    narrow = backend.narrow if streams > 1 else None
     lengths = np.array([r.length for r in batch])
+    budget = backend.batch_tokens if narrow is None else max(1, backend.batch_tokens // streams)
     parts = [[batch[i] for i in picked] for picked in
-             length_sorted_batches(lengths, backend.batch_tokens, backend.packed)]
+             length_sorted_batches(lengths, budget, backend.packed)]
+
+    def run_batch() -> None:
+        if narrow is None:
+            for part in parts:
+                backend.run_sequences(part, pad_id)
+            return
+        with ThreadPoolExecutor(streams) as pool:
+            for done in [pool.submit(lambda mine: [narrow.run_sequences(p, pad_id)
+                                                   for p in mine], parts[i::streams])
+                         for i in range(streams)]:
+                done.result()
+
     out = []
-    for probe in (parts, [query]):
-        for part in probe:
-            backend.run_sequences(part, pad_id)
+    for probe in (run_batch, lambda: backend.run_sequences(query, pad_id)):
+        probe()
         times = []
         for _ in range(PROBE_REPEATS):
             start = time.perf_counter()
-            for part in probe:
-                backend.run_sequences(part, pad_id)
+            probe()
             times.append(time.perf_counter() - start)
         out.append(statistics.median(times) * 1e3)
     return out[0], out[1]

@@ -27,6 +27,7 @@ from bertrt.serve import (
     TruncatedWarning,
     token_budget_batches,
 )
+from bertrt.serve.workload import Request
 
 WORDS = ["the", "cat", "sat", "on", "an", "mat", "and", "dog", "ran", "far", "away", ".", ",",
          "john", "smith", "lives", "in", "new", "york", "mary", "##ann", "visited", "paris",
@@ -325,6 +326,63 @@ def test_yield_cores_stops_spinning_after_each_run(encoder_dir):
         assert stops(engine.backend) and stops(engine.backend.single)
     with InferenceEngine(encoder_dir, backend="ort") as engine:
         assert not stops(engine.backend) and not stops(engine.backend.single)
+
+
+def test_streams_load_a_single_thread_session_of_the_same_export(encoder_dir, tmp_path):
+    """`streams` > 1 on packed ONNX Runtime: a narrow session of one intra-op thread, on the
+    model dir's export and on an .onnx file, giving what the backend gives; elsewhere one
+    stream."""
+    with InferenceEngine(encoder_dir, backend="ort", threads=2, streams=2,
+                         yield_cores=True) as engine:
+        narrow = engine.backend.narrow
+        assert engine.streams == 2 and narrow is not None and narrow.packed
+        options = narrow.session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert narrow.fetched == engine.backend.fetched  # the pooler dropped there too
+        enc = engine.tokenizer(["the cat sat", "a dog ran far away"], padding=False)
+        requests = [Request(np.array(i), np.array(t))
+                    for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+        np.testing.assert_allclose(
+            narrow.run_sequences(requests).pool("last_hidden_state", "mean"),
+            engine.backend.run_sequences(requests).pool("last_hidden_state", "mean"),
+            atol=1e-6)
+    path = Model.load(encoder_dir).export_onnx(tmp_path / "m.onnx", packed=True)
+    with InferenceEngine(path, backend="ort", streams=3, vocab=encoder_dir) as engine:
+        assert engine.streams == 3 and engine.backend.narrow is not None
+    with InferenceEngine(encoder_dir, backend="ort", streams=1) as engine:
+        assert engine.streams == 1 and engine.backend.narrow is None
+    with InferenceEngine(encoder_dir, backend="ort", packed=False, streams=2) as engine:
+        assert engine.streams == 1  # padded: one batch at a time
+    with pytest.raises(BertrtError, match="streams"):
+        InferenceEngine(encoder_dir, backend="ort", streams=0)
+
+
+def test_auto_times_the_probe_batch_as_a_loaded_server_runs_it(encoder_dir):
+    """With streams, `time_backend` runs the probe batch on the narrow session from that many
+    threads at once, every sequence once; the query on the backend itself."""
+    import threading
+
+    from bertrt.serve.selection import probe_requests, time_backend
+
+    with InferenceEngine(encoder_dir, backend="ort", threads=2, streams=2) as engine:
+        batch, query = probe_requests(engine.config.vocab_size, 5, engine.max_length)
+        calls: list[tuple[str, int, int]] = []
+        for name, backend in (("wide", engine.backend), ("narrow", engine.backend.narrow)):
+            run = backend.run_sequences
+
+            def recorded(requests, pad_id=0, _run=run, _name=name):
+                calls.append((_name, threading.get_ident(), len(requests)))
+                return _run(requests, pad_id)
+
+            backend.run_sequences = recorded
+        time_backend(engine.backend, batch, query, 0, streams=2)
+    narrow = [c for c in calls if c[0] == "narrow"]
+    wide = [c for c in calls if c[0] == "wide"]
+    assert len({c[1] for c in narrow}) >= 2  # two threads at once
+    repeats = len(wide)  # one query a run: the untimed one and each repeat
+    assert sum(c[2] for c in narrow) == repeats * len(batch)
+    assert all(c[2] == 1 for c in wide)
 
 
 def test_padded_and_packed_outputs_pool_alike():

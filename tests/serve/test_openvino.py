@@ -111,7 +111,7 @@ def test_auto_keeps_the_fastest_and_remembers_it(tmp_path, monkeypatch):
     timed: list[str] = []
     speed = {("openvino", "fp32"): 5.0, ("ort", "fp32"): 9.0, ("ort", "int8"): 3.0}
 
-    def fake_time(backend, batch, query, pad_id):
+    def fake_time(backend, batch, query, pad_id, streams=1):
         out = backend.run_sequences(batch, pad_id)  # each candidate really runs
         assert len(out) == len(batch)
         key = (backend.name, backend.precision)

@@ -181,7 +181,10 @@ class Server:
                                max_batch_tokens=self.max_batch_tokens,
                                max_batch_requests=self.options.max_batch_requests,
                                max_wait_ms=self.options.max_wait_ms,
-                               max_batch_ms=self.options.max_batch_ms, metrics=self.metrics)
+                               max_batch_ms=self.options.max_batch_ms, metrics=self.metrics,
+                               narrow=self.service.run_narrow
+                               if self.service.engine.streams > 1 else None,
+                               streams=self.service.engine.streams)
         try:
             yield
         finally:  # the server has answered every request it accepted by now
@@ -425,6 +428,7 @@ class Server:
         limits = {"max_batch_tokens": self.max_batch_tokens,
                   "max_batch_requests": self.options.max_batch_requests,
                   "max_batch_ms": self.options.max_batch_ms,
+                  "streams": self.service.engine.streams,
                   "max_wait_ms": self.options.max_wait_ms,
                   "max_concurrent_requests": self.options.max_concurrent,
                   "max_client_batch_size": self.options.max_client_batch,

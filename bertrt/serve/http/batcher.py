@@ -174,6 +174,11 @@ class Batcher:
         max_batch_tokens, max_batch_requests, max_wait_ms: See `ServeOptions`.
         max_batch_ms: A batch's target duration: the budget shrinks below `max_batch_tokens`
             to what the engine runs in that time (`Pace`); None or 0: `max_batch_tokens`.
+        narrow, streams: With `narrow` (a run on one core, safe to call from several threads
+            at once) and `streams` > 1: that many engine threads, each running its own batch
+            on `narrow` under load, the waiting work split evenly among the idle ones; a lone
+            sequence with nothing running goes on `run` (every core: a light load's latency),
+            and the others wait until it ends, so the cores are never oversubscribed.
         metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
             seconds), the budget, the queue's size and the sequences dropped; None: nothing
             is told.
@@ -182,13 +187,19 @@ class Batcher:
     def __init__(self, run: Callable[[list[Request]], SequenceOutputs], *, packed: bool,
                  max_batch_tokens: int, max_batch_requests: int | None = None,
                  max_wait_ms: float = 0.0, max_batch_ms: float | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None,
+                 narrow: Callable[[list[Request]], SequenceOutputs] | None = None,
+                 streams: int = 1) -> None:
         self._run = run
+        self._narrow = narrow if streams > 1 else None
+        self.streams = streams if self._narrow is not None else 1
         self.packed = packed
         self.max_batch_tokens = max_batch_tokens
+        # each kind of run keeps its own speed: a narrow one runs on one core
         self.pace = Pace(max_batch_ms / 1000.0) if max_batch_ms else None
-        #: The positions the next batch may cost (engine thread).
-        self.budget = max_batch_tokens
+        self.narrow_pace = Pace(max_batch_ms / 1000.0) if max_batch_ms else None
+        #: The positions the next batch may cost, on `run` and on `narrow`.
+        self.budget = self.narrow_budget = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
@@ -198,10 +209,15 @@ class Batcher:
         #: Batches handed to the finisher and not finished: while any is, the engine thread
         #: does not finish one itself (a job's batches are read one at a time).
         self._finishing = 0
+        self._running = 0  # batches running
+        self._wide = False  # a batch runs on every core: nothing else may start
         self._closed = False
+        self._job_lock = threading.Lock()  # jobs' results, when streams finish at once
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="bertrt-finisher")
-        self._thread = threading.Thread(target=self._loop, name="bertrt-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"bertrt-engine-{i}",
+                                          daemon=True) for i in range(self.streams)]
+        for thread in self._threads:
+            thread.start()
 
     # ------------------------------------------------------------------ HTTP side
     def submit(self, job: Job) -> None:
@@ -225,7 +241,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return any(t.is_alive() for t in self._threads) and not self._closed
 
     @property
     def queued(self) -> int:
@@ -236,8 +252,9 @@ class Batcher:
         """Run what is queued, then stop both threads."""
         with self._cv:
             self._closed = True
-            self._cv.notify()
-        self._thread.join()
+            self._cv.notify_all()
+        for thread in self._threads:
+            thread.join()
         self._finisher.shutdown(wait=True)
 
     # ------------------------------------------------------------------ engine thread
@@ -254,57 +271,85 @@ class Batcher:
             self._metrics.dropped.inc(len(self._queue) - len(kept))
         self._queue, self._cancelled = kept, 0
 
-    def _cut(self, extra: tuple[int, ...] = ()) -> int:
+    def _cut(self, budget: int, extra: tuple[int, ...] = ()) -> int:
         return batch_cut(itertools.chain((e.length for e in self._queue), extra),
-                         self.budget, self.max_batch_requests, self.packed)
+                         budget, self.max_batch_requests, self.packed)
 
-    def _full(self, size: int) -> bool:
+    def _full(self, size: int, budget: int) -> bool:
         """Whether a batch of the first `size` waiting sequences has no room for another
         (not even one token long)."""
-        return size < len(self._queue) or self._cut((1,)) == size
+        return size < len(self._queue) or self._cut(budget, (1,)) == size
 
-    def _next_batch(self) -> list[_Entry] | None:
-        """The next batch, once there is one to run (None: closed and drained)."""
+    def _share(self) -> int:
+        """A narrow batch's budget: its pace's, or an even share of what waits among the
+        idle streams, whichever is less (every core gets work)."""
+        idle = self.streams - self._running
+        waiting = sum(e.length for e in self._queue)
+        return max(1, min(self.narrow_budget, -(-waiting // idle)))
+
+    def _next_batch(self) -> tuple[list[_Entry], bool] | None:
+        """The next batch and whether it runs on every core, once there is one to run
+        (None: closed and drained)."""
         with self._cv:
             while True:
                 self._purge()
-                if not self._queue:
-                    if self._closed:
+                if not self._queue or self._wide:
+                    if self._closed and not self._queue:
                         return None
                     self._cv.wait()
                     continue
-                size = self._cut()
-                if self.max_wait_s and not self._closed and not self._full(size):
+                wide = self._narrow is None or (not self._running and len(self._queue) == 1)
+                budget = self.budget if wide else self._share()
+                size = self._cut(budget)
+                if self.max_wait_s and not self._closed and not self._full(size, budget):
                     left = self._queue[0].job.enqueued + self.max_wait_s - time.perf_counter()
                     if left > 0:  # not full: gather more until the oldest has waited enough
                         self._cv.wait(left)
                         continue
                 batch = [self._queue.popleft() for _ in range(size)]
+                self._running += 1
+                self._wide = wide and self._narrow is not None
                 self._queue_changed()
-                return batch
+                if self._queue:
+                    self._cv.notify()  # an idle stream takes the rest
+                return batch, wide
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (got := self._next_batch()) is not None:
+            batch, wide = got
+            run = self._run if wide else self._narrow
+            assert run is not None
             started = time.perf_counter()
             outputs: SequenceOutputs | None = None
             error: BaseException | None = None
             try:
-                outputs = self._run([e.job.requests[e.index] for e in batch])
+                outputs = run([e.job.requests[e.index] for e in batch])
             except Exception as exc:  # the batch's requests fail; the server goes on
                 log.exception("a batch of %d sequences failed", len(batch))
                 error = exc
             seconds = time.perf_counter() - started
             lengths = [e.length for e in batch]
             positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
-            if self.pace is not None and error is None:
-                self.pace.observe(positions, seconds)
-                self.budget = self.pace.budget(self.max_batch_tokens)
-            if self._metrics is not None:
-                self._metrics.observe_batch(len(batch), sum(lengths), positions, seconds,
-                                            self.budget)
             with self._cv:
+                pace = self.pace if wide else self.narrow_pace
+                if pace is not None and error is None:
+                    pace.observe(positions, seconds)
+                    if wide:
+                        self.budget = pace.budget(self.max_batch_tokens)
+                    else:
+                        self.narrow_budget = pace.budget(self.max_batch_tokens)
+                self._running -= 1
+                self._wide = False
                 inline = not self._queue and not self._finishing
                 self._finishing += not inline
+                if wide:  # every stream may start again
+                    self._cv.notify_all()
+                else:
+                    self._cv.notify()
+            if self._metrics is not None:
+                self._metrics.observe_batch(
+                    len(batch), sum(lengths), positions, seconds,
+                    self.budget if self._narrow is None else self.narrow_budget)
             if inline:  # nothing waits (light load): answering here saves a thread hop
                 self._finish(batch, outputs, error, started, seconds)
             else:  # the next batch waits: hand the results on and run it
@@ -327,6 +372,12 @@ class Batcher:
             rows.append(row)
             indices.append(entry.index)
         view = None if outputs is None else BatchView(outputs)
+        with self._job_lock:
+            self._finish_jobs(by_job, view, error, started, seconds)
+
+    @staticmethod
+    def _finish_jobs(by_job: dict[Job, tuple[list[int], list[int]]], view: BatchView | None,
+                     error: BaseException | None, started: float, seconds: float) -> None:
         for job, (rows, indices) in by_job.items():
             if job.cancelled or job.error is not None:
                 continue

@@ -7,6 +7,7 @@ before any socket is opened, a port in use before the model loads.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -52,6 +53,10 @@ def _missing_extra() -> BertrtError:
               show_default=True,
               help="A batch's target duration: the budget shrinks to what the engine runs in X "
                    "ms at its recent speed (0: always the full --max-batch-tokens).")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help="Batches run at once under load, one per core, on a single-thread session "
+                   "(ONNX Runtime's CPU provider, packed; a lone request still runs on every "
+                   "thread) [--threads, or the cores; 1: one batch at a time].")
 @click.option("--max-batch-requests", type=click.IntRange(min=1), default=None,
               help="At most N inputs per batch [no limit but the budget].")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -72,7 +77,7 @@ def _missing_extra() -> BertrtError:
 def serve(model: str, host: str, port: int, backend: str, precision: str,
           packed: bool | None, threads: int | None, vocab: str | None, max_length: int | None,
           pooling: str | None, max_batch_tokens: int | None, max_batch_ms: float,
-          max_batch_requests: int | None,
+          streams: int | None, max_batch_requests: int | None,
           max_wait_ms: float, max_concurrent: int, max_client_batch: int, payload_limit: int,
           auto_truncate: bool, tokenization_workers: int, log_level: str) -> None:
     """Serve MODEL (a model dir or an .onnx file) over HTTP until SIGTERM.
@@ -107,7 +112,8 @@ def serve(model: str, host: str, port: int, backend: str, precision: str,
     try:
         with InferenceEngine(model, backend=backend, precision=precision, packed=packed,
                              threads=threads, max_batch_tokens=max_batch_tokens, vocab=vocab,
-                             max_length=max_length, yield_cores=True) as engine:
+                             max_length=max_length, yield_cores=True,
+                             streams=streams or threads or os.cpu_count() or 1) as engine:
             run_server(engine, options, sock=sock, log_level=log_level)
     finally:
         sock.close()

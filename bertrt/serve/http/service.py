@@ -67,6 +67,13 @@ class ModelService:
             self.embed_refusal = engine.defaults.unsupported
         self.labels = engine.labels
 
+    def run_narrow(self, requests: list[Request]) -> SequenceOutputs:
+        """`run` on the backend's single-thread session (`Backend.narrow`), which several
+        engine threads call at once."""
+        narrow = self.engine.backend.narrow
+        assert narrow is not None
+        return narrow.run_sequences(requests, self.engine.tokenizer.pad_id)
+
     def run(self, requests: list[Request]) -> SequenceOutputs:
         """Run one batch (on the engine thread)."""
         return self.engine.backend.run_sequences(requests, self.engine.tokenizer.pad_id)

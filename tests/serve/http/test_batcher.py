@@ -311,3 +311,50 @@ def test_a_client_that_goes_away_while_queued_is_not_computed(encoder):
     assert gone[0]["status"] == 499
     assert ran == [1]  # the second request's two sequences never ran
     assert "bertrt_dropped_sequences_total 2.0" in server.metrics.exposition().decode()
+
+
+def test_streams_run_batches_at_once_under_load_and_a_lone_request_on_every_core():
+    # `narrow` runs on one core (several at once), `wide` on all of them (alone): record who
+    # ran beside whom
+    lock = threading.Lock()
+    active = {"wide": 0, "narrow": 0}
+    seen: list[tuple[str, int, int, int]] = []  # kind, wide and narrow running, sequences
+
+    def runner(kind: str):
+        def run(requests: list[Request]) -> PackedOutputs:
+            with lock:
+                active[kind] += 1
+                seen.append((kind, active["wide"], active["narrow"], len(requests)))
+            time.sleep(0.05)
+            with lock:
+                active[kind] -= 1
+            ids = np.concatenate([r.input_ids for r in requests]).astype(np.float32)[:, None]
+            cu = np.concatenate([[0], np.cumsum([r.length for r in requests])])
+            return PackedOutputs({"last_hidden_state": ids}, {}, cu)
+        return run
+
+    batcher = Batcher(runner("wide"), packed=True, max_batch_tokens=1000,
+                      narrow=runner("narrow"), streams=2)
+    lone = run_jobs(batcher, [[request(4, 7)]])
+    assert seen == [("wide", 1, 0, 1)] and lone[0].results == [pytest.approx(8.5)]
+    # a burst of two-sequence requests: the waiting work split between the two streams
+    burst = [[request(3, 100 * i), request(5, 100 * i + 50)] for i in range(40)]
+    jobs = run_jobs(batcher, burst)
+    batcher.close()
+    for i, job in enumerate(jobs):  # each job's rows, in order, whichever stream ran them
+        assert job.error is None
+        assert job.results == [pytest.approx(100 * i + 1), pytest.approx(100 * i + 52)]
+    narrow = [s for s in seen if s[0] == "narrow"]
+    assert narrow and max(s[2] for s in narrow) == 2, seen  # two batches at once
+    assert all(s[1] == 0 for s in narrow), seen              # never beside a wide one
+    assert all(s[2] == 0 for s in seen if s[0] == "wide"), seen
+    assert sum(s[3] for s in seen) == 81
+
+
+def test_one_stream_without_a_narrow_run_keeps_one_batch_at_a_time():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=100, streams=2)  # no narrow
+    assert batcher.streams == 1
+    run_jobs(batcher, [[request(2, 10 * i)] for i in range(5)])
+    batcher.close()
+    assert sorted(x for b in engine.batches for x in b) == [0, 10, 20, 30, 40]

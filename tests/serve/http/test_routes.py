@@ -46,18 +46,24 @@ def test_embed_equals_engine_embed_in_order_and_one_vector_per_input(encoder, cl
                                atol=1e-5)
 
 
-def test_embed_on_minilm_equals_engine_and_sentence_transformers(minilm_dir, client_of):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_embed_on_minilm_equals_engine_and_sentence_transformers(minilm_dir, client_of,
+                                                                 streams):
+    # streams=2: a request of several inputs runs as batches on the single-thread session,
+    # two at once
     from sentence_transformers import SentenceTransformer
 
     texts = ["A man is eating food.", "", "The quick brown fox jumps over the dog.",
              "Ünïcödé, accents and CJK 中文 too!", " ".join(["on and on"] * 100)]  # > 256
-    with InferenceEngine(minilm_dir, backend="ort", threads=2) as engine:
+    with InferenceEngine(minilm_dir, backend="ort", threads=2, streams=streams) as engine:
+        assert engine.streams == streams and (engine.backend.narrow is None) == (streams == 1)
         with pytest.warns(TruncatedWarning):
             expected = engine.embed(texts)
         with client_of(engine, max_client_batch=8) as client:
             response = client.post("/embed", json={"inputs": texts, "truncate": True})
             openai = client.post("/v1/embeddings", json={"input": texts[:2]})
             too_long = client.post("/embed", json={"inputs": texts[-1]})
+            assert client.get("/info").json()["streams"] == streams
     assert response.status_code == 200, response.text
     got = np.array(response.json(), dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-6)
