@@ -33,7 +33,8 @@ process while the servers idle, each call after a Poisson gap at the light load'
 the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is printed too),
 both in `--slices` slices taken in turn (the machine's speed drifts over minutes). Last, the
 offline ceiling: the default engine's texts/s on all the texts at once (length-sorted budget
-batches, nothing else running), which bounds any server's rate.
+batches, nothing else running), which bounds any server's rate; and the HTTP floor: `GET
+/health` at the light rate, the round trip every request pays beside its engine call.
 Bounded: about 5 minutes with the defaults.
 
     python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
@@ -140,6 +141,28 @@ def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None =
         engine.embed([text])
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def http_floor(url: str, rate: float, count: int = 60, seed: int = 0) -> float:
+    """p50 milliseconds of `GET /health` (no body, no model) arriving at `rate` as the light
+    load's requests do: the HTTP round trip every request pays, client included."""
+    import asyncio
+
+    import aiohttp
+
+    async def main() -> list[float]:
+        rng = np.random.default_rng(seed)
+        times = []
+        async with aiohttp.ClientSession() as client:
+            for _ in range(count):
+                await asyncio.sleep(rng.exponential(1.0 / rate))
+                start = time.perf_counter()
+                async with client.get(f"{url}/health") as response:
+                    await response.read()
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    return float(np.median(asyncio.run(main())))
 
 
 def timed(fn: Any, *args: Any) -> float:
@@ -249,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         # the ceiling no server of this engine passes: every text at once, length-sorted and
         # cut by the engine's budget, no HTTP, no load generator, no latency bound
         ceiling = len(texts) / min(timed(engine.embed, texts) for _ in range(2))
+        floor_ms = http_floor(servers[0].url, light_rate)
     finally:
         for server in servers:
             server.stop()
@@ -284,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\noffline ceiling: the default engine ({engine.backend.description}) embeds "
           f"all {len(texts)} texts at once in length-sorted budget batches at {ceiling:.1f} "
           f"texts/s, {ceiling / anchor:.2f}x the anchor's highest rate" if anchor else "")
+    print(f"HTTP floor: GET /health of the default server at the light rate, p50 "
+          f"{floor_ms:.2f} ms (every request's round trip, client included: the single call "
+          f"plus it is {(single['fp32'] + floor_ms) / single['fp32']:.2f}x the single call)")
     if not args.markdown:
         print()
         from bertrt.serve.http.loadgen import format_table
@@ -294,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"single_call_ms": single, "light_rate": light_rate,
                        "best_rate": dict(zip([c[0] for c in configs], best_rate)),
                        "saturation": dict(zip([c[0] for c in configs], saturation)),
-                       "offline_ceiling": ceiling,
+                       "offline_ceiling": ceiling, "http_floor_ms": floor_ms,
                        "runs": [r.to_dict() for r in runs]}, f, indent=2)
     if args.plot:
         plot(runs, args.plot, title=f"MiniLM-L6, {args.threads} threads, real texts")

@@ -1,6 +1,6 @@
-"""The token-budget batcher: requests' sequences wait in one queue; one engine thread runs them.
+"""The token-budget batcher: requests' sequences wait in one queue; engine threads run them.
 
-    HTTP side (event loop + tokenizer threads)        engine thread            finisher thread
+    HTTP side (event loop + tokenizer threads)        engine thread(s)         finisher thread
     tokenize a request ─▶ Job ─▶ queue of sequences ─▶ cut a batch ─▶ run ─▶ pool / slice rows
                                                                             ─▶ resolve the Job
 
@@ -23,6 +23,11 @@ When nothing waits once a batch is done (light load), the engine thread hands it
 itself: the hop to the finisher would only add latency. The
 batch stays open until the engine is free (TEI seals the next batch as the current one
 starts): a request that arrives during a run still joins the batch right after it.
+
+With streams (`narrow`, `streams` > 1), one engine thread per stream: under load each runs
+its own batch on a single-thread session, the waiting work split evenly among the idle ones,
+so a core the HTTP side borrows stalls one batch, not every batch's threads at each op; a
+lone sequence with nothing running still runs on every core, alone.
 """
 
 from __future__ import annotations
@@ -249,7 +254,7 @@ class Batcher:
         return len(self._queue)
 
     def close(self) -> None:
-        """Run what is queued, then stop both threads."""
+        """Run what is queued, then stop the engine threads and the finisher."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
