@@ -6,7 +6,9 @@ threads, all started at once and loaded in turn (interleaved: a drift of the sha
 hits them alike):
 
 - `bertrt packed fp32`: the default, padding-free batches cut by a budget of real tokens,
-  kept to what the engine runs in 40 ms (`--max-batch-ms`);
+  kept to what the engine runs in 40 ms (`--max-batch-ms`), one batch per model thread at
+  once under load (`--streams`, on ONNX Runtime: `auto` keeps it over OpenVINO fp32 for a
+  server);
 - `anchor: padded, <= 8 per batch`: text-embeddings-inference as it runs on a CPU: the
   waiting requests taken oldest first, at most 8 a batch while 8 x the longest fits its
   default budget of 16384 positions (which 8 inputs of at most 256 tokens always do), each
@@ -15,8 +17,6 @@ hits them alike):
   Runtime's CPU provider: a long input no longer pads a batch of short ones), no count cap:
   what the budget alone buys, without packing;
 - `bertrt packed int8`: ONNX Runtime on the int8 export (`--backend ort --precision int8`);
-- `bertrt packed fp32, ort streams`: ONNX Runtime named, whose server runs one batch per
-  core under load (`--streams`, default: the model threads) where `auto` may pick OpenVINO;
 - the best CPU backend x precision beyond those: OpenVINO bf16 where the engine offers it
   and the machine runs it (otherwise its line says why not).
 
@@ -74,8 +74,6 @@ CONFIGS = [
     # ONNX Runtime named: `--precision int8` alone lets auto pick any backend within the int8
     # gate (OpenVINO bf16 where the CPU has it)
     ("bertrt packed int8", "--backend ort --precision int8"),
-    # ONNX Runtime named: auto may pick OpenVINO fp32, which has no narrow session
-    ("bertrt packed fp32, ort streams", "--backend ort"),
 ]
 
 

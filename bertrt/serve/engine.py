@@ -48,6 +48,7 @@ from bertrt.serve.selection import (
     remember,
     remembered,
     time_backend,
+    with_streams,
 )
 from bertrt.serve.tagging import entities, words
 from bertrt.serve.workload import Request
@@ -290,6 +291,8 @@ class InferenceEngine:
             raise BertrtError(f"no installed backend runs precision {precision} on this "
                               "machine (onnxruntime: fp32, int8; openvino: fp32, and bf16 "
                               "where the CPU has native bf16)")
+        if self._streams > 1:
+            candidates = with_streams(candidates)
         key = _model_key(model, precision, packed, threads, self._streams)
         known = remembered(key)
         if known in candidates or len(candidates) == 1:

@@ -18,6 +18,7 @@ from bertrt.errors import BertrtError  # noqa: E402
 from bertrt.padding import pack_rows, pad_rows  # noqa: E402
 from bertrt.serve import InferenceEngine  # noqa: E402
 from bertrt.serve.backends import OpenVinoBackend, OrtBackend, native_bf16  # noqa: E402
+from bertrt.serve.selection import Candidate, with_streams  # noqa: E402
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -137,6 +138,16 @@ def test_auto_keeps_the_fastest_and_remembers_it(tmp_path, monkeypatch):
     with InferenceEngine(model_dir, precision="int8") as engine:
         assert (engine.backend_name, engine.precision) == ("ort", "int8")
         assert sorted(timed) == ["openvino fp32", "ort fp32", "ort int8"]
+    # a loaded server's engine (streams): at a precision ONNX Runtime runs, its streams are
+    # kept over a backend without them; OpenVINO keeps the precisions only it runs
+    timed.clear()
+    with InferenceEngine(model_dir, threads=2, streams=2) as engine:
+        assert engine.backend_name == "ort" and engine.streams == 2 and not timed
+    with InferenceEngine(model_dir, threads=2, streams=2, precision="int8") as engine:
+        assert sorted(timed) == ["ort fp32", "ort int8"]
+    assert with_streams([Candidate("openvino", "fp32"), Candidate("ort", "fp32"),
+                         Candidate("openvino", "bf16")]) == [Candidate("ort", "fp32"),
+                                                              Candidate("openvino", "bf16")]
     # without openvino installed, auto has one fp32 candidate and times nothing
     monkeypatch.setattr("bertrt.serve.selection.installed", lambda name: name != "openvino")
     timed.clear()
