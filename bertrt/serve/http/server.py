@@ -85,7 +85,9 @@ def serve(engine: InferenceEngine, options: ServeOptions | None = None, *,
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
-                announce(f"bertrt serve: {engine.description}; listening on "
+                streams = (f"; {engine.streams} batches at once under load (--streams)"
+                           if engine.streams > 1 else "")
+                announce(f"bertrt serve: {engine.description}{streams}; listening on "
                          f"http://{host}:{port}")
 
     stopped: list[str] = []
