@@ -52,11 +52,10 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any
 
 import numpy as np
 from bench_packed import real_texts  # the script's folder
-from bench_torch import minilm_dir
+from bench_torch import minilm_dir, time_interleaved
 
 from bertrt.errors import BertrtError
 from bertrt.serve.engine import ENGINE_BACKENDS, InferenceEngine
@@ -163,12 +162,6 @@ def http_floor(url: str, rate: float, count: int = 60, seed: int = 0) -> float:
     return float(np.median(asyncio.run(main())))
 
 
-def timed(fn: Any, *args: Any) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=1000)
@@ -269,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[i].points.append(point)
         # the ceiling no server of this engine passes: every text at once, length-sorted and
         # cut by the engine's budget, no HTTP, no load generator, no latency bound
-        ceiling = len(texts) / min(timed(engine.embed, texts) for _ in range(2))
+        ceiling = len(texts) / min(time_interleaved([lambda: engine.embed(texts)], 2)[0])
         floor_ms = http_floor(servers[0].url, light_rate)
     finally:
         for server in servers:

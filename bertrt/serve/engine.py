@@ -41,6 +41,7 @@ from bertrt.serve.pooling import embedding_defaults
 from bertrt.serve.selection import (
     ACCURACY,
     RUNS,
+    STREAMS,
     Candidate,
     Trial,
     auto_candidates,
@@ -729,8 +730,9 @@ def _retire(backend: Backend) -> None:
 
 
 def _with_narrow(backend: Backend, path: Path, narrow: bool, yield_cores: bool) -> Backend:
-    """`backend`, given a single-thread session of `path` when `narrow` and it is packed."""
-    if narrow and backend.packed:
+    """`backend`, given a single-thread session of `path` when `narrow`, it is packed and its
+    runtime has streams (`STREAMS`)."""
+    if narrow and backend.packed and backend.name in STREAMS:
         backend.narrow = OrtBackend(path, threads=1, yield_cores=yield_cores)
     return backend
 
@@ -762,7 +764,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
         if info is not None:
             backend = make_backend(name, onnx_path=info.path, model=None, threads=threads,
                                    precision=precision, yield_cores=yield_cores)
-            return _with_narrow(backend, info.path, narrow and name == "ort", yield_cores)
+            return _with_narrow(backend, info.path, narrow, yield_cores)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
@@ -783,8 +785,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
                                             yield_cores=yield_cores))
             if len(started) == 2:
                 started[0].single = started[1]
-            return _with_narrow(started[0], paths[0], narrow and name == "ort",
-                                yield_cores)
+            return _with_narrow(started[0], paths[0], narrow, yield_cores)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 

@@ -110,6 +110,10 @@ def auto_candidates(precision: str, file_precision: str | None = None,
     return out
 
 
+#: The backends that load a narrow session (`Backend.narrow`) for a server's streams.
+STREAMS: tuple[str, ...] = ("ort",)
+
+
 def with_streams(candidates: list[Candidate]) -> list[Candidate]:
     """The candidates a loaded server (`streams` > 1) chooses among: at a precision ONNX
     Runtime runs, its streams (`Backend.narrow`) and not a backend without them. A probe on
@@ -117,8 +121,10 @@ def with_streams(candidates: list[Candidate]) -> list[Candidate]:
     2-core AMD EPYC, paired servers: 163 against 133 req/s within p99 <= 250 ms over
     OpenVINO fp32; at 180 req/s, p99 263 against 519 ms). Precisions only another backend
     runs (bf16 on OpenVINO) stay."""
-    return [c for c in candidates
-            if c.backend == "ort" or Candidate("ort", c.precision) not in candidates]
+    def streamed(precision: str) -> bool:
+        return any(Candidate(name, precision) in candidates for name in STREAMS)
+
+    return [c for c in candidates if c.backend in STREAMS or not streamed(c.precision)]
 
 
 def probe_requests(vocab_size: int, first_id: int, max_length: int, seed: int = 0
@@ -151,26 +157,29 @@ def time_backend(backend: Backend, batch: list[Request], query: list[Request], p
     parts = [[batch[i] for i in picked] for picked in
              length_sorted_batches(lengths, budget, backend.packed)]
 
-    def run_batch() -> None:
-        if narrow is None:
-            for part in parts:
-                backend.run_sequences(part, pad_id)
-            return
-        with ThreadPoolExecutor(streams) as pool:
-            for done in [pool.submit(lambda mine: [narrow.run_sequences(p, pad_id)
-                                                   for p in mine], parts[i::streams])
-                         for i in range(streams)]:
-                done.result()
+    def run_parts(runner: Backend, mine: list[list[Request]]) -> None:
+        for part in mine:
+            runner.run_sequences(part, pad_id)
 
-    out = []
-    for probe in (run_batch, lambda: backend.run_sequences(query, pad_id)):
-        probe()
-        times = []
-        for _ in range(PROBE_REPEATS):
-            start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:  # started once, outside the timed runs
+        def run_batch() -> None:
+            if narrow is None:
+                run_parts(backend, parts)
+                return
+            shares = [pool.submit(run_parts, narrow, parts[i::streams])
+                      for i in range(streams)]
+            for share in shares:
+                share.result()
+
+        out = []
+        for probe in (run_batch, lambda: backend.run_sequences(query, pad_id)):
             probe()
-            times.append(time.perf_counter() - start)
-        out.append(statistics.median(times) * 1e3)
+            times = []
+            for _ in range(PROBE_REPEATS):
+                start = time.perf_counter()
+                probe()
+                times.append(time.perf_counter() - start)
+            out.append(statistics.median(times) * 1e3)
     return out[0], out[1]
 
 
@@ -188,4 +197,4 @@ def remember(key: tuple | None, choice: Candidate) -> None:
 
 
 __all__ = ["ACCURACY", "AUTO_BACKENDS", "Candidate", "RUNS", "Trial", "auto_candidates",
-           "probe_requests", "time_backend", "with_streams"]
+           "STREAMS", "probe_requests", "time_backend", "with_streams"]

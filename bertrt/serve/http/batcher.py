@@ -203,8 +203,6 @@ class Batcher:
         # each kind of run keeps its own speed: a narrow one runs on one core
         self.pace = Pace(max_batch_ms / 1000.0) if max_batch_ms else None
         self.narrow_pace = Pace(max_batch_ms / 1000.0) if max_batch_ms else None
-        #: The positions the next batch may cost, on `run` and on `narrow`.
-        self.budget = self.narrow_budget = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
@@ -243,6 +241,17 @@ class Batcher:
         with self._cv:
             job.cancelled = True
             self._cancelled += 1
+
+    @property
+    def budget(self) -> int:
+        """The positions the next batch on `run` may cost."""
+        return self.pace.budget(self.max_batch_tokens) if self.pace else self.max_batch_tokens
+
+    @property
+    def narrow_budget(self) -> int:
+        """The positions the next batch on `narrow` may cost."""
+        return (self.narrow_pace.budget(self.max_batch_tokens) if self.narrow_pace
+                else self.max_batch_tokens)
 
     @property
     def alive(self) -> bool:
@@ -339,10 +348,6 @@ class Batcher:
                 pace = self.pace if wide else self.narrow_pace
                 if pace is not None and error is None:
                     pace.observe(positions, seconds)
-                    if wide:
-                        self.budget = pace.budget(self.max_batch_tokens)
-                    else:
-                        self.narrow_budget = pace.budget(self.max_batch_tokens)
                 self._running -= 1
                 self._wide = False
                 inline = not self._queue and not self._finishing
