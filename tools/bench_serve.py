@@ -142,24 +142,25 @@ def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None =
 
 def http_floor(url: str, rate: float, count: int = 60, seed: int = 0) -> float:
     """p50 milliseconds of `GET /health` (no body, no model) arriving at `rate` as the light
-    load's requests do: the HTTP round trip every request pays, client included."""
+    load's requests do, sent by the load's client: the HTTP round trip every request pays,
+    client included."""
     import asyncio
 
-    import aiohttp
+    from bertrt.serve.http.client import LoadClient, run_loop
 
     async def main() -> list[float]:
         rng = np.random.default_rng(seed)
         times = []
-        async with aiohttp.ClientSession() as client:
+        async with LoadClient(url, connections=1) as client:
+            request = client.get_bytes("/health")
             for _ in range(count):
                 await asyncio.sleep(rng.exponential(1.0 / rate))
                 start = time.perf_counter()
-                async with client.get(f"{url}/health") as response:
-                    await response.read()
+                await client.send(request)
                 times.append((time.perf_counter() - start) * 1e3)
         return times
 
-    return float(np.median(asyncio.run(main())))
+    return float(np.median(run_loop(main())))
 
 
 def main(argv: list[str] | None = None) -> int:
