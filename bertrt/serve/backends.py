@@ -313,7 +313,9 @@ class OrtBackend(Backend):
         elif yield_cores:  # spin between a run's ops, not after it: the cores go back to
             # the process's other threads between runs (bertrt serve, MiniLM, 16 clients:
             # ~1.2x the requests/s of spinning on, at the same light-load latency; spinning off
-            # entirely: +40% p50 there); a lone caller's back-to-back queries lose ~6%
+            # entirely: +40% p50 there); a lone caller's back-to-back queries lose ~6%, and a
+            # query after an idle gap ~40% (the engine leaves it off where streams take the
+            # load)
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), options,

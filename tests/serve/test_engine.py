@@ -312,20 +312,31 @@ def test_a_packed_batch_split_by_length_gives_the_same_outputs(encoder_dir, monk
         assert runs == [7]
 
 
+def _stops_spinning(backend) -> bool:
+    options = backend.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.force_spinning_stop") == "1"
+    except RuntimeError:  # not set
+        return False
+
+
 def test_yield_cores_stops_spinning_after_each_run(encoder_dir):
     """The server's engine: ONNX Runtime's threads spin between a run's ops only (both the
-    packed model and its padded twin); a lone caller's engine leaves ONNX Runtime's default."""
-    def stops(backend) -> bool:
-        options = backend.session.get_session_options()
-        try:
-            return options.get_session_config_entry("session.force_spinning_stop") == "1"
-        except RuntimeError:  # not set
-            return False
-
+    packed model and its padded twin); a lone caller's engine leaves ONNX Runtime's default;
+    with streams, the wide sessions (lone queries on idle cores) keep the default too."""
     with InferenceEngine(encoder_dir, backend="ort", yield_cores=True) as engine:
-        assert stops(engine.backend) and stops(engine.backend.single)
+        assert _stops_spinning(engine.backend) and _stops_spinning(engine.backend.single)
+    with InferenceEngine(encoder_dir, backend="ort", packed=False, yield_cores=True,
+                         streams=2) as engine:  # padded: no streams, so it yields
+        assert engine.streams == 1 and _stops_spinning(engine.backend)
     with InferenceEngine(encoder_dir, backend="ort") as engine:
-        assert not stops(engine.backend) and not stops(engine.backend.single)
+        assert not _stops_spinning(engine.backend)
+        assert not _stops_spinning(engine.backend.single)
+    with InferenceEngine(encoder_dir, backend="ort", threads=2, yield_cores=True,
+                         streams=2) as engine:
+        assert engine.streams == 2
+        assert not _stops_spinning(engine.backend)
+        assert not _stops_spinning(engine.backend.single)
 
 
 def test_streams_load_a_single_thread_session_of_the_same_export(encoder_dir, tmp_path):
@@ -337,8 +348,7 @@ def test_streams_load_a_single_thread_session_of_the_same_export(encoder_dir, tm
         narrow = engine.backend.narrow
         assert engine.streams == 2 and narrow is not None and narrow.packed
         options = narrow.session.get_session_options()
-        assert options.intra_op_num_threads == 1
-        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == 1  # no pool: nothing to spin or stop
         assert narrow.fetched == engine.backend.fetched  # the pooler dropped there too
         enc = engine.tokenizer(["the cat sat", "a dog ran far away"], padding=False)
         requests = [Request(np.array(i), np.array(t))

@@ -53,6 +53,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[int] | None = None
         self.reusable = True
+        #: Whether any byte of the current request's response has arrived.
+        self.responded = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +73,9 @@ class _Connection(asyncio.Protocol):
         self._fail(ConnectionError("the server closed the connection"))
 
     # httptools callbacks (the body is not kept)
+    def on_message_begin(self) -> None:
+        self.responded = True
+
     def on_message_complete(self) -> None:
         self.reusable = self._parser.should_keep_alive()
         waiter, self.waiter = self.waiter, None
@@ -94,8 +99,8 @@ class LoadClient:
     Args:
         url: The server, `http://host:port` (plain HTTP: a load runs next to its server).
         connections: Requests in flight at most; a request past it waits for a connection.
-        timeout: Seconds from a request's send to its response's last byte; past it the
-            request raises `RequestTimeout` and its connection is closed.
+        timeout: Seconds from a request's send (connecting included) to its response's last
+            byte; past it the request raises `RequestTimeout` and its connection is closed.
 
     Raises:
         BertrtError: the URL is not `http://host[:port]`.
@@ -127,46 +132,58 @@ class LoadClient:
     async def send(self, request: bytes) -> int:
         """Send a prepared request; its response's status once the whole body has arrived.
 
+        A kept-alive connection the server closed while it was idle (uvicorn closes them after
+        5 s) fails before any byte of a response: the request is sent again once, on a new
+        connection, as browsers and HTTP libraries do.
+
         Raises:
-            RequestTimeout: no complete response within `timeout`.
+            RequestTimeout: no complete response within `timeout` (connecting included).
             OSError: refused, reset, or closed before the response ended (ConnectionError,
                 socket.gaierror).
         """
         async with self._slots:
-            connection = await self._connection()
-            assert connection.transport is not None
-            waiter = asyncio.get_running_loop().create_future()
-            connection.waiter = waiter
-            connection.transport.write(request)
             try:
                 async with asyncio.timeout(self.timeout):
-                    status = await waiter
+                    connection, reused = await self._connection()
+                    try:
+                        return await self._exchange(connection, request)
+                    except ConnectionError:
+                        if not reused or connection.responded:
+                            raise
+                    connection, _ = await self._connection()
+                    return await self._exchange(connection, request)
             except TimeoutError:
-                connection.close()
                 raise RequestTimeout(f"no response within {self.timeout:g} s") from None
-            except BaseException:
-                connection.close()
-                raise
-            if connection.reusable and connection.transport is not None:
-                self._idle.append(connection)
-            else:
-                connection.close()
-            return status
 
-    async def _connection(self) -> _Connection:
+    async def _exchange(self, connection: _Connection, request: bytes) -> int:
+        """One request and its response on `connection`, which goes back to the idle ones
+        after it when both sides keep it alive."""
+        assert connection.transport is not None
+        waiter = asyncio.get_running_loop().create_future()
+        connection.waiter = waiter
+        connection.responded = False
+        connection.transport.write(request)
+        try:
+            status = await waiter
+        except BaseException:  # failed, timed out or cancelled: its state is unknown
+            connection.close()
+            raise
+        if connection.reusable and connection.transport is not None:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return status
+
+    async def _connection(self) -> tuple[_Connection, bool]:
+        """An idle connection (and True), else a new one (and False)."""
         while self._idle:
             connection = self._idle.pop()
             if connection.transport is not None and connection.reusable:
-                return connection
+                return connection, True
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.timeout):
-                _, connection = await loop.create_connection(_Connection, self.host, self.port)
-        except TimeoutError:
-            raise ConnectionError(f"{self._authority}: no connection within "
-                                  f"{self.timeout:g} s") from None
+        _, connection = await loop.create_connection(_Connection, self.host, self.port)
         self.opened += 1
-        return connection
+        return connection, False
 
     async def close(self) -> None:
         """Close the idle connections (a request still in flight closes its own)."""

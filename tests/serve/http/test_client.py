@@ -122,6 +122,41 @@ def test_connection_close_opens_a_new_connection_next():
     assert got == [200] * 3 and connections == opened == 3
 
 
+def test_a_kept_alive_connection_the_server_closed_is_retried_once_on_a_new_one():
+    async def handler(reader, writer, request) -> bool:
+        if b"/second" in request and seen["connections"] == 1:
+            return False  # close the first connection without a byte of an answer
+        writer.write(_ok())
+        await writer.drain()
+        return True
+
+    async def main() -> tuple[list[int], int]:
+        nonlocal seen
+        server, url, seen = await _serve(handler)
+        async with server, LoadClient(url) as client:
+            got = [await client.send(client.get_bytes(p)) for p in ("/first", "/second")]
+            return got, client.opened
+
+    seen: dict[str, int] = {}
+    got, opened = _run(main())
+    assert got == [200, 200] and opened == 2 and seen["requests"] == 3
+
+
+def test_a_new_connection_closed_before_an_answer_is_not_retried():
+    async def handler(reader, writer, request) -> bool:
+        return False
+
+    async def main() -> tuple[int, dict[str, int]]:
+        server, url, seen = await _serve(handler)
+        async with server, LoadClient(url) as client:
+            with pytest.raises(ConnectionError):
+                await client.send(client.get_bytes("/"))
+            return client.opened, seen
+
+    opened, seen = _run(main())
+    assert opened == 1 and seen["requests"] == 1
+
+
 def test_requests_past_the_connection_cap_wait_for_a_connection():
     async def handler(reader, writer, request) -> bool:
         await asyncio.sleep(0.05)
