@@ -177,9 +177,10 @@ def _live(kwargs: dict[str, Any], *, url: str | None, rates: str | None,
     from bertrt.serve.workload import read_texts
 
     try:
+        import httptools  # noqa: F401  # the load client's parser
         import httpx  # noqa: F401
-    except ImportError:
-        raise BertrtError("serve-bench against a live server needs httpx: pip install "
+    except ImportError as exc:
+        raise BertrtError(f"serve-bench against a live server needs {exc.name}: pip install "
                           "'bertrt[serve]'") from None
     model, texts_path = kwargs["model"], kwargs["texts_path"]
     if texts_path is None:
