@@ -119,9 +119,13 @@ def pool(points: list[LoadPoint]) -> LoadPoint:
     for p in points:
         for kind, count in p.errors.items():
             errors[kind] = errors.get(kind, 0) + count
+    stages: dict[str, list[float]] = {}
+    for p in points:
+        for stage, values in p.stages.items():
+            stages.setdefault(stage, []).extend(values)
     return LoadPoint(points[0].mode, points[0].load, sum(p.seconds for p in points),
                      sum(p.sent for p in points), sum(p.ok for p in points), errors,
-                     [x for p in points for x in p.latencies])
+                     [x for p in points for x in p.latencies], stages)
 
 
 def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None = None,

@@ -7,17 +7,20 @@ request on this work here (URL and header objects, a response object, its reader
 spends ~0.2 ms, and its round trip to `GET /health` is ~0.5 ms shorter. It does only what a
 load needs: one request at a time per connection (no pipelining: a request's latency is its
 own), connections kept open and reused, the body of each response read to its end (length or
-chunked) and dropped, its status returned.
+chunked) and dropped, its status returned, and the server's per-stage timing headers
+(`x-queue-time`, ... as `bertrt serve` and text-embeddings-inference send them) read when asked.
 
     client = LoadClient("http://127.0.0.1:8080", connections=64, timeout=10)
     raw = client.post_bytes("/embed", b'{"inputs": "a dog"}')
-    status = await client.send(raw)          # 200; raises RequestTimeout / ConnectionError
-    await client.close()
+    stages = {}
+    status = await client.send(raw, stages)  # 200, stages {"queue": 0.1, "total": 6.9, ...}
+    await client.close()                     # (ms); raises RequestTimeout / ConnectionError
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,6 +41,11 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+#: The timing headers a response may carry (milliseconds), by the stage they name.
+STAGE_HEADERS = {b"x-tokenization-time": "tokenize", b"x-queue-time": "queue",
+                 b"x-inference-time": "inference", b"x-total-time": "total"}
+
+
 class RequestTimeout(Exception):
     """No complete response within the client's timeout (the connection is closed)."""
 
@@ -55,6 +63,8 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
         #: Whether any byte of the current request's response has arrived.
         self.responded = False
+        #: Where the current response's timing headers go (None: not read).
+        self.stages: dict[str, float] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,6 +85,11 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks (the body is not kept)
     def on_message_begin(self) -> None:
         self.responded = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.stages is not None and (stage := STAGE_HEADERS.get(name.lower())):
+            with contextlib.suppress(ValueError):  # not a number: not a timing it knows
+                self.stages[stage] = float(value)
 
     def on_message_complete(self) -> None:
         self.reusable = self._parser.should_keep_alive()
@@ -129,8 +144,10 @@ class LoadClient:
         """A prepared `GET path`."""
         return f"GET {path} HTTP/1.1\r\nhost: {self._authority}\r\n\r\n".encode("latin-1")
 
-    async def send(self, request: bytes) -> int:
+    async def send(self, request: bytes, stages: dict[str, float] | None = None) -> int:
         """Send a prepared request; its response's status once the whole body has arrived.
+        With `stages`, the response's timing headers go there, milliseconds by stage
+        (`STAGE_HEADERS`: tokenize, queue, inference, total), those it has.
 
         A kept-alive connection the server closed while it was idle (uvicorn closes them after
         5 s) fails before any byte of a response: the request is sent again once, on a new
@@ -146,22 +163,24 @@ class LoadClient:
                 async with asyncio.timeout(self.timeout):
                     connection, reused = await self._connection()
                     try:
-                        return await self._exchange(connection, request)
+                        return await self._exchange(connection, request, stages)
                     except ConnectionError:
                         if not reused or connection.responded:
                             raise
                     connection, _ = await self._connection()
-                    return await self._exchange(connection, request)
+                    return await self._exchange(connection, request, stages)
             except TimeoutError:
                 raise RequestTimeout(f"no response within {self.timeout:g} s") from None
 
-    async def _exchange(self, connection: _Connection, request: bytes) -> int:
+    async def _exchange(self, connection: _Connection, request: bytes,
+                        stages: dict[str, float] | None) -> int:
         """One request and its response on `connection`, which goes back to the idle ones
         after it when both sides keep it alive."""
         assert connection.transport is not None
         waiter = asyncio.get_running_loop().create_future()
         connection.waiter = waiter
         connection.responded = False
+        connection.stages = stages
         connection.transport.write(request)
         try:
             status = await waiter

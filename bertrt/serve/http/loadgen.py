@@ -51,6 +51,10 @@ class LoadPoint:
     errors: dict[str, int] = field(default_factory=dict)
     #: Latency of each answered (2xx) request, seconds.
     latencies: list[float] = field(default_factory=list, repr=False)
+    #: Milliseconds by stage, one per answered request whose response carried the stage's
+    #: timing header (`client.STAGE_HEADERS`: tokenize, queue, inference, total), and
+    #: "outside": the latency less the server's total (HTTP, the network, the client).
+    stages: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def throughput(self) -> float:
@@ -62,6 +66,11 @@ class LoadPoint:
             return math.nan
         return float(np.percentile(self.latencies, q)) * 1e3
 
+    def stage_ms(self, stage: str, q: float = 50) -> float:
+        """A percentile of one stage's milliseconds (nan: no response carried it)."""
+        values = self.stages.get(stage)
+        return float(np.percentile(values, q)) if values else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "load": self.load, "seconds": round(self.seconds, 3),
                 "sent": self.sent, "sent_per_s": round(self.sent / self.seconds, 3)
@@ -69,7 +78,8 @@ class LoadPoint:
                 "throughput": round(self.throughput, 3), "errors": dict(self.errors),
                 **{f"p{q}_ms": round(self.percentile_ms(q), 3) for q in (50, 90, 99)},
                 "mean_ms": round(float(np.mean(self.latencies)) * 1e3, 3)
-                if self.latencies else math.nan}
+                if self.latencies else math.nan,
+                "stages_p50_ms": {k: round(self.stage_ms(k), 3) for k in self.stages}}
 
 
 @dataclass
@@ -94,14 +104,16 @@ def _body(text: str) -> bytes:
 class _Recorder:
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.stages: dict[str, list[float]] = {}
         self.errors: Counter[str] = Counter()
         self.sent = 0
 
     async def send(self, client: LoadClient, request: bytes) -> None:
         self.sent += 1
+        stages: dict[str, float] = {}
         start = time.perf_counter()
         try:
-            status = await client.send(request)
+            status = await client.send(request, stages)
         except RequestTimeout:
             self.errors["timeout"] += 1
             return
@@ -109,14 +121,19 @@ class _Recorder:
             self.errors["connect"] += 1
             return
         if 200 <= status < 300:
-            self.latencies.append(time.perf_counter() - start)
+            latency = time.perf_counter() - start
+            self.latencies.append(latency)
+            if "total" in stages:
+                stages["outside"] = latency * 1e3 - stages["total"]
+            for stage, ms in stages.items():
+                self.stages.setdefault(stage, []).append(ms)
         else:
             self.errors[str(status)] += 1
 
     def point(self, mode: str, load: float, seconds: float) -> LoadPoint:
         ok = len(self.latencies)
         return LoadPoint(mode, load, seconds, self.sent, ok, dict(self.errors),
-                         self.latencies)
+                         self.latencies, self.stages)
 
 
 async def _open_loop(url: str, requests: Sequence[bytes], rate: float, duration: float,
@@ -243,27 +260,39 @@ def run_load(url: str, texts: Sequence[str], *, rates: Sequence[float] = (),
     return run
 
 
+def _where(point: LoadPoint) -> str:
+    """The p50 milliseconds of a point's stages: "queue 0.1, inference 6.5, outside 0.8"
+    ("-": the server sent no timing headers)."""
+    parts = [f"{stage} {point.stage_ms(stage):.1f}"
+             for stage in ("queue", "inference", "outside") if stage in point.stages]
+    return ", ".join(parts) or "-"
+
+
 def format_point(label: str, point: LoadPoint) -> str:
     unit = "req/s" if point.mode == "open" else "clients"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(point.errors.items())) or "none"
+    where = f", p50 by stage: {_where(point)} ms" if point.stages else ""
     return (f"{label}: {point.load:g} {unit}: {point.throughput:.1f} answered/s, p50 "
-            f"{point.percentile_ms(50):.1f} ms, p99 {point.percentile_ms(99):.1f} ms, "
-            f"errors {errors}")
+            f"{point.percentile_ms(50):.1f} ms, p99 {point.percentile_ms(99):.1f} ms"
+            f"{where}, errors {errors}")
 
 
 def format_table(runs: Sequence[LoadRun]) -> str:
     """One row per configuration and load: offered, sent and answered rates, latency
-    percentiles, errors."""
+    percentiles, errors, and where a request's time went by the server's timing headers
+    (p50 of the queue, the inference, and what lies outside the server's handler: HTTP, the
+    network, the client)."""
     header = ("| config | loop | offered | sent/s | answered/s | p50 ms | p90 ms | p99 ms | "
-              "errors |")
-    rows = [header, "|" + "---|" * 9]
+              "errors | p50 by stage ms |")
+    rows = [header, "|" + "---|" * 10]
     for run in runs:
         for p in run.points:
             offered = f"{p.load:g} req/s" if p.mode == "open" else f"{p.load:g} clients"
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(p.errors.items())) or "0"
             rows.append(f"| {run.label} | {p.mode} | {offered} | {p.sent / p.seconds:.1f} | "
                         f"{p.throughput:.1f} | {p.percentile_ms(50):.1f} | "
-                        f"{p.percentile_ms(90):.1f} | {p.percentile_ms(99):.1f} | {errors} |")
+                        f"{p.percentile_ms(90):.1f} | {p.percentile_ms(99):.1f} | {errors} | "
+                        f"{_where(p)} |")
     return "\n".join(rows)
 
 

@@ -84,6 +84,30 @@ def test_keep_alive_reuses_one_connection_and_returns_each_status():
     assert seen["connections"] == opened == 1 and seen["requests"] == 4
 
 
+def test_the_servers_timing_headers_are_read_when_asked():
+    timing = ("X-Queue-Time: 1.25\r\nx-inference-time: 6.5\r\nx-total-time: 8\r\n"
+              "x-tokenization-time: soon\r\nx-other-time: 3\r\n")
+
+    async def handler(reader, writer, request) -> bool:
+        writer.write(_ok(extra=timing))
+        await writer.drain()
+        return True
+
+    async def main() -> tuple[dict[str, float], dict[str, float]]:
+        server, url, _ = await _serve(handler)
+        async with server, LoadClient(url) as client:
+            asked: dict[str, float] = {}
+            await client.send(client.get_bytes("/"), asked)
+            await client.send(client.get_bytes("/"))  # not asked: nothing to fill
+            again: dict[str, float] = {}
+            await client.send(client.get_bytes("/"), again)
+            return asked, again
+
+    asked, again = _run(main())
+    # names in any case; a value that is not a number, and headers it does not know, skipped
+    assert asked == again == {"queue": 1.25, "inference": 6.5, "total": 8.0}
+
+
 def test_a_chunked_body_is_read_to_its_last_chunk():
     async def handler(reader, writer, request) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")

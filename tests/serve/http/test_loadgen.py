@@ -59,6 +59,16 @@ def test_open_loop_sends_poisson_arrivals_for_the_duration_and_stops(live, texts
     assert point.throughput == pytest.approx(point.ok / point.seconds)
     p50, p90, p99 = (point.percentile_ms(q) for q in (50, 90, 99))
     assert 0 < p50 <= p90 <= p99 < 5000
+    # every answer's timing headers, in milliseconds: the server's total within the latency
+    # the client saw, the batch's run within the total
+    stages = point.stages
+    assert set(stages) == {"tokenize", "queue", "inference", "total", "outside"}
+    assert all(len(values) == point.ok for values in stages.values())
+    latencies_ms = [x * 1e3 for x in point.latencies]
+    for total, inference, queue, latency in zip(stages["total"], stages["inference"],
+                                                stages["queue"], latencies_ms):
+        assert 0 < inference <= total <= latency and 0 <= queue <= total
+    assert 0 < point.stage_ms("outside") < p50
 
 
 def test_max_requests_bounds_an_open_loop(live, texts):
@@ -103,6 +113,8 @@ def test_the_command_prints_a_table_and_writes_json(live, tmp_path, texts):
         assert p["ok"] == p["sent"] > 0 and p["errors"] == {}
         assert p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"]
         assert set(p) >= {"throughput", "sent_per_s", "seconds", "mean_ms"}
+        assert 0 < p["stages_p50_ms"]["inference"] <= p["stages_p50_ms"]["total"]
+    assert "p50 by stage ms |" in result.output and "outside " in result.output
 
 
 @pytest.mark.parametrize("args, words", [
