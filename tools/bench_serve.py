@@ -60,7 +60,14 @@ from bench_torch import minilm_dir, time_interleaved
 from bertrt.errors import BertrtError
 from bertrt.serve.engine import ENGINE_BACKENDS, InferenceEngine
 from bertrt.serve.http.live import ServerProcess
-from bertrt.serve.http.loadgen import LoadPoint, LoadRun, format_point, plot, run_load
+from bertrt.serve.http.loadgen import (
+    LoadPoint,
+    LoadRun,
+    format_point,
+    format_stages,
+    plot,
+    run_load,
+)
 
 #: (label, `bertrt serve` arguments); the first is bertrt's default, the second the anchor.
 CONFIGS = [
@@ -307,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"HTTP floor: GET /health of the default server at the light rate, p50 "
           f"{floor_ms:.2f} ms (every request's round trip, client included: the single call "
           f"plus it is {(single['fp32'] + floor_ms) / single['fp32']:.2f}x the single call)")
+    print("light load, p50 by stage (the servers' timing headers; outside: the latency less "
+          "the server's total): " + "; ".join(
+              f"{label} {format_stages(point)} ms of {point.percentile_ms(50):.1f}"
+              for (label, _), point in zip(configs, light)))
     if not args.markdown:
         print()
         from bertrt.serve.http.loadgen import format_table

@@ -260,7 +260,7 @@ def run_load(url: str, texts: Sequence[str], *, rates: Sequence[float] = (),
     return run
 
 
-def _where(point: LoadPoint) -> str:
+def format_stages(point: LoadPoint) -> str:
     """The p50 milliseconds of a point's stages: "queue 0.1, inference 6.5, outside 0.8"
     ("-": the server sent no timing headers)."""
     parts = [f"{stage} {point.stage_ms(stage):.1f}"
@@ -271,7 +271,7 @@ def _where(point: LoadPoint) -> str:
 def format_point(label: str, point: LoadPoint) -> str:
     unit = "req/s" if point.mode == "open" else "clients"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(point.errors.items())) or "none"
-    where = f", p50 by stage: {_where(point)} ms" if point.stages else ""
+    where = f", p50 by stage: {format_stages(point)} ms" if point.stages else ""
     return (f"{label}: {point.load:g} {unit}: {point.throughput:.1f} answered/s, p50 "
             f"{point.percentile_ms(50):.1f} ms, p99 {point.percentile_ms(99):.1f} ms"
             f"{where}, errors {errors}")
@@ -292,7 +292,7 @@ def format_table(runs: Sequence[LoadRun]) -> str:
             rows.append(f"| {run.label} | {p.mode} | {offered} | {p.sent / p.seconds:.1f} | "
                         f"{p.throughput:.1f} | {p.percentile_ms(50):.1f} | "
                         f"{p.percentile_ms(90):.1f} | {p.percentile_ms(99):.1f} | {errors} | "
-                        f"{_where(p)} |")
+                        f"{format_stages(p)} |")
     return "\n".join(rows)
 
 
