@@ -20,8 +20,10 @@ hits them alike):
 - the best CPU backend x precision beyond those: OpenVINO bf16 where the engine offers it
   and the machine runs it (otherwise its line says why not).
 
-Correctness first: each server's `/embed` of the first texts is checked against
-`InferenceEngine.embed` in this process (fp32: max abs 1e-5; int8: min cosine 0.99). Then
+Every engine in this process runs the backend and precision the default server (or the int8
+one) reports in `/info`: `auto` may choose another here than a server does. Correctness
+first: each server's `/embed` of the first texts is checked against `InferenceEngine.embed`
+in this process (fp32: max abs 1e-5; int8: min cosine 0.99). Then
 per configuration: its saturation throughput (closed loop, 16 clients, 4 s); the highest
 open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisections between 0
 and the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
@@ -32,9 +34,10 @@ unbatched engine call (`engine.embed([text])`, p50 over 80 of the texts, measure
 process while the servers idle, each call after a Poisson gap at the light load's rate, as
 the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is printed too),
 both in `--slices` slices taken in turn (the machine's speed drifts over minutes). Last, the
-offline ceiling: the default engine's texts/s on all the texts at once (length-sorted budget
-batches, nothing else running), which bounds any server's rate; and the HTTP floor: `GET
-/health` at the light rate, the round trip every request pays beside its engine call.
+offline ceiling: the default server's engine's texts/s on all the texts at once
+(length-sorted budget batches, nothing else running), which bounds any server's rate; and
+the HTTP floor: `GET /health` at the light rate, the round trip every request pays beside
+its engine call.
 Bounded: about 5 minutes with the defaults.
 
     python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
@@ -67,6 +70,7 @@ from bertrt.serve.http.loadgen import (
     format_stages,
     plot,
     run_load,
+    server_info,
 )
 
 #: (label, `bertrt serve` arguments); the first is bertrt's default, the second the anchor.
@@ -202,18 +206,29 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(best)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    engine = InferenceEngine(model, threads=args.threads)
-    engine_int8 = InferenceEngine(model, threads=args.threads, precision="int8")
-    expected = engine.embed(texts[:16])
-    lengths = [len(x) for x in engine.tokenizer(texts, padding=False, truncation=True,
-                                                max_length=engine.max_length)["input_ids"]]
     servers: list[ServerProcess] = []
+    engines: list[InferenceEngine] = []
     runs = [LoadRun(label, "", "", {}) for label, _ in configs]
     try:
         for label, extra in configs:
             print(f"starting {label}: bertrt serve MiniLM {extra}", file=sys.stderr)
             servers.append(ServerProcess(model, [*extra.split(), "--threads",
                                                  str(args.threads), "--auto-truncate"]))
+        # the single calls, the checks and the ceiling run the engine the server runs: its
+        # backend and precision from /info (auto may pick another one in this process)
+        def engine_of(server: ServerProcess) -> InferenceEngine:
+            info = server_info(server.url)
+            engines.append(InferenceEngine(model, threads=args.threads,
+                                           backend=info["backend"],
+                                           precision=info["precision"]))
+            return engines[-1]
+
+        engine = engine_of(servers[0])
+        engine_int8 = engine_of(servers[[label for label, _ in configs].index(
+            "bertrt packed int8")])
+        expected = engine.embed(texts[:16])
+        lengths = [len(x) for x in engine.tokenizer(
+            texts, padding=False, truncation=True, max_length=engine.max_length)["input_ids"]]
         checks = [check_outputs(s, label, texts[:16], expected)
                   for (label, _), s in zip(configs, servers)]
 
@@ -279,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
-        engine.close()
-        engine_int8.close()
+        for one in engines:
+            one.close()
     single = {k: float(np.median(v)) for k, v in singles.items()}
     anchor = best_rate[1]
 
