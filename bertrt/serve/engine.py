@@ -731,10 +731,10 @@ def _retire(backend: Backend) -> None:
         _close(backend)
 
 
-def _with_narrow(backend: Backend, path: Path, narrow: bool) -> Backend:
-    """`backend`, given a single-thread session of `path` when `narrow`, it is packed and its
-    runtime has streams (`STREAMS`); one thread has no pool to spin or stop."""
-    if narrow and backend.packed and backend.name in STREAMS:
+def _with_narrow(backend: Backend, path: Path, streamed: bool) -> Backend:
+    """`backend`, given a single-thread session of `path` when `streamed` (one thread has no
+    pool to spin or stop)."""
+    if streamed:
         backend.narrow = OrtBackend(path, threads=1)
     return backend
 
@@ -759,7 +759,8 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
     name, precision = choice.backend, choice.precision
     if packed is None:
         packed = PACKED_BY_DEFAULT[name]
-    if narrow and packed and name in STREAMS:
+    streamed = narrow and packed and name in STREAMS
+    if streamed:
         # the narrow session takes the load; the wide one runs a lone query on idle cores,
         # where stopping its threads after each run only makes the next query wake them:
         # MiniLM, one query every ~60 ms, 2 threads, p50 8.9 against 12.3 ms (engine) and
@@ -772,7 +773,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
         if info is not None:
             backend = make_backend(name, onnx_path=info.path, model=None, threads=threads,
                                    precision=precision, yield_cores=yield_cores)
-            return _with_narrow(backend, info.path, narrow)
+            return _with_narrow(backend, info.path, streamed)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
@@ -793,7 +794,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
                                             yield_cores=yield_cores))
             if len(started) == 2:
                 started[0].single = started[1]
-            return _with_narrow(started[0], paths[0], narrow)
+            return _with_narrow(started[0], paths[0], streamed)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 

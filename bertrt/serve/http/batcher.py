@@ -242,16 +242,18 @@ class Batcher:
             job.cancelled = True
             self._cancelled += 1
 
+    def _budget(self, pace: Pace | None) -> int:
+        return pace.budget(self.max_batch_tokens) if pace else self.max_batch_tokens
+
     @property
     def budget(self) -> int:
         """The positions the next batch on `run` may cost."""
-        return self.pace.budget(self.max_batch_tokens) if self.pace else self.max_batch_tokens
+        return self._budget(self.pace)
 
     @property
     def narrow_budget(self) -> int:
         """The positions the next batch on `narrow` may cost."""
-        return (self.narrow_pace.budget(self.max_batch_tokens) if self.narrow_pace
-                else self.max_batch_tokens)
+        return self._budget(self.narrow_pace)
 
     @property
     def alive(self) -> bool:

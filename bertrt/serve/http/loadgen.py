@@ -334,4 +334,3 @@ def plot(runs: Sequence[LoadRun], path: str, title: str = "") -> bool:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return True
-
