@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,11 @@ CLIENT_GONE = 499
 #: loop (~0.1 ms): handing it to a worker thread and back costs more than that on a busy
 #: machine. Longer ones go to the tokenization workers, so the loop never stalls on them.
 INLINE_TOKENIZE_CHARS = 2048
+
+#: With streams, a request that finds the engine idle this long runs on the event loop's
+#: thread (`Batcher.run_here`); the wide session's threads spin there, and the two thread
+#: hops it saves cost most on the cores an idle server let go cold.
+INLINE_AFTER_MS = 5.0
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -177,14 +183,15 @@ class Server:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self._pool = ThreadPoolExecutor(self.options.tokenization_workers,
                                         thread_name_prefix="bertrt-tokenize")
+        streamed = self.service.engine.streams > 1
         self.batcher = Batcher(self.service.run, packed=self.service.engine.packed,
                                max_batch_tokens=self.max_batch_tokens,
                                max_batch_requests=self.options.max_batch_requests,
                                max_wait_ms=self.options.max_wait_ms,
                                max_batch_ms=self.options.max_batch_ms, metrics=self.metrics,
-                               narrow=self.service.run_narrow
-                               if self.service.engine.streams > 1 else None,
-                               streams=self.service.engine.streams)
+                               narrow=self.service.run_narrow if streamed else None,
+                               streams=self.service.engine.streams,
+                               inline_after_ms=INLINE_AFTER_MS if streamed else None)
         try:
             yield
         finally:  # the server has answered every request it accepted by now
@@ -283,24 +290,29 @@ class Server:
             raise HttpError("unavailable", "the engine is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Job] = loop.create_future()
+        here = threading.get_ident()
 
-        def done(job: Job) -> None:  # on the finisher thread
+        def done(job: Job) -> None:  # on the finisher thread, or here (`run_here`)
+            if threading.get_ident() == here:
+                _resolve(future, job)
+                return
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(_resolve, future, job)
 
         job = Job(encoded.requests, read, done)
-        self.batcher.submit(job)
-        gone = asyncio.ensure_future(_wait_gone(request.receive))
-        try:
-            await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            self.batcher.cancel(job)
-            raise
-        finally:
-            gone.cancel()
-        if not future.done():
-            self.batcher.cancel(job)
-            raise ClientGone
+        if not self.batcher.run_here(job):  # an idle engine runs it here, at once
+            self.batcher.submit(job)
+            gone = asyncio.ensure_future(_wait_gone(request.receive))
+            try:
+                await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                self.batcher.cancel(job)
+                raise
+            finally:
+                gone.cancel()
+            if not future.done():
+                self.batcher.cancel(job)
+                raise ClientGone
         if job.error is not None:
             raise job.error
         return job

@@ -28,6 +28,10 @@ With streams (`narrow`, `streams` > 1), one engine thread per stream: under load
 its own batch on a single-thread session, the waiting work split evenly among the idle ones,
 so a core the HTTP side borrows stalls one batch, not every batch's threads at each op; a
 lone sequence with nothing running still runs on every core, alone.
+
+With `inline_after_ms`, a request that finds the engine idle that long runs on the HTTP
+side's own thread (`run_here`), skipping the hops to an engine thread and back; those arriving
+meanwhile find the engine just used and queue.
 """
 
 from __future__ import annotations
@@ -187,6 +191,8 @@ class Batcher:
         metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
             seconds), the budget, the queue's size and the sequences dropped; None: nothing
             is told.
+        inline_after_ms: Let `run_here` run a request on the caller's thread once the engine
+            has been idle this long (None: never; every request queues).
     """
 
     def __init__(self, run: Callable[[list[Request]], SequenceOutputs], *, packed: bool,
@@ -194,7 +200,7 @@ class Batcher:
                  max_wait_ms: float = 0.0, max_batch_ms: float | None = None,
                  metrics: Any = None,
                  narrow: Callable[[list[Request]], SequenceOutputs] | None = None,
-                 streams: int = 1) -> None:
+                 streams: int = 1, inline_after_ms: float | None = None) -> None:
         self._run = run
         self._narrow = narrow if streams > 1 else None
         self.streams = streams if self._narrow is not None else 1
@@ -215,6 +221,8 @@ class Batcher:
         self._running = 0  # batches running
         self._wide = False  # a batch runs on every core: nothing else may start
         self._closed = False
+        self._inline_after_s = None if inline_after_ms is None else inline_after_ms / 1000.0
+        self._idle_since = -float("inf")  # when the last batch ended
         self._job_lock = threading.Lock()  # jobs' results, when streams finish at once
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="bertrt-finisher")
         self._threads = [threading.Thread(target=self._loop, name=f"bertrt-engine-{i}",
@@ -235,6 +243,34 @@ class Batcher:
             self._queue.extend(_Entry(job, i) for i in range(len(job.requests)))
             self._queue_changed()
             self._cv.notify()
+
+    def run_here(self, job: Job) -> bool:
+        """Run `job` on the calling thread, the event loop's, when the engine has been idle
+        for `inline_after_ms` and its sequences make one batch; False (nothing done): queue
+        it with `submit`.
+
+        A lone request on an idle server then skips two thread hops (to an engine thread
+        and back), each a wake-up of a thread whose core has gone cold. The loop reads
+        nothing else for the run (one batch, within the budget); requests that arrive
+        meanwhile find the engine just used and queue as usual, so a burst is batched.
+        """
+        if self._inline_after_s is None:
+            return False
+        lengths = [r.length for r in job.requests]
+        cost = sum(lengths) if self.packed else len(lengths) * max(lengths)
+        with self._cv:
+            if (self._closed or self._queue or self._running or self._finishing
+                    or time.perf_counter() - self._idle_since < self._inline_after_s
+                    or cost > self.budget
+                    or len(lengths) > (self.max_batch_requests or len(lengths))):
+                return False
+            self._running += 1
+            self._wide = True  # the engine threads wait for it
+        batch = [_Entry(job, i) for i in range(len(job.requests))]
+        outputs, error, started, seconds = self._execute(batch, True)
+        self._ran(batch, True, error, started, seconds)
+        self._finish(batch, outputs, error, started, seconds)
+        return True
 
     def cancel(self, job: Job) -> None:
         """Drop the job's sequences that have not run (its client went away)."""
@@ -333,40 +369,54 @@ class Batcher:
     def _loop(self) -> None:
         while (got := self._next_batch()) is not None:
             batch, wide = got
-            run = self._run if wide else self._narrow
-            assert run is not None
-            started = time.perf_counter()
-            outputs: SequenceOutputs | None = None
-            error: BaseException | None = None
-            try:
-                outputs = run([e.job.requests[e.index] for e in batch])
-            except Exception as exc:  # the batch's requests fail; the server goes on
-                log.exception("a batch of %d sequences failed", len(batch))
-                error = exc
-            seconds = time.perf_counter() - started
-            lengths = [e.length for e in batch]
-            positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
-            with self._cv:
-                pace = self.pace if wide else self.narrow_pace
-                if pace is not None and error is None:
-                    pace.observe(positions, seconds)
-                self._running -= 1
-                self._wide = False
-                inline = not self._queue and not self._finishing
-                self._finishing += not inline
-                if wide:  # every stream may start again
-                    self._cv.notify_all()
-                else:
-                    self._cv.notify()
-            if self._metrics is not None:
-                self._metrics.observe_batch(
-                    len(batch), sum(lengths), positions, seconds,
-                    self.budget if self._narrow is None else self.narrow_budget)
-            if inline:  # nothing waits (light load): answering here saves a thread hop
+            outputs, error, started, seconds = self._execute(batch, wide)
+            if self._ran(batch, wide, error, started, seconds):
+                # nothing waits (light load): answering here saves a thread hop
                 self._finish(batch, outputs, error, started, seconds)
             else:  # the next batch waits: hand the results on and run it
                 self._finisher.submit(self._finish_later, batch, outputs, error, started,
                                       seconds)
+
+    def _execute(self, batch: list[_Entry], wide: bool
+                 ) -> tuple[SequenceOutputs | None, BaseException | None, float, float]:
+        """Run a batch: its outputs or error, when it started and its seconds."""
+        run = self._run if wide else self._narrow
+        assert run is not None
+        started = time.perf_counter()
+        outputs: SequenceOutputs | None = None
+        error: BaseException | None = None
+        try:
+            outputs = run([e.job.requests[e.index] for e in batch])
+        except Exception as exc:  # the batch's requests fail; the server goes on
+            log.exception("a batch of %d sequences failed", len(batch))
+            error = exc
+        return outputs, error, started, time.perf_counter() - started
+
+    def _ran(self, batch: list[_Entry], wide: bool, error: BaseException | None,
+             started: float, seconds: float) -> bool:
+        """Account for a batch that ran (its pace, the engine free again, the metrics);
+        whether its results are handed out on this thread (nothing waits) rather than on
+        the finisher."""
+        lengths = [e.length for e in batch]
+        positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
+        with self._cv:
+            pace = self.pace if wide else self.narrow_pace
+            if pace is not None and error is None:
+                pace.observe(positions, seconds)
+            self._running -= 1
+            self._wide = False
+            self._idle_since = started + seconds
+            inline = not self._queue and not self._finishing
+            self._finishing += not inline
+            if wide:  # every stream may start again
+                self._cv.notify_all()
+            else:
+                self._cv.notify()
+        if self._metrics is not None:
+            self._metrics.observe_batch(
+                len(batch), sum(lengths), positions, seconds,
+                self.budget if self._narrow is None else self.narrow_budget)
+        return inline
 
     # ------------------------------------------------------------------ finisher thread
     def _finish_later(self, *args: Any) -> None:

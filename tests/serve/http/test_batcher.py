@@ -251,6 +251,34 @@ def test_close_runs_what_is_queued_and_then_refuses():
     assert refused.value.status == 503
 
 
+async def asgi_post(app, body: dict, disconnect: asyncio.Event | None = None,
+                    path: str = "/embed") -> list[dict]:
+    """POST `body` to the ASGI `app` on this event loop (no socket); the messages it sent. The
+    client disconnects once `disconnect` is set (None: it waits a minute)."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(),
+                 "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        if disconnect is not None:
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return sent
+
+
 def test_a_client_that_goes_away_while_queued_is_not_computed(encoder):
     """Raw ASGI: the engine is held busy by a first request; a second request's client
     disconnects while it waits; only the first one's sequences ever run."""
@@ -269,36 +297,13 @@ def test_a_client_that_goes_away_while_queued_is_not_computed(encoder):
 
     server.service.run = held
 
-    async def call(body: dict, disconnect: asyncio.Event | None) -> list[dict]:
-        sent: list[dict] = []
-        messages = [{"type": "http.request", "body": json.dumps(body).encode(),
-                     "more_body": False}]
-
-        async def receive() -> dict:
-            if messages:
-                return messages.pop(0)
-            if disconnect is not None:
-                await disconnect.wait()
-                return {"type": "http.disconnect"}
-            await asyncio.sleep(60)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
-                 "query_string": b"", "root_path": "", "headers": [],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-        await server.app(scope, receive, send)
-        return sent
-
     async def scenario() -> tuple[list[dict], list[dict]]:
         async with server.app.router.lifespan_context(server.app):
             leave = asyncio.Event()
-            first = asyncio.create_task(call({"inputs": ["dog"]}, None))
+            first = asyncio.create_task(asgi_post(server.app, {"inputs": ["dog"]}))
             await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)
-            second = asyncio.create_task(call({"inputs": ["the cat", "sat"]}, leave))
+            second = asyncio.create_task(asgi_post(server.app, {"inputs": ["the cat", "sat"]},
+                                                   leave))
             while server.batcher.queued < 2:  # tokenized and queued
                 await asyncio.sleep(0.01)
             leave.set()
@@ -358,3 +363,120 @@ def test_one_stream_without_a_narrow_run_keeps_one_batch_at_a_time():
     run_jobs(batcher, [[request(2, 10 * i)] for i in range(5)])
     batcher.close()
     assert sorted(x for b in engine.batches for x in b) == [0, 10, 20, 30, 40]
+
+
+class Recorder:
+    """A packed run (each token's hidden state is its id) that records, per batch, the
+    thread it ran on and its sequences' first ids; fails while `fail` is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[int]]] = []
+        self.fail = False
+
+    def __call__(self, requests: list[Request]) -> PackedOutputs:
+        self.batches.append((threading.get_ident(), [int(r.input_ids[0]) for r in requests]))
+        if self.fail:
+            raise RuntimeError("the runtime failed")
+        ids = np.concatenate([r.input_ids for r in requests]).astype(np.float32)[:, None]
+        cu = np.concatenate([[0], np.cumsum([r.length for r in requests])])
+        return PackedOutputs({"last_hidden_state": ids}, {}, cu)
+
+
+def test_run_here_runs_a_request_on_the_callers_thread_only_on_an_idle_engine():
+    wide, narrow = Recorder(), Recorder()
+    batcher = Batcher(wide, packed=True, max_batch_tokens=10, narrow=narrow, streams=2,
+                      inline_after_ms=100)
+    here = threading.get_ident()
+    done: list[Job] = []
+    # the engine never ran: a lone request runs here, and is answered before run_here returns
+    lone = Job([request(4, 7)], mean_ids, done.append)
+    assert batcher.run_here(lone)
+    assert wide.batches == [(here, [7])] and done == [lone]
+    assert lone.results == [pytest.approx(8.5)] and lone.inference_s > 0
+    # the engine ran just now (under load it always has): the next one is not run here
+    assert not batcher.run_here(Job([request(2, 20)], mean_ids, done.append))
+    time.sleep(0.15)
+    # over the budget (one batch, at most: the loop waits for it), or not one batch
+    assert not batcher.run_here(Job([request(11, 30)], mean_ids, done.append))
+    assert not batcher.run_here(Job([request(6, 40), request(6, 50)], mean_ids, done.append))
+    assert len(wide.batches) == 1 and done == [lone]
+    # a request of two sequences that make one batch: one run, here
+    pair = Job([request(4, 60), request(5, 70)], mean_ids, done.append)
+    assert batcher.run_here(pair)
+    assert wide.batches[-1] == (here, [60, 70]) and pair.results == pytest.approx([61.5, 72])
+    # a failed run fails its request, and the engine goes on
+    time.sleep(0.15)
+    wide.fail = True
+    broken = Job([request(3, 80)], mean_ids, done.append)
+    assert batcher.run_here(broken)
+    assert isinstance(broken.error, RuntimeError) and done[-1] is broken
+    wide.fail = False
+    [queued] = run_jobs(batcher, [[request(3, 90)]])
+    assert queued.results == [pytest.approx(91)]
+    assert wide.batches[-1][0] != here  # an engine thread ran it
+    batcher.close()
+    time.sleep(0.15)
+    assert not batcher.run_here(Job([request(2, 100)], mean_ids, done.append))
+    # without inline_after_ms, never
+    off = Batcher(Recorder(), packed=True, max_batch_tokens=10)
+    assert not off.run_here(Job([request(2, 1)], mean_ids, done.append))
+    off.close()
+
+
+def test_run_here_waits_for_a_running_batch():
+    engine = FakeEngine()
+    batcher = Batcher(engine, packed=True, max_batch_tokens=100, narrow=Recorder(),
+                      streams=2, inline_after_ms=1)
+    engine.hold.clear()
+    batcher.submit(Job([request(1, 100)], mean_ids, lambda job: None))
+    assert engine.running.wait(5)
+    time.sleep(0.05)  # the engine started long ago, but is busy
+    assert not batcher.run_here(Job([request(2, 10)], mean_ids, lambda job: None))
+    engine.hold.set()
+    batcher.close()
+    assert engine.batches == [[100]]
+
+
+def test_a_burst_on_an_idle_streamed_server_runs_one_request_inline_and_batches_the_rest(
+        encoder_dir, texts, monkeypatch):
+    """Raw ASGI, an engine with streams: the first request of a burst finds the engine idle
+    and runs on the event loop's thread; those read after it find the engine just used and
+    go to the engine threads; every answer is the engine's own embedding."""
+    from bertrt.serve import InferenceEngine
+    from bertrt.serve.http import app as app_module
+
+    monkeypatch.setattr(app_module, "INLINE_AFTER_MS", 200.0)
+    with InferenceEngine(encoder_dir, backend="ort", threads=2, streams=2) as engine:
+        assert engine.streams == 2
+        server = app_module.Server(engine)
+        threads: list[tuple[str, int]] = []  # (thread name, sequences) per batch
+        run, run_narrow = server.service.run, server.service.run_narrow
+
+        def recorded(fn):
+            def call(requests):
+                threads.append((threading.current_thread().name, len(requests)))
+                return fn(requests)
+            return call
+
+        server.service.run = recorded(run)
+        server.service.run_narrow = recorded(run_narrow)
+        loop_thread = threading.current_thread().name
+
+        async def scenario() -> tuple[list[list[dict]], list[dict]]:
+            async with server.app.router.lifespan_context(server.app):
+                burst = await asyncio.gather(*(asgi_post(server.app, {"inputs": text})
+                                               for text in texts))
+                await asyncio.sleep(0.3)  # idle again
+                return burst, await asgi_post(server.app, {"inputs": texts[0]})
+
+        burst, later = asyncio.run(scenario())
+        expected = engine.embed(texts, normalize=True)
+    answers = [json.loads(sent[1]["body"]) for sent in [*burst, later]]
+    assert all(sent[0]["status"] == 200 for sent in [*burst, later])
+    np.testing.assert_allclose(np.array(answers)[:, 0], np.vstack([expected, expected[:1]]),
+                               atol=1e-5)
+    inline = [n for name, n in threads if name == loop_thread]
+    assert inline == [1, 1], threads  # one of the burst, and the request after the idle
+    assert threads[-1] == (loop_thread, 1)
+    assert all(name.startswith("bertrt-engine-") for name, _ in threads[1:-1]), threads
+    assert sum(n for _, n in threads) == len(texts) + 1
