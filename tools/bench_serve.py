@@ -17,13 +17,15 @@ hits them alike):
   Runtime's CPU provider: a long input no longer pads a batch of short ones), no count cap:
   what the budget alone buys, without packing;
 - `bertrt packed int8`: ONNX Runtime on the int8 export (`--backend ort --precision int8`);
-- the best CPU backend x precision beyond those: OpenVINO bf16 where the engine offers it
-  and the machine runs it (otherwise its line says why not).
+- OpenVINO fp32 and bf16 where the engine offers them and the machine runs them (bf16
+  needs the CPU's bf16 units; otherwise its line says why not), with OpenVINO's own streams
+  under load: fp32 is the other side of `auto`'s choice for a loaded server (more requests
+  under load, a slower lone request), bf16 the best CPU backend x precision.
 
-Every engine in this process runs the backend and precision the default server (or the int8
-one) reports in `/info`: `auto` may choose another here than a server does. Correctness
-first: each server's `/embed` of the first texts is checked against `InferenceEngine.embed`
-in this process (fp32: max abs 1e-5; int8: min cosine 0.99). Then
+Every engine in this process runs the backend and precision a server reports in `/info`
+(one engine per backend x precision): `auto` may choose another here than a server does.
+Correctness first: each server's `/embed` of the first texts is checked against
+`InferenceEngine.embed` in this process (fp32: max abs 1e-5; int8: min cosine 0.99). Then
 per configuration: its saturation throughput (closed loop, 16 clients, 4 s); the highest
 open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisections between 0
 and 1.4x the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
@@ -32,13 +34,14 @@ and pooled, so a burst of the shared machine's other work lands on all of them);
 light load at 10 % of the default's highest rate, whose p50 is set beside a single
 unbatched engine call (`engine.embed([text])`, p50 over 80 of the texts, measured in this
 process while the servers idle, each call after a Poisson gap at the light load's rate, as
-the requests arrive; int8 beside the int8 engine's; the back-to-back p50 is printed too),
+the requests arrive, on the engine of the server's backend x precision; the default's
+back-to-back p50 is printed too),
 both in `--slices` slices taken in turn (the machine's speed drifts over minutes). Last, the
 offline ceiling: the default server's engine's texts/s on all the texts at once
 (length-sorted budget batches, nothing else running), which bounds any server's rate; and
 the HTTP floor: `GET /health` at the light rate, the round trip every request pays beside
 its engine call.
-Bounded: about 7 minutes with the defaults (six bisection steps: the highest rate to 1/64 of
+Bounded: about 8 minutes with the defaults (six bisection steps: the highest rate to 1/64 of
 the saturation, ~1.6 %; four left it to ~6.5 %, as much as the ratios' run-to-run spread).
 
     python tools/bench_serve.py [--texts 1000] [--duration 6] [--samples 120] [--slices 3]
@@ -88,6 +91,9 @@ CONFIGS = [
 ]
 
 
+#: The key of the default engine's single calls sent back to back (not after Poisson gaps).
+BACK_TO_BACK = "default, back to back"
+
 #: The bisection's upper bound, x the closed loop's saturation.
 TOP = 1.4
 
@@ -100,17 +106,24 @@ def capped(rate: float | None, top: float, steps: int) -> str:
     return f">= {rate}" if rate >= top * (1 - 0.5 ** steps) - 0.05 else str(rate)
 
 
-def best_cpu_config(model: str, threads: int) -> tuple[tuple[str, str] | None, str]:
-    """OpenVINO bf16 when the engine offers it and this machine runs it (the CPU needs bf16
-    units); else None, and why not."""
+def best_cpu_configs(model: str, threads: int) -> tuple[list[tuple[str, str]], str]:
+    """OpenVINO fp32 (the other side of `auto`'s choice for a loaded server: more under load,
+    slower alone) and bf16, those the engine offers and this machine runs (bf16 needs the
+    CPU's bf16 units); and why not, for those left out."""
     if "openvino" not in ENGINE_BACKENDS:
-        return None, ("not in this build (the engine's backends: "
-                      f"{', '.join(ENGINE_BACKENDS)})")
-    try:
-        InferenceEngine(model, backend="openvino", precision="bf16", threads=threads).close()
-    except BertrtError as exc:
-        return None, f"not available here ({exc})"
-    return ("openvino bf16", "--backend openvino --precision bf16"), ""
+        return [], ("not in this build (the engine's backends: "
+                    f"{', '.join(ENGINE_BACKENDS)})")
+    configs, why_not = [], ""
+    for precision in ("fp32", "bf16"):
+        try:
+            InferenceEngine(model, backend="openvino", precision=precision,
+                            threads=threads).close()
+        except BertrtError as exc:
+            why_not = f"not available here ({exc})"
+            continue
+        configs.append((f"openvino {precision}",
+                        f"--backend openvino --precision {precision}"))
+    return configs, why_not
 
 
 def cpu_name() -> str:
@@ -214,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     model = str(minilm_dir())
     texts = real_texts(args.texts)
     configs = list(CONFIGS)
-    best, why_not = best_cpu_config(model, args.threads)
-    if best is not None:
-        configs.append(best)
+    best, why_not = best_cpu_configs(model, args.threads)
+    configs += best
     started = time.perf_counter()
     load_before = os.getloadavg()
     servers: list[ServerProcess] = []
@@ -227,18 +239,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {label}: bertrt serve MiniLM {extra}", file=sys.stderr)
             servers.append(ServerProcess(model, [*extra.split(), "--threads",
                                                  str(args.threads), "--auto-truncate"]))
-        # the single calls, the checks and the ceiling run the engine the server runs: its
-        # backend and precision from /info (auto may pick another one in this process)
-        def engine_of(server: ServerProcess) -> InferenceEngine:
-            info = server_info(server.url)
-            engines.append(InferenceEngine(model, threads=args.threads,
-                                           backend=info["backend"],
-                                           precision=info["precision"]))
-            return engines[-1]
-
-        engine = engine_of(servers[0])
-        engine_int8 = engine_of(servers[[label for label, _ in configs].index(
-            "bertrt packed int8")])
+        # the single calls, the checks and the ceiling run the engine each server runs: its
+        # backend and precision from /info (auto may pick another one in this process), one
+        # engine per backend x precision
+        kinds = [f"{info['backend']} {info['precision']}"
+                 for info in (server_info(server.url) for server in servers)]
+        by_kind: dict[str, InferenceEngine] = {}
+        for kind in dict.fromkeys(kinds):
+            backend, precision = kind.split()
+            by_kind[kind] = InferenceEngine(model, threads=args.threads, backend=backend,
+                                            precision=precision)
+            engines.append(by_kind[kind])
+        engine = by_kind[kinds[0]]
         expected = engine.embed(texts[:16])
         lengths = [len(x) for x in engine.tokenizer(
             texts, padding=False, truncation=True, max_length=engine.max_length)["input_ids"]]
@@ -283,18 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         best_rate = [rate or None for rate in low]
         light_rate = round(0.1 * (best_rate[0] or saturation[0] * 0.3), 2)
         light_seconds = min(max(args.light_duration, 60 / light_rate), 3 * args.light_duration)
-        # the light load beside a single unbatched call of the engine each server runs (int8:
-        # the int8 engine), arriving as the light load's requests do (and fp32 back to back,
-        # for reference): in --slices slices taken in turn, so the machine's drift over the
-        # minutes this takes lands on the servers and the single calls alike
+        # the light load beside a single unbatched call of the engine each server runs (its
+        # backend x precision), arriving as the light load's requests do (and the default's
+        # back to back, for reference): in --slices slices taken in turn, so the machine's
+        # drift over the minutes this takes lands on the servers and the single calls alike
         sample = texts[:80]
-        singles: dict[str, list[float]] = {"fp32": [], "int8": [], "fp32 back to back": []}
+        singles: dict[str, list[float]] = {kind: [] for kind in by_kind}
+        singles[BACK_TO_BACK] = []
         light_parts: list[list[LoadPoint]] = [[] for _ in configs]
         for piece in range(args.slices):
             part = sample[piece::args.slices]
-            singles["fp32"] += single_calls(engine, part, light_rate, seed=piece)
-            singles["int8"] += single_calls(engine_int8, part, light_rate, seed=10 + piece)
-            singles["fp32 back to back"] += single_calls(engine, part)
+            for k, (kind, one) in enumerate(by_kind.items()):
+                singles[kind] += single_calls(one, part, light_rate, seed=10 * k + piece)
+            singles[BACK_TO_BACK] += single_calls(engine, part)
             for i in range(len(configs)):
                 light_parts[i].append(load(i, rates=[light_rate],
                                            duration=light_seconds / args.slices,
@@ -332,18 +345,18 @@ def main(argv: list[str] | None = None) -> int:
         rate = best_rate[i]
         ratio = f"{rate / anchor:.2f}" if rate and anchor else "-"
         p50 = light[i].percentile_ms(50)
-        own = single["int8" if "int8" in label else "fp32"]
+        own = single[kinds[i]]
         print(f"| {label} | {checks[i]} | {saturation[i]:.1f} | "
               f"{capped(rate, saturation[i] * TOP, args.steps)} | {ratio} | {p50:.1f} | "
               f"{p50 / own:.2f} |")
-    if best is None:
-        print(f"| OpenVINO bf16 | {why_not} | | | | | |")
+    if why_not:
+        print(f"| OpenVINO {'fp32 and ' if not best else ''}bf16 | {why_not} | | | | | |")
     print(f"\noffline ceiling: the default engine ({engine.backend.description}) embeds "
           f"all {len(texts)} texts at once in length-sorted budget batches at {ceiling:.1f} "
           f"texts/s, {ceiling / anchor:.2f}x the anchor's highest rate" if anchor else "")
     print(f"HTTP floor: GET /health of the default server at the light rate, p50 "
           f"{floor_ms:.2f} ms (every request's round trip, client included: the single call "
-          f"plus it is {(single['fp32'] + floor_ms) / single['fp32']:.2f}x the single call)")
+          f"plus it is {(single[kinds[0]] + floor_ms) / single[kinds[0]]:.2f}x the single call)")
     print("light load, p50 by stage (the servers' timing headers; outside: the latency less "
           "the server's total): " + "; ".join(
               f"{label} {format_stages(point)} ms of {point.percentile_ms(50):.1f}"

@@ -25,6 +25,7 @@ tokens, not B × S) and feeds the packed layout: `input_ids`, `token_type_ids` (
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,6 +424,10 @@ class OpenVinoBackend(Backend):
         precision: "fp32" (OpenVINO's f32 inference precision, set explicitly: on a CPU with
             native bf16 its default is bf16) or "bf16" (matrix products and most of the rest
             in bf16; only where the CPU has native bf16, else `BackendUnavailable`).
+        streams: None: one stream, a run on every thread (the latency hint). N: OpenVINO's
+            streams, N of one thread each, and a run on one of them: the narrow backend of a
+            server's streams (`Backend.narrow`), which N threads call at once (each thread
+            runs on an infer request of its own).
 
     Raises:
         BackendUnavailable: openvino is not installed, or bf16 on a CPU without native bf16.
@@ -433,7 +438,7 @@ class OpenVinoBackend(Backend):
     _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", streams: int | None = None) -> None:
         ov = import_openvino()
         if precision not in self._HINTS:
             raise BertrtError(f"backend openvino runs fp32 or bf16, not {precision}")
@@ -442,17 +447,22 @@ class OpenVinoBackend(Backend):
         if precision == "bf16" and not native_bf16(core):
             raise BackendUnavailable("this CPU has no native bf16 (AVX-512 BF16 or AMX), "
                                      "where OpenVINO would emulate it slower than fp32")
-        config = {"INFERENCE_PRECISION_HINT": self._HINTS[precision],
-                  "PERFORMANCE_HINT": "LATENCY"}  # one stream: a batch uses every thread
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self._HINTS[precision]}
+        if streams:
+            config.update(NUM_STREAMS=int(streams), INFERENCE_NUM_THREADS=int(streams))
+        else:
+            config["PERFORMANCE_HINT"] = "LATENCY"  # one stream: a batch uses every thread
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line trace
             line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise BertrtError(f"{self.path}: openvino cannot compile it ({line.strip()[:300]})"
                               ) from None
-        self.request = self.compiled.create_infer_request()
+        # an infer request holds its run's state: one per calling thread (a server's engine
+        # threads, and its event loop for a lone request)
+        self._requests = threading.local()
         # a port may carry several tensor names (e.g. cu_seqlens and a Cast's output): each
         # is named by the ONNX graph's own input or output name
         graph = _onnx_graph(self.path)
@@ -469,18 +479,23 @@ class OpenVinoBackend(Backend):
         self.reduced_precision = precision != "fp32"
         self.threads = threads
         self.description = (f"openvino {ov.__version__.split('-')[0]} CPU, {precision}, "
-                            f"{threads or 'default'} threads")
+                            + (f"{streams} streams of 1 thread" if streams
+                               else f"{threads or 'default'} threads"))
 
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
         feeds = typed_inputs(self.path, self.input_types, self.layout(batch))
         return {self.inputs[name]: array for name, array in feeds.items()}
 
     def execute(self, prepared: dict[Any, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.request.infer(prepared)  # copies the outputs out of the request
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        result = request.infer(prepared)  # copies the outputs out of the request
         return self._wanted({name: result[port] for name, port in self.outputs.items()})
 
     def close(self) -> None:
-        self.request = self.compiled = None  # type: ignore[assignment]
+        self._requests = threading.local()
+        self.compiled = None
 
 
 def _onnx_graph(path: Path) -> Any:

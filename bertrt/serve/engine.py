@@ -200,10 +200,12 @@ class InferenceEngine:
             gives the backend a narrow session: that one takes the load, and the wide one,
             running lone queries on idle cores, is faster left to spin.
         streams: Batches a caller may run at once, one per core (`bertrt serve` under load):
-            above 1, a packed ONNX Runtime CPU backend also loads a single-thread session of
-            the same export (`Backend.narrow`; the weights' memory once more), which that
-            many threads call at once; `streams` says how many the engine supports (1 on
-            other backends). Each call of the engine itself still runs on `threads`.
+            above 1, a packed ONNX Runtime or OpenVINO CPU backend also loads a narrow one
+            of the same export (`Backend.narrow`; the weights' memory once more) that many
+            threads call at once: a single-thread ONNX Runtime session, or the model compiled
+            to that many OpenVINO streams of one thread; `streams` says how many the engine
+            supports (1 on other backends). Each call of the engine itself still runs on
+            `threads`.
 
     Raises:
         BertrtError: one line: a bad argument, a missing or unreadable model, a vocabulary
@@ -326,7 +328,7 @@ class InferenceEngine:
                threads: int | None, packed: bool | None) -> Backend:
         """A backend for `choice` that returns only the outputs the engine reads."""
         backend = _start_backend(choice, weights, info, threads, packed, self._twin,
-                                 self._yield, self._streams > 1)
+                                 self._yield, self._streams)
         for one in (backend, backend.narrow):
             if one is not None:
                 one.read_only(READS[self.head])
@@ -731,10 +733,15 @@ def _retire(backend: Backend) -> None:
         _close(backend)
 
 
-def _with_narrow(backend: Backend, path: Path, streamed: bool) -> Backend:
-    """`backend`, given a single-thread session of `path` when `streamed` (one thread has no
-    pool to spin or stop)."""
-    if streamed:
+def _with_narrow(backend: Backend, path: Path, streams: int) -> Backend:
+    """`backend`, given a narrow backend of `path` for `streams` > 1: ONNX Runtime, a
+    single-thread session the streams share (one thread has no pool to spin or stop);
+    OpenVINO, a model compiled to that many streams of one thread."""
+    if streams > 1 and backend.name == "openvino":
+        from bertrt.serve.backends import OpenVinoBackend
+
+        backend.narrow = OpenVinoBackend(path, precision=backend.precision, streams=streams)
+    elif streams > 1:
         backend.narrow = OrtBackend(path, threads=1)
     return backend
 
@@ -748,19 +755,19 @@ def _close(backend: Backend) -> None:
 
 def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | None,
                    threads: int | None, packed: bool | None, twin: bool = False,
-                   yield_cores: bool = False, narrow: bool = False) -> Backend:
+                   yield_cores: bool = False, streams: int = 1) -> Backend:
     """The backend: on the .onnx file as it is, or on the weights (exported to a temporary
     file in the backend's flavour, removed once the runtime holds the model); with `twin`,
     a packed ONNX one gets its padded twin for batches of one sequence (`Backend.single`);
-    with `narrow`, a packed ONNX Runtime CPU one gets a single-thread session of the same
-    file (`Backend.narrow`)."""
+    with `streams` > 1, a packed ONNX Runtime or OpenVINO CPU one gets a narrow backend of
+    the same file for them (`Backend.narrow`)."""
     from bertrt.serve.backends import TorchBackend
 
     name, precision = choice.backend, choice.precision
     if packed is None:
         packed = PACKED_BY_DEFAULT[name]
-    streamed = narrow and packed and name in STREAMS
-    if streamed:
+    streams = streams if packed and name in STREAMS else 1
+    if streams > 1:
         # the narrow session takes the load; the wide one runs a lone query on idle cores,
         # where stopping its threads after each run only makes the next query wake them:
         # MiniLM, one query every ~60 ms, 2 threads, p50 8.9 against 12.3 ms (engine) and
@@ -773,7 +780,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
         if info is not None:
             backend = make_backend(name, onnx_path=info.path, model=None, threads=threads,
                                    precision=precision, yield_cores=yield_cores)
-            return _with_narrow(backend, info.path, streamed)
+            return _with_narrow(backend, info.path, streams)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
@@ -794,7 +801,7 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
                                             yield_cores=yield_cores))
             if len(started) == 2:
                 started[0].single = started[1]
-            return _with_narrow(started[0], paths[0], streamed)
+            return _with_narrow(started[0], paths[0], streams)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 

@@ -110,21 +110,25 @@ def auto_candidates(precision: str, file_precision: str | None = None,
     return out
 
 
-#: The backends that load a narrow session (`Backend.narrow`) for a server's streams.
-STREAMS: tuple[str, ...] = ("ort",)
+#: The backends that load a narrow backend (`Backend.narrow`) for a server's streams.
+STREAMS: tuple[str, ...] = ("ort", "openvino")
 
 
 def with_streams(candidates: list[Candidate]) -> list[Candidate]:
     """The candidates a loaded server (`streams` > 1) chooses among: at a precision ONNX
-    Runtime runs, its streams (`Backend.narrow`) and not a backend without them. A probe on
-    idle cores cannot see what streams save when the server's own threads take a core (MiniLM,
-    2-core AMD EPYC, paired servers: 163 against 133 req/s within p99 <= 250 ms over
-    OpenVINO fp32; at 180 req/s, p99 263 against 519 ms). Precisions only another backend
-    runs (bf16 on OpenVINO) stay."""
-    def streamed(precision: str) -> bool:
-        return any(Candidate(name, precision) in candidates for name in STREAMS)
+    Runtime runs, ONNX Runtime with its streams (`Backend.narrow`); precisions only another
+    backend runs (bf16 on OpenVINO, with OpenVINO's streams) stay.
 
-    return [c for c in candidates if c.backend in STREAMS or not streamed(c.precision)]
+    A probe on idle cores cannot see what a server's load does to each (MiniLM, 2-core AMD
+    EPYC, paired servers): ONNX Runtime's streams held 163 against 133 req/s within p99 <=
+    250 ms over OpenVINO fp32 on one stream. OpenVINO's own fp32 streams then held more under
+    load (p99 at 210 req/s 269 against 1126 ms) but answered a lone request slower (light-load
+    p50 8.5 against 7.0 ms): a trade the probe cannot weigh, left to `--backend openvino`.
+    """
+    def onnxruntime_runs(precision: str) -> bool:
+        return Candidate("ort", precision) in candidates
+
+    return [c for c in candidates if c.backend == "ort" or not onnxruntime_runs(c.precision)]
 
 
 def probe_requests(vocab_size: int, first_id: int, max_length: int, seed: int = 0

@@ -138,8 +138,8 @@ def test_auto_keeps_the_fastest_and_remembers_it(tmp_path, monkeypatch):
     with InferenceEngine(model_dir, precision="int8") as engine:
         assert (engine.backend_name, engine.precision) == ("ort", "int8")
         assert sorted(timed) == ["openvino fp32", "ort fp32", "ort int8"]
-    # a loaded server's engine (streams): at a precision ONNX Runtime runs, its streams are
-    # kept over a backend without them; OpenVINO keeps the precisions only it runs
+    # a loaded server's engine (streams): at a precision ONNX Runtime runs, ONNX Runtime
+    # (`with_streams`); OpenVINO keeps the precisions only it runs
     timed.clear()
     with InferenceEngine(model_dir, threads=2, streams=2) as engine:
         assert engine.backend_name == "ort" and engine.streams == 2 and not timed
@@ -153,3 +153,45 @@ def test_auto_keeps_the_fastest_and_remembers_it(tmp_path, monkeypatch):
     timed.clear()
     with InferenceEngine(model_dir, threads=1) as engine:
         assert engine.backend_name == "ort" and not engine.trials and not timed
+
+
+def test_streams_compile_a_narrow_model_that_several_threads_run_at_once(minilm_dir,
+                                                                         sequences):
+    """`streams` > 1 on packed OpenVINO: the model compiled again to that many streams of one
+    thread (`Backend.narrow`); threads running it at once, each on an infer request of its
+    own, get what one thread gets, and what the wide backend gives within fp32 noise."""
+    import threading
+
+    from bertrt.serve.workload import Request
+
+    with InferenceEngine(minilm_dir, backend="openvino", threads=2, streams=2) as engine:
+        narrow = engine.backend.narrow
+        assert engine.streams == 2 and isinstance(narrow, OpenVinoBackend) and narrow.packed
+        assert "2 streams of 1 thread" in narrow.description
+        assert narrow.compiled.get_property("NUM_STREAMS") == 2
+        assert narrow.fetched == engine.backend.fetched  # the pooler dropped there too
+        batches = [[Request(ids, np.zeros_like(ids)) for ids in sequences[i::8]]
+                   for i in range(8)]
+        alone = [narrow.run_sequences(b).pool("last_hidden_state", "mean") for b in batches]
+        wide = [engine.backend.run_sequences(b).pool("last_hidden_state", "mean")
+                for b in batches]
+        together: list[np.ndarray | None] = [None] * len(batches)
+        threads_seen: set[int] = set()
+
+        def work(k: int) -> None:
+            for i in range(k, len(batches), 2):
+                together[i] = narrow.run_sequences(batches[i]).pool("last_hidden_state",
+                                                                    "mean")
+                threads_seen.add(threading.get_ident())
+
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert len(threads_seen) == 2
+        for a, b, w in zip(alone, together, wide):
+            np.testing.assert_array_equal(b, a)
+            np.testing.assert_allclose(a, w, atol=1e-5)
+    with InferenceEngine(minilm_dir, backend="openvino", packed=False, streams=2) as engine:
+        assert engine.streams == 1 and engine.backend.narrow is None  # padded: one at a time

@@ -55,8 +55,8 @@ def _missing_extra() -> BertrtError:
                    "ms at its recent speed (0: always the full --max-batch-tokens).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Batches run at once under load, one per core, on a single-thread session "
-                   "(ONNX Runtime's CPU provider, packed; a lone request still runs on every "
-                   "thread) [--threads, or the cores; 1: one batch at a time].")
+                   "(packed, ONNX Runtime's CPU provider or OpenVINO; a lone request still "
+                   "runs on every thread) [--threads, or the cores; 1: one batch at a time].")
 @click.option("--max-batch-requests", type=click.IntRange(min=1), default=None,
               help="At most N inputs per batch [no limit but the budget].")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
