@@ -268,7 +268,7 @@ class Batcher:
             self._wide = True  # the engine threads wait for it
         batch = [_Entry(job, i) for i in range(len(job.requests))]
         outputs, error, started, seconds = self._execute(batch, True)
-        self._ran(batch, True, error, started, seconds)
+        self._ran(batch, True, error, started, seconds, here=True)
         self._finish(batch, outputs, error, started, seconds)
         return True
 
@@ -393,10 +393,10 @@ class Batcher:
         return outputs, error, started, time.perf_counter() - started
 
     def _ran(self, batch: list[_Entry], wide: bool, error: BaseException | None,
-             started: float, seconds: float) -> bool:
+             started: float, seconds: float, here: bool = False) -> bool:
         """Account for a batch that ran (its pace, the engine free again, the metrics);
-        whether its results are handed out on this thread (nothing waits) rather than on
-        the finisher."""
+        whether its results are handed out on this thread (nothing waits, or `here`: the
+        caller of `run_here` hands them out itself) rather than on the finisher."""
         lengths = [e.length for e in batch]
         positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
         with self._cv:
@@ -406,7 +406,7 @@ class Batcher:
             self._running -= 1
             self._wide = False
             self._idle_since = started + seconds
-            inline = not self._queue and not self._finishing
+            inline = here or (not self._queue and not self._finishing)
             self._finishing += not inline
             if wide:  # every stream may start again
                 self._cv.notify_all()

@@ -423,6 +423,39 @@ def test_run_here_runs_a_request_on_the_callers_thread_only_on_an_idle_engine():
     off.close()
 
 
+def test_a_request_queued_during_an_inline_run_runs_after_it_and_inline_runs_go_on():
+    """A sequence queued (from another thread) while `run_here` runs waits for it, runs on
+    an engine thread, and leaves the batcher as it was: once idle, the next request runs
+    inline again."""
+    done: list[Job] = []
+    queued: list[Job] = []
+
+    def run(requests: list[Request]) -> PackedOutputs:
+        if not queued:  # the inline run: another thread queues a request meanwhile
+            queued.append(Job([request(2, 50)], mean_ids, done.append))
+            submitter = threading.Thread(target=batcher.submit, args=(queued[0],))
+            submitter.start()
+            submitter.join()
+            time.sleep(0.05)
+        return recorder(requests)
+
+    recorder = Recorder()
+    batcher = Batcher(run, packed=True, max_batch_tokens=10, narrow=Recorder(), streams=2,
+                      inline_after_ms=20)
+    first = Job([request(3, 10)], mean_ids, done.append)
+    assert batcher.run_here(first)
+    deadline = time.monotonic() + 10
+    while len(done) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [first, queued[0]] and queued[0].results == [pytest.approx(50.5)]
+    assert recorder.batches[0][0] == threading.get_ident()
+    assert recorder.batches[1][0] != threading.get_ident()  # an engine thread
+    time.sleep(0.1)
+    later = Job([request(2, 70)], mean_ids, done.append)
+    assert batcher.run_here(later) and later.results == [pytest.approx(70.5)]
+    batcher.close()
+
+
 def test_run_here_waits_for_a_running_batch():
     engine = FakeEngine()
     batcher = Batcher(engine, packed=True, max_batch_tokens=100, narrow=Recorder(),
