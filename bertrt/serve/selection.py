@@ -121,9 +121,10 @@ def with_streams(candidates: list[Candidate]) -> list[Candidate]:
 
     A probe on idle cores cannot see what a server's load does to each (MiniLM, 2-core AMD
     EPYC, paired servers): ONNX Runtime's streams held 163 against 133 req/s within p99 <=
-    250 ms over OpenVINO fp32 on one stream. OpenVINO's own fp32 streams then held more under
-    load (p99 at 210 req/s 269 against 1126 ms) but answered a lone request slower (light-load
-    p50 8.5 against 7.0 ms): a trade the probe cannot weigh, left to `--backend openvino`.
+    250 ms over OpenVINO fp32 on one stream. With OpenVINO's own fp32 streams the two came
+    out even under load (highest rate 2.15-2.35x against 2.00-2.28x the anchor's, three runs
+    of tools/bench_serve.py), and a lone request ran slower on OpenVINO (light-load p50
+    7.7-8.4 against 6.9-7.5 ms): ONNX Runtime stays, `--backend openvino` is a choice.
     """
     def onnxruntime_runs(precision: str) -> bool:
         return Candidate("ort", precision) in candidates

@@ -44,8 +44,8 @@ CLIENT_GONE = 499
 INLINE_TOKENIZE_CHARS = 2048
 
 #: With streams, a request that finds the engine idle this long runs on the event loop's
-#: thread (`Batcher.run_here`); the wide session's threads spin there, and the two thread
-#: hops it saves cost most on the cores an idle server let go cold.
+#: thread (`Batcher.run_here`): the two thread hops it saves cost most on the cores an idle
+#: server let go cold (and the wide backend, left to lone requests, keeps its threads warm).
 INLINE_AFTER_MS = 5.0
 
 Handler = Callable[[Request], Awaitable[Response]]
