@@ -77,6 +77,8 @@ from bertrt.serve.http.loadgen import (
     run_load,
     server_info,
 )
+from bertrt.serve.selection import time_backend
+from bertrt.serve.workload import Request
 
 #: (label, `bertrt serve` arguments); the first is bertrt's default, the second the anchor.
 CONFIGS = [
@@ -182,41 +184,15 @@ def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None =
     return times
 
 
-def streamed_rate(engine: InferenceEngine, texts: list[str]) -> float | None:
-    """Texts/s of `engine`'s streams on every text at once, as a loaded server runs them:
-    length-sorted batches within the engine's budget, taken in turn by `engine.streams`
-    threads on its narrow backend (None: the engine has no streams)."""
-    import threading
-
-    from bertrt.serve.engine import token_budget_batches
-    from bertrt.serve.workload import Request
-
-    narrow = engine.backend.narrow
-    if narrow is None or engine.streams < 2:
+def streamed_rate(engine: InferenceEngine, requests: list[Request]) -> float | None:
+    """Sequences/s of `engine`'s streams on every one of `requests` at once, as a loaded
+    server runs them (`time_backend`: length-sorted batches shared among `engine.streams`
+    threads on its narrow backend; None: the engine has no streams)."""
+    if engine.streams < 2:
         return None
-    enc = engine.tokenizer(texts, padding=False, truncation=True, max_length=engine.max_length)
-    requests = sorted((Request(i, t) for i, t in zip(enc["input_ids"], enc["token_type_ids"])),
-                      key=lambda r: -r.length)
-    cuts = token_budget_batches(np.array([r.length for r in requests]),
-                                engine.max_batch_tokens, packed=True)
-    batches = iter([requests[cut] for cut in cuts])
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                batch = next(batches, None)
-            if batch is None:
-                return
-            narrow.run_sequences(batch, engine.tokenizer.pad_id)
-
-    workers = [threading.Thread(target=work) for _ in range(engine.streams)]
-    start = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return len(texts) / (time.perf_counter() - start)
+    batch_ms, _ = time_backend(engine.backend, requests, requests[:1], engine.tokenizer.pad_id,
+                               engine.streams)
+    return len(requests) / (batch_ms / 1e3)
 
 
 def http_floor(url: str, rate: float, count: int = 60, seed: int = 0) -> float:
@@ -290,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             engines.append(by_kind[kind])
         engine = by_kind[kinds[0]]
         expected = engine.embed(texts[:16])
-        lengths = [len(x) for x in engine.tokenizer(
-            texts, padding=False, truncation=True, max_length=engine.max_length)["input_ids"]]
+        enc = engine.tokenizer(texts, padding=False, truncation=True,
+                               max_length=engine.max_length)
+        requests = [Request(i, t) for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+        lengths = [r.length for r in requests]
         checks = [check_outputs(s, label, texts[:16], expected)
                   for (label, _), s in zip(configs, servers)]
 
@@ -358,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = len(texts) / min(time_interleaved([lambda: engine.embed(texts)], 2)[0])
         # and as the server's streams run them under load (one batch per core): the higher
         # of the two bounds the default server
-        streamed = max(filter(None, [streamed_rate(engine, texts) for _ in range(2)]),
-                       default=None)
+        streamed = streamed_rate(engine, requests)
         floor_ms = http_floor(servers[0].url, light_rate)
     finally:
         for server in servers:

@@ -151,10 +151,10 @@ class Backend:
     #: batches of one sequence: they have no padding to skip, and the padded graph has no
     #: packing gathers (the engine sets it; `close` closes it too).
     single: Backend | None = None
-    #: A single-thread session of the same model (ONNX Runtime on the CPU): a server runs
-    #: several batches on it at once under load, one per core, where one batch on every
-    #: core would wait at each op for its slowest thread (the engine's `streams` sets it;
-    #: `close` closes it too).
+    #: The same model run on one core per call (`narrowed`): a server runs several batches
+    #: on it at once under load, one per core, where one batch on every core would wait at
+    #: each op for its slowest thread (the engine's `streams` sets it; `close` closes it
+    #: too).
     narrow: Backend | None = None
     #: For a packed backend: run a batch as two, its short and its long sequences apart, when
     #: that saves at least this many attention positions per token (`length_groups`: the
@@ -168,6 +168,11 @@ class Backend:
     #: batches keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than at
     #: 16384 (2 threads, real text); OpenVINO is best at 1-2k (`OrtBackend`: 512).
     batch_tokens: int = 2048
+
+    def narrowed(self, streams: int) -> Backend | None:
+        """A backend of the same model for `streams` threads calling it at once, each run
+        on one core (what `narrow` holds); None: this backend has none."""
+        return None
 
     @property
     def label(self) -> str:
@@ -361,6 +366,11 @@ class OrtBackend(Backend):
         """The batch's arrays the model takes, in the dtypes it declares."""
         return typed_inputs(self.path, self.input_types, self.layout(batch))
 
+    def narrowed(self, streams: int) -> Backend | None:
+        """A single-thread session of the same file, which the streams share (one thread has
+        no pool to spin or stop)."""
+        return OrtBackend(self.path, threads=1)
+
     def execute(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.fetched, self.session.run(self.fetched, prepared)))
 
@@ -384,6 +394,9 @@ class OrtCudaBackend(OrtBackend):
     batch_tokens = 16384
     #: Not measured on CUDA (whose packed path is off by default): no length split.
     split_per_hidden = 0.0
+
+    def narrowed(self, streams: int) -> Backend | None:
+        return None  # a GPU runs one batch at a time
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True, yield_cores: bool = False) -> None:
@@ -485,6 +498,10 @@ class OpenVinoBackend(Backend):
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[Any, np.ndarray]:
         feeds = typed_inputs(self.path, self.input_types, self.layout(batch))
         return {self.inputs[name]: array for name, array in feeds.items()}
+
+    def narrowed(self, streams: int) -> Backend | None:
+        """The model compiled again to `streams` OpenVINO streams of one thread."""
+        return OpenVinoBackend(self.path, precision=self.precision, streams=streams)
 
     def execute(self, prepared: dict[Any, np.ndarray]) -> dict[str, np.ndarray]:
         request = getattr(self._requests, "request", None)

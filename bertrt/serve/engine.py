@@ -33,7 +33,6 @@ from bertrt.serve.backends import (
     FLAVOURS,
     Backend,
     BackendUnavailable,
-    OrtBackend,
     make_backend,
 )
 from bertrt.serve.outputs import SequenceOutputs, check_pooling
@@ -733,16 +732,10 @@ def _retire(backend: Backend) -> None:
         _close(backend)
 
 
-def _with_narrow(backend: Backend, path: Path, streams: int) -> Backend:
-    """`backend`, given a narrow backend of `path` for `streams` > 1: ONNX Runtime, a
-    single-thread session the streams share (one thread has no pool to spin or stop);
-    OpenVINO, a model compiled to that many streams of one thread."""
-    if streams > 1 and backend.name == "openvino":
-        from bertrt.serve.backends import OpenVinoBackend
-
-        backend.narrow = OpenVinoBackend(path, precision=backend.precision, streams=streams)
-    elif streams > 1:
-        backend.narrow = OrtBackend(path, threads=1)
+def _with_narrow(backend: Backend, streams: int) -> Backend:
+    """`backend`, given its narrow backend (`Backend.narrowed`) for `streams` > 1."""
+    if streams > 1:
+        backend.narrow = backend.narrowed(streams)
     return backend
 
 
@@ -780,12 +773,12 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
         if info is not None:
             backend = make_backend(name, onnx_path=info.path, model=None, threads=threads,
                                    precision=precision, yield_cores=yield_cores)
-            return _with_narrow(backend, info.path, streams)
+            return _with_narrow(backend, streams)
         assert weights is not None
         int8 = precision == "int8"
         with tempfile.TemporaryDirectory(prefix="bertrt-engine-") as tmp:
             layouts = [packed, False] if packed and twin else [packed]
-            started, paths = [], []
+            started = []
             for layout in layouts:
                 path = weights.export_onnx(
                     Path(tmp) / f"model-{len(started)}.onnx",
@@ -795,13 +788,12 @@ def _start_backend(choice: Candidate, weights: Model | None, info: OnnxInfo | No
                     # the pretraining head's per-token vocabulary logits cost more than the
                     # encoder, and the engine reads hidden states only
                     head="none" if weights.head == "pretraining" else None)
-                paths.append(path)
                 started.append(make_backend(name, onnx_path=path, model=None,
                                             threads=threads, precision=precision,
                                             yield_cores=yield_cores))
             if len(started) == 2:
                 started[0].single = started[1]
-            return _with_narrow(started[0], paths[0], streams)
+            return _with_narrow(started[0], streams)
     except BackendUnavailable as exc:
         raise BertrtError(f"backend {name}: {exc}") from None
 

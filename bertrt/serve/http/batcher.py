@@ -78,6 +78,12 @@ def batch_cut(lengths: Iterable[int], budget: int, max_requests: int | None,
     return size
 
 
+def batch_cost(lengths: Sequence[int], packed: bool) -> int:
+    """Positions a batch of sequences of `lengths` computes: their sum packed, size x the
+    longest padded."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
 class Pace:
     """The engine's recent speed in seconds per position, and the budget that runs in a target
     time.
@@ -257,12 +263,12 @@ class Batcher:
         if self._inline_after_s is None:
             return False
         lengths = [r.length for r in job.requests]
-        cost = sum(lengths) if self.packed else len(lengths) * max(lengths)
+        too_many = (self.max_batch_requests is not None
+                    and len(lengths) > self.max_batch_requests)
         with self._cv:
-            if (self._closed or self._queue or self._running or self._finishing
+            if (self._closed or self._queue or self._running or self._finishing or too_many
                     or time.perf_counter() - self._idle_since < self._inline_after_s
-                    or cost > self.budget
-                    or len(lengths) > (self.max_batch_requests or len(lengths))):
+                    or batch_cost(lengths, self.packed) > self.budget):
                 return False
             self._running += 1
             self._wide = True  # the engine threads wait for it
@@ -398,7 +404,7 @@ class Batcher:
         whether its results are handed out on this thread (nothing waits, or `here`: the
         caller of `run_here` hands them out itself) rather than on the finisher."""
         lengths = [e.length for e in batch]
-        positions = sum(lengths) if self.packed else len(lengths) * max(lengths)
+        positions = batch_cost(lengths, self.packed)
         with self._cv:
             pace = self.pace if wide else self.narrow_pace
             if pace is not None and error is None:
