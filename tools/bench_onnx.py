@@ -78,6 +78,8 @@ class OrtSystem:
     def __init__(self, path: Path, threads: int, spinning: bool) -> None:
         import onnxruntime as ort
 
+        from bertrt.serve.backends import OrtBackend
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -86,8 +88,9 @@ class OrtSystem:
         options.log_severity_level = 3
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(  # bertrt's CPU sessions' rewrites, for all
+            str(path), options, providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(OrtBackend.disabled_optimizers))
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

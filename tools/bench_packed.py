@@ -67,9 +67,12 @@ def real_texts(n: int, seed: int = 0) -> list[str]:
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
+    from bertrt.serve.backends import OrtBackend
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(OrtBackend.disabled_optimizers))
 
 
 def padded_runner(sess, rows: list[np.ndarray], batches: list[list[int]]):

@@ -302,6 +302,11 @@ class OrtBackend(Backend):
     #: MiniLM (H=384), arrival-order batches of ~500 real tokens, 2 threads: splits saving
     #: 0.14 and 0.16 x H positions per token lost 4%; 0.28 broke even; 0.34-1.3 gained 11-44%.
     split_per_hidden = 0.3
+    #: ONNX Runtime rewrites the session may not make. Add + LayerNormalization on (B, S, H)
+    #: stays as it is: the CPU provider's SkipLayerNormalization kernel is slower (MiniLM runs
+    #: 1.04-1.09x faster without it; `bertrt.lower.to_onnx` writes the core form for this
+    #: reason).
+    disabled_optimizers: tuple[str, ...] = ("SkipLayerNormFusion",)
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
                  spinning: bool = True, yield_cores: bool = False) -> None:
@@ -324,8 +329,9 @@ class OrtBackend(Backend):
             # load)
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=self.providers)
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=self.providers,
+                disabled_optimizers=list(self.disabled_optimizers))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise BertrtError(f"{self.path}: onnxruntime cannot load it ({line.strip()[:300]})"
@@ -394,6 +400,8 @@ class OrtCudaBackend(OrtBackend):
     batch_tokens = 16384
     #: Not measured on CUDA (whose packed path is off by default): no length split.
     split_per_hidden = 0.0
+    #: On a GPU the fused SkipLayerNormalization saves kernel launches and passes over memory.
+    disabled_optimizers = ()
 
     def narrowed(self, streams: int) -> Backend | None:
         return None  # a GPU runs one batch at a time

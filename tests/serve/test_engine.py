@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import string
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -337,6 +339,47 @@ def test_yield_cores_stops_spinning_after_each_run(encoder_dir):
         assert engine.streams == 2
         assert not _stops_spinning(engine.backend)
         assert not _stops_spinning(engine.backend.single)
+
+
+def test_cpu_sessions_run_skip_layer_norm_as_layer_normalization(encoder_dir, tmp_path,
+                                                                 monkeypatch):
+    """The ort flavour writes SKIP_LAYER_NORM as Add + LayerNormalization (ONNX Runtime's CPU
+    runs it faster than its SkipLayerNormalization); on (B, S, H) ONNX Runtime would fuse
+    it back, and an `OrtBackend`'s session does not let it. What ONNX Runtime runs is read
+    from the optimized model it writes; without the option it fuses (so this test sees the
+    difference), and the outputs agree either way."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+    written: list[Path] = []
+
+    def keeping_the_optimized_model(path: str, options: ort.SessionOptions, **kwargs: object):
+        written.append(tmp_path / f"optimized{len(written)}.onnx")
+        options.optimized_model_filepath = str(written[-1])
+        return real(path, options, **kwargs)
+
+    def ops_run() -> Counter[str]:
+        return Counter(n.op_type for n in onnx.load(str(written[-1])).graph.node)
+
+    monkeypatch.setattr(ort, "InferenceSession", keeping_the_optimized_model)
+    layers = tiny_config().num_hidden_layers
+    enc = Tokenizer(VOCAB)(TEXTS[:4], padding=False)
+    requests = [Request(np.array(i), np.array(t))
+                for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+    outputs = []
+    for packed in (False, True):
+        path = Model.load(encoder_dir).export_onnx(tmp_path / f"m{packed}.onnx", packed=packed)
+        backend = OrtBackend(path, threads=1)
+        assert ops_run()["SkipLayerNormalization"] == 0
+        assert ops_run()["LayerNormalization"] == 2 * layers + packed  # + the embeddings'
+        outputs.append(backend.run_sequences(requests).pool("last_hidden_state", "mean"))
+    with monkeypatch.context() as patch:
+        patch.setattr(OrtBackend, "disabled_optimizers", ())
+        fused = OrtBackend(tmp_path / "mFalse.onnx", threads=1)
+        assert ops_run()["SkipLayerNormalization"] == 2 * layers
+        np.testing.assert_allclose(fused.run_sequences(requests).pool(
+            "last_hidden_state", "mean"), outputs[0], atol=1e-5)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
 def test_streams_load_a_single_thread_session_of_the_same_export(encoder_dir, tmp_path):
