@@ -31,6 +31,7 @@ import numpy as np
 
 from bertrt.errors import BertrtError
 from bertrt.serve.http.client import LoadClient, RequestTimeout, run_loop
+from bertrt.serve.http.heap import frozen_heap
 
 #: The route a load runs against, by the model's head.
 ROUTE_OF_HEAD = {"none": "/embed", "pretraining": "/embed", "classification": "/predict",
@@ -256,7 +257,8 @@ def run_load(url: str, texts: Sequence[str], *, rates: Sequence[float] = (),
             if log:
                 log(format_point(label, point))
 
-    run_loop(main())
+    with frozen_heap():  # the caller's heap (an engine, torch) out of the timed loop's way
+        run_loop(main())
     return run
 
 

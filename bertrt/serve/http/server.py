@@ -22,6 +22,7 @@ from typing import Any
 from bertrt.errors import BertrtError
 from bertrt.serve.engine import InferenceEngine
 from bertrt.serve.http.app import create_app
+from bertrt.serve.http.heap import frozen_heap
 from bertrt.serve.http.options import ServeOptions
 
 
@@ -101,7 +102,8 @@ def serve(engine: InferenceEngine, options: ServeOptions | None = None, *,
                                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server = Server(config)
-        server.run(sockets=[sock])
+        with frozen_heap():  # the engine, loaded by now, out of full collections' reach
+            server.run(sockets=[sock])
     finally:
         sock.close()
         for sig, handler in previous.items():

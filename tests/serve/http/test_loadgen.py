@@ -159,3 +159,49 @@ def test_serve_bench_starts_each_configuration_itself(encoder_dir, tmp_path, tex
     assert run["info"]["packed"] is False and run["info"]["max_wait_ms"] == 1.0
     assert run["info"]["threads"] == 1
     assert run["points"][0]["ok"] > 0
+
+
+def test_a_load_and_a_server_run_with_the_heap_they_started_with_frozen(live, texts, encoder,
+                                                                        monkeypatch):
+    """Full collections skip what the process held when the load (or the server) started:
+    `gc.freeze` for the run, `gc.unfreeze` after; a cycle made meanwhile is still
+    collected."""
+    import gc
+    import weakref
+
+    import uvicorn
+
+    from bertrt.serve.http import loadgen, serve
+    from bertrt.serve.http.heap import frozen_heap
+
+    class Node:
+        pass
+
+    frozen = []
+    with frozen_heap():
+        frozen.append(gc.get_freeze_count())
+        cycle = Node()
+        cycle.self = cycle
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None
+    assert frozen[0] > 1000 and gc.get_freeze_count() == 0
+
+    real_loop = loadgen.run_loop
+
+    def counting_loop(coro):
+        frozen.append(gc.get_freeze_count())
+        return real_loop(coro)
+
+    monkeypatch.setattr(loadgen, "run_loop", counting_loop)
+    run_load(live(), texts, rates=[20], duration=0.3, warmup=0)
+    assert frozen[1] > 1000 and gc.get_freeze_count() == 0
+
+    def counting_run(self, sockets=None):
+        frozen.append(gc.get_freeze_count())
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", counting_run)
+    serve(encoder, ServeOptions(), sock=bind("127.0.0.1", 0), announce=lambda line: None)
+    assert frozen[2] > 1000 and gc.get_freeze_count() == 0
