@@ -601,9 +601,10 @@ def _ort_bias_gelu(ctx: Emitter, node: Node) -> str:
 
 # Why the `ort` form of SKIP_LAYER_NORM is the core one from opset 17 (LayerNormalization's
 # first; below it, the contrib op): ONNX Runtime's CPU SkipLayerNormalization kernel is
-# slower than its own Add + LayerNormalization. On (300, 384) rows, one thread, onnxruntime
-# 1.32, AMD EPYC (avx512): 590 us against 87 us. On MiniLM, real texts, the whole model ran
-# 1.06-1.09x faster on one thread and 1.00-1.06x on two packed (padded: 1.09x and 1.04x).
+# slower than its own Add + LayerNormalization: on (300, 384) rows, one thread, onnxruntime
+# 1.32, AMD EPYC (avx512), 590-620 us against 87-127 us. MiniLM on real texts ran 1.08-1.09x
+# faster on one thread packed, 1.07-1.08x padded (`tools/bench_layer_norm.py`; on two
+# threads, noisier: 0.89-1.06x and 1.05-1.12x).
 # ONNX Runtime fuses the core form back into the contrib op on (B, S, H) inputs unless the
 # session disables `SkipLayerNormFusion`, which bertrt's CPU sessions do
 # (`OrtBackend.disabled_optimizers`); its CUDA sessions keep the fusion.

@@ -303,9 +303,9 @@ class OrtBackend(Backend):
     #: 0.14 and 0.16 x H positions per token lost 4%; 0.28 broke even; 0.34-1.3 gained 11-44%.
     split_per_hidden = 0.3
     #: ONNX Runtime rewrites the session may not make. Add + LayerNormalization on (B, S, H)
-    #: stays as it is: the CPU provider's SkipLayerNormalization kernel is slower (MiniLM runs
-    #: 1.04-1.09x faster without it; `bertrt.lower.to_onnx` writes the core form for this
-    #: reason).
+    #: stays as it is: the CPU provider's SkipLayerNormalization kernel is slower (MiniLM on
+    #: one thread runs 1.07-1.09x faster without it, `tools/bench_layer_norm.py`;
+    #: `bertrt.lower.to_onnx` writes the core form for this reason).
     disabled_optimizers: tuple[str, ...] = ("SkipLayerNormFusion",)
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
