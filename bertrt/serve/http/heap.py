@@ -1,13 +1,13 @@
 """Keeping the garbage collector's full collections short in a process that serves or loads.
 
-A server or load generator holds a large heap made before its work starts: the model, torch,
-onnxruntime and their modules (about a million objects with torch). CPython's full collection
-walks every tracked object, so each one stalls the process's threads that need the GIL:
-measured on MiniLM at 200 req/s, 75 ms in `bertrt serve` (the event loop and every request in
-flight wait) and up to 96 ms in serve-bench's load client (every latency it times then
-includes the pause), which collected 21 times in 20 s. Inside `frozen_heap`, what the process
-held on entry is out of the collector's reach (`gc.freeze`): collections walk only what the
-work made since, as they should; cycles made meanwhile are still collected.
+A server or a load generator holds a large heap made before its work starts: the model,
+torch, onnxruntime and their modules (180,000 tracked objects for MiniLM). CPython's full
+collection walks every tracked object while each thread that needs the interpreter waits.
+Measured with MiniLM at 200 req/s: one took 104 ms in `bertrt serve` under load (13 ms with
+the heap frozen), and the bench's process, which holds an engine too, spent ~90 ms on each
+of its full collections, one of them inside a timed load. Inside `frozen_heap` what the
+process held on entry is out of the collector's reach (`gc.freeze`): collections walk only
+what the work made since, and still collect its cycles.
 """
 
 from __future__ import annotations
