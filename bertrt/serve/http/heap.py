@@ -14,15 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
+
+_lock = threading.Lock()
+_depth = 0  # blocks open: the heap is frozen while any is (nested or on other threads)
 
 
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Run the block with the objects alive on entry frozen (`gc.freeze`), unfrozen after."""
-    gc.collect()  # nothing that is already garbage is kept for the block's length
-    gc.freeze()
+    """Run the block with the objects alive on entry frozen (`gc.freeze`), unfrozen when the
+    last open block ends (a block inside another, or on another thread, keeps the outer's)."""
+    global _depth
+    with _lock:
+        if not _depth:
+            gc.collect()  # nothing that is already garbage is kept for the block's length
+            gc.freeze()
+        _depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _lock:
+            _depth -= 1
+            if not _depth:
+                gc.unfreeze()

@@ -164,8 +164,8 @@ def test_serve_bench_starts_each_configuration_itself(encoder_dir, tmp_path, tex
 def test_a_load_and_a_server_run_with_the_heap_they_started_with_frozen(live, texts, encoder,
                                                                         monkeypatch):
     """Full collections skip what the process held when the load (or the server) started:
-    `gc.freeze` for the run, `gc.unfreeze` after; a cycle made meanwhile is still
-    collected."""
+    `gc.freeze` for the run, `gc.unfreeze` after the last open block; a cycle made meanwhile
+    is still collected."""
     import gc
     import weakref
 
@@ -180,6 +180,9 @@ def test_a_load_and_a_server_run_with_the_heap_they_started_with_frozen(live, te
     frozen = []
     with frozen_heap():
         frozen.append(gc.get_freeze_count())
+        with frozen_heap():  # a block inside another keeps the outer's frozen heap
+            pass
+        assert gc.get_freeze_count() == frozen[0]
         cycle = Node()
         cycle.self = cycle
         alive = weakref.ref(cycle)
