@@ -20,13 +20,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from bench_packed import real_texts  # the script's folder
-from bench_torch import minilm_dir
+from bench_torch import minilm_dir, time_interleaved
 
 
 def op_alone(rows: int, hidden: int, rounds: int) -> tuple[float, float]:
@@ -34,6 +33,8 @@ def op_alone(rows: int, hidden: int, rounds: int) -> tuple[float, float]:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from bertrt.serve.backends import OrtBackend
 
     def session(nodes: list, opset: int) -> ort.InferenceSession:
         shape = ["rows", hidden]
@@ -50,7 +51,7 @@ def op_alone(rows: int, hidden: int, rounds: int) -> tuple[float, float]:
         options.intra_op_num_threads = 1
         return ort.InferenceSession(model.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=["SkipLayerNormFusion"])
+                                    disabled_optimizers=list(OrtBackend.disabled_optimizers))
 
     contrib = session([helper.make_node("SkipLayerNormalization",
                                         ["x", "s", "gamma", "beta", "bias"], ["y"],
@@ -63,14 +64,11 @@ def op_alone(rows: int, hidden: int, rounds: int) -> tuple[float, float]:
     feeds = {n: rng.standard_normal((rows, hidden)).astype(np.float32) for n in "xs"}
     want, got = (s.run(None, feeds)[0] for s in (contrib, core))
     assert np.abs(want - got).max() < 1e-4, "the two forms disagree"
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i, s in enumerate((contrib, core)):
-            start = time.perf_counter()
-            for _ in range(200):
-                s.run(None, feeds)
-            times[i].append((time.perf_counter() - start) / 200 * 1e6)
-    return statistics.median(times[0]), statistics.median(times[1])
+    def calls(s: ort.InferenceSession) -> Callable[[], None]:
+        return lambda: [s.run(None, feeds) for _ in range(200)]
+
+    times = time_interleaved([calls(contrib), calls(core)], rounds)
+    return statistics.median(times[0]) / 200 * 1e6, statistics.median(times[1]) / 200 * 1e6
 
 
 def model_runs(texts: list[str], batch: int, rounds: int, tmp: Path
@@ -101,14 +99,9 @@ def model_runs(texts: list[str], batch: int, rounds: int, tmp: Path
             fns = [run(b) for b in backends]
             first = [fn() for fn in fns]  # also the warm-up
             assert np.abs(first[0] - first[1]).max() < 1e-4, "the two exports disagree"
-            times: list[list[float]] = [[], []]
-            for _ in range(rounds):
-                for i, fn in enumerate(fns):
-                    start = time.perf_counter()
-                    fn()
-                    times[i].append((time.perf_counter() - start) * 1e3)
+            times = time_interleaved(fns, rounds)
             rows.append(("packed" if packed else "padded", threads,
-                         statistics.median(times[0]), statistics.median(times[1])))
+                         statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3))
     return rows
 
 

@@ -108,6 +108,12 @@ class RunStats:
     seconds: float = 0.0
 
 
+def batch_cost(lengths: Sequence[int] | np.ndarray, packed: bool) -> int:
+    """Positions a batch of sequences of `lengths` computes: their sum packed, size x the
+    longest padded."""
+    return int(sum(lengths)) if packed else len(lengths) * int(max(lengths))
+
+
 def token_budget_batches(lengths: np.ndarray, budget: int, packed: bool = False
                          ) -> list[slice]:
     """Cut sequences sorted longest first into consecutive batches within a token budget.
@@ -575,10 +581,9 @@ class InferenceEngine:
                                                          pad_id)
                     consume(first + picked, outputs, chunk, picked)
                     sizes = lengths[picked]
-                    tokens = int(sizes.sum())
                     stats.batches += 1
-                    stats.tokens += tokens
-                    stats.positions += tokens if self.packed else int(sizes.max()) * len(sizes)
+                    stats.tokens += int(sizes.sum())
+                    stats.positions += batch_cost(sizes, self.packed)
                     if bar is not None:
                         bar.update(len(picked))
         stats.seconds = time.perf_counter() - start

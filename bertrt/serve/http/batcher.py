@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from bertrt.serve.engine import batch_cost
 from bertrt.serve.http.errors import HttpError
 from bertrt.serve.outputs import SequenceOutputs
 from bertrt.serve.workload import Request
@@ -76,12 +77,6 @@ def batch_cut(lengths: Iterable[int], budget: int, max_requests: int | None,
         size += 1
         tokens += length
     return size
-
-
-def batch_cost(lengths: Sequence[int], packed: bool) -> int:
-    """Positions a batch of sequences of `lengths` computes: their sum packed, size x the
-    longest padded."""
-    return sum(lengths) if packed else len(lengths) * max(lengths)
 
 
 class Pace:
