@@ -66,31 +66,3 @@ def pack_rows(rows: Sequence[Sequence[int] | np.ndarray],
     cu = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     return np.concatenate([np.asarray(r, dtype=dtype).reshape(-1) for r in rows]), cu
-
-
-def length_groups(lengths: Sequence[int] | np.ndarray, min_saving: float) -> list[np.ndarray]:
-    """Split a packed batch in two by length when its attention is mostly padding.
-
-    A packed batch computes its token-wise work on the real tokens, but its attention core on a
-    padded (B, Smax) view: B × Smax² score positions. One long sequence among short ones makes
-    that view mostly padding. This picks the cut of the length-sorted sequences into a short
-    and a long group that minimizes the summed B × Smax² of the two, and keeps it when it saves
-    at least `min_saving` × T positions (T: the batch's tokens; a second run has a cost of its
-    own, which the saving must beat).
-
-    Returns:
-        Index arrays into `lengths`: one (the whole batch, in order) or two (short, long).
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    whole = [np.arange(len(lengths))]
-    if len(lengths) < 2:
-        return whole
-    order = np.argsort(lengths, kind="stable")
-    ls = lengths[order]
-    k = np.arange(1, len(ls))  # the first k sorted sequences form the short group
-    cost = k * ls[k - 1] ** 2 + (len(ls) - k) * ls[-1] ** 2
-    best = int(np.argmin(cost))
-    saving = len(ls) * ls[-1] ** 2 - cost[best]
-    if saving < min_saving * ls.sum():
-        return whole
-    return [order[:best + 1], order[best + 1:]]

@@ -35,7 +35,7 @@ import numpy as np
 
 from bertrt.errors import BertrtError
 from bertrt.graph.ir import SEQ
-from bertrt.padding import length_groups, pack_rows
+from bertrt.padding import pack_rows
 from bertrt.serve.batcher import pad_batch
 from bertrt.serve.outputs import PackedOutputs, PaddedOutputs, SequenceOutputs
 from bertrt.serve.workload import Request
@@ -156,14 +156,6 @@ class Backend:
     #: each op for its slowest thread (the engine's `streams` sets it; `close` closes it
     #: too).
     narrow: Backend | None = None
-    #: For a packed backend: run a batch as two, its short and its long sequences apart, when
-    #: that saves at least this many attention positions per token (`length_groups`: the
-    #: attention core runs on a padded view, so one long sequence pads every short one); 0:
-    #: never. The engine sets it to `split_per_hidden` x the model's hidden size.
-    split_saving: float = 0.0
-    #: `split_saving` per unit of hidden size, where it was measured (`OrtBackend`); 0: the
-    #: backend does not split.
-    split_per_hidden: float = 0.0
     #: The engine's default budget of positions per batch on this backend. On CPU, small
     #: batches keep the activations in cache: MiniLM embeds ~1.8x faster at 2048 than at
     #: 16384 (2 threads, real text); OpenVINO is best at 1-2k (`OrtBackend`: 512).
@@ -246,12 +238,6 @@ class Backend:
         if self.single is not None and len(requests) == 1:
             return self.single.run_sequences(requests, pad_id)
         if self.packed:
-            groups = (length_groups([r.length for r in requests], self.split_saving)
-                      if self.split_saving and len(requests) > 1 else [])
-            if len(groups) > 1:  # short and long sequences apart (see `split_saving`)
-                parts = [self.run_sequences([requests[i] for i in group], pad_id)
-                         for group in groups]
-                return PackedOutputs.merge(parts, groups)
             return self._run_packed(requests)
         batch = pad_batch(requests, pad_id)
         return PaddedOutputs.from_batch(self.run(batch.inputs), batch.lengths,
@@ -299,9 +285,6 @@ class OrtBackend(Backend):
     #: MiniLM on real text, 2 threads, AMD EPYC (seq/s at budgets 256/512/1024/2048): packed
     #: fp32 243/254/239/216, packed int8 472/564/515/472, padded fp32 -/249/250/221.
     batch_tokens = 512
-    #: MiniLM (H=384), arrival-order batches of ~500 real tokens, 2 threads: splits saving
-    #: 0.14 and 0.16 x H positions per token lost 4%; 0.28 broke even; 0.34-1.3 gained 11-44%.
-    split_per_hidden = 0.3
     #: ONNX Runtime rewrites the session may not make. Add + LayerNormalization on (B, S, H)
     #: stays as it is: the CPU provider's SkipLayerNormalization kernel is slower (MiniLM on
     #: one thread runs 1.07-1.09x faster without it, `tools/bench_layer_norm.py`;
@@ -398,8 +381,6 @@ class OrtCudaBackend(OrtBackend):
     reduced_precision = True
     #: A GPU wants large batches.
     batch_tokens = 16384
-    #: Not measured on CUDA (whose packed path is off by default): no length split.
-    split_per_hidden = 0.0
     #: Not measured on a GPU, where the fused SkipLayerNormalization is one kernel for three:
     #: ONNX Runtime's fusions stay on.
     disabled_optimizers = ()

@@ -337,7 +337,6 @@ class InferenceEngine:
         for one in (backend, backend.narrow):
             if one is not None:
                 one.read_only(READS[self.head])
-                one.split_saving = one.split_per_hidden * self.hidden_size
         return backend
 
     @property

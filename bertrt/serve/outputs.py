@@ -14,7 +14,7 @@ Per-sequence outputs (`pooler_output`, a classifier's `logits`: (B, X)) are the 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -151,30 +151,3 @@ class PackedOutputs(SequenceOutputs):
             return np.maximum.reduceat(values, starts, axis=0).astype(np.float32)
         total = np.add.reduceat(values.astype(np.float64), starts, axis=0)
         return (total / np.maximum(self.lengths, 1)[:, None]).astype(np.float32)
-
-    @classmethod
-    def merge(cls, parts: Sequence[SequenceOutputs], groups: Sequence[np.ndarray]
-              ) -> PackedOutputs:
-        """One batch's outputs from the runs of its `groups` (sequence indices into the
-        batch, together a permutation of it): sequence b's rows and values at position b."""
-        size = sum(len(g) for g in groups)
-        where = np.empty((size, 2), dtype=np.int64)  # batch position -> (part, index in it)
-        for k, group in enumerate(groups):
-            where[group, 0] = k
-            where[group, 1] = np.arange(len(group))
-        lengths = np.empty(size, dtype=np.int64)
-        for k, group in enumerate(groups):
-            lengths[group] = parts[k].lengths
-        cu = np.zeros(size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=cu[1:])
-        per_token = {}
-        for name in parts[0].per_token:
-            rows = [parts[k].tokens(name, int(i)) for k, i in where]
-            per_token[name] = np.concatenate(rows)
-        per_sequence = {}
-        for name, first in parts[0].per_sequence.items():
-            out = np.empty((size, *first.shape[1:]), dtype=first.dtype)
-            for k, group in enumerate(groups):
-                out[group] = parts[k].per_sequence[name]
-            per_sequence[name] = out
-        return cls(per_token, per_sequence, cu)

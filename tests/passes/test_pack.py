@@ -5,6 +5,7 @@ of lengths 1..max_position_embeddings; the pass refuses graphs it cannot pack.""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -150,3 +151,41 @@ def test_packed_module_refuses_bad_offsets():
     for cu in ([0, 2], [1, 3], [0, 2, 2, 3]):
         with pytest.raises(bertrt.BertrtError, match="cu_seqlens"):
             net(ids, torch.tensor(cu))
+
+
+@pytest.mark.parametrize("flavour", ["ort", "standard"])
+def test_onnx_packed_attention_runs_on_views_grouped_by_length(flavour, tmp_path):
+    """The attention core pads each sequence within its own view of similar lengths (more than
+    half the longest, more than a quarter, the rest), not to the batch's longest: the first
+    layer's score tensors have the views' shapes. An empty view and any order stay exact."""
+    from bertrt.lower.to_onnx import ATTENTION_VIEWS
+
+    assert ATTENTION_VIEWS == 3
+    model = _model("none")
+    path = model.export_onnx(tmp_path / "p.onnx", flavour=flavour, packed=True)
+    proto = onnx.load(str(path))
+    softmax = [n.output[0] for n in proto.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == ATTENTION_VIEWS * CFG["num_hidden_layers"]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                                 None)
+                              for name in softmax[:ATTENTION_VIEWS])
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    heads = CFG["num_attention_heads"]
+    rng = np.random.default_rng(5)
+    cases = {  # lengths -> each view's (sequences, padded length)
+        (3, 40, 21, 10, 2, 20): [(2, 40), (1, 20), (3, 10)],  # half and a quarter go down
+        (40, 3, 2): [(1, 40), (0, 1), (2, 3)],  # nothing between 10 and 20: an empty view
+        (7,): [(1, 7), (0, 1), (0, 1)],
+    }
+    for lengths, views in cases.items():
+        rows = [rng.integers(0, CFG["vocab_size"], k) for k in lengths]
+        types = [rng.integers(0, CFG["type_vocab_size"], k) for k in lengths]
+        ids, mask, tt = _padded(rows, types, np.asarray(lengths))
+        flat, cu = pack_rows(rows)
+        got = session.run(None, {"input_ids": flat, "cu_seqlens": cu,
+                                 "token_type_ids": np.concatenate(types)})
+        assert [s.shape for s in got[-ATTENTION_VIEWS:]] == [(b, heads, s, s) for b, s in views]
+        with torch.no_grad():
+            want = model.to_torch()(ids, mask, tt)["last_hidden_state"].numpy()
+        np.testing.assert_allclose(got[0], want[mask.bool().numpy()], atol=1e-4, rtol=0)

@@ -279,41 +279,6 @@ def test_backends_return_only_what_the_engine_reads(encoder_dir, classifier_dir)
             engine.backend.read_only(["pooler"])
 
 
-def test_a_packed_batch_split_by_length_gives_the_same_outputs(encoder_dir, monkeypatch):
-    """One long sequence among short ones: ONNX Runtime's packed backend runs the batch as
-    two (the long one on its own, on the padded twin), and the outputs are those of one run,
-    in the batch's order."""
-    from bertrt.serve.backends import OrtBackend
-    from bertrt.serve.outputs import PackedOutputs
-    from bertrt.serve.workload import Request
-
-    rng = np.random.default_rng(3)
-    lengths = [4, 30, 3, 5, 2, 4, 3]  # the model has 32 positions
-    batch = [Request(np.concatenate([[2], rng.integers(5, 30, n - 2), [3]]),
-                     np.zeros(n, np.int64)) for n in lengths]
-    with InferenceEngine(encoder_dir, backend="ort", threads=2) as engine:
-        backend = engine.backend
-        assert backend.split_saving == engine.hidden_size * 0.3 > 0
-        runs: list[int] = []
-        real = OrtBackend._run_packed
-        monkeypatch.setattr(OrtBackend, "_run_packed",
-                            lambda self, reqs: runs.append(len(reqs)) or real(self, reqs))
-        split = backend.run_sequences(batch)
-        assert runs == [6]  # the six short ones packed; the long one on the padded twin
-        whole = backend._run_packed(batch)
-        assert isinstance(split, PackedOutputs)
-        np.testing.assert_array_equal(split.lengths, lengths)
-        np.testing.assert_allclose(split.per_token["last_hidden_state"],
-                                   whole.per_token["last_hidden_state"], atol=1e-5)
-        for mode in ("cls", "mean", "max"):
-            np.testing.assert_allclose(split.pool("last_hidden_state", mode),
-                                       whole.pool("last_hidden_state", mode), atol=1e-5)
-        backend.split_saving = 0.0  # never: one run
-        runs.clear()
-        backend.run_sequences(batch)
-        assert runs == [7]
-
-
 def _stops_spinning(backend) -> bool:
     options = backend.session.get_session_options()
     try:
