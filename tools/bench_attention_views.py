@@ -14,10 +14,11 @@ batches cut at several token budgets, one process, interleaved rounds, on:
   where it is installed.
 
 The two files' outputs are checked to agree first (fp32: 1e-4; bf16: cosine 0.999). Batches of
-one sequence are left out: the engine runs those on its padded twin.
+one sequence are left out: the engine runs those on its padded twin. About 12 minutes on 2
+cores (OpenVINO compiles each new shape once).
 
-    python tools/bench_attention_views.py [--texts 1000] [--budgets 60,120,300,600,1000]
-                                          [--rounds 5] [--markdown]
+    python tools/bench_attention_views.py [--texts 500] [--budgets 60,120,300,600,1000]
+                                          [--rounds 3] [--markdown]
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ def backends() -> list[tuple[str, Callable[[Path], object], str]]:
 
 
 def measure(texts: list[str], budgets: list[int], rounds: int
-            ) -> list[tuple[str, int, float, float, float]]:
-    """(runtime, budget, sequences a batch, one-view ms, views ms) per runtime x budget:
-    medians of the whole list of batches."""
+            ) -> Iterator[tuple[str, int, float, float, float]]:
+    """(runtime, budget, sequences a batch, one-view ms, views ms) per runtime x budget, as
+    each is measured: medians of the whole list of batches."""
     from bertrt import Model
     from bertrt.serve.workload import Request
 
@@ -96,7 +97,6 @@ def measure(texts: list[str], budgets: list[int], rounds: int
     enc = model.tokenizer(texts, padding=False, truncation=True, max_length=256)
     requests = [Request(np.asarray(i, np.int64), np.asarray(t, np.int64))
                 for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
-    rows = []
     with tempfile.TemporaryDirectory(prefix="bertrt-views-") as tmp:
         files = {}
         for flavour in ("ort", "standard"):
@@ -123,24 +123,21 @@ def measure(texts: list[str], budgets: list[int], rounds: int
                 else:
                     assert np.abs(one - grouped).max() < 1e-4, f"{label}: the exports disagree"
                 times = time_interleaved(fns, rounds)
-                rows.append((label, budget, float(np.mean([len(b) for b in batches])),
-                             statistics.median(times[0]) * 1e3,
-                             statistics.median(times[1]) * 1e3))
-    return rows
+                yield (label, budget, float(np.mean([len(b) for b in batches])),
+                       statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--texts", type=int, default=1000)
+    parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--budgets", default="60,120,300,600,1000",
                         help="real tokens a batch, comma-separated [60,120,300,600,1000]")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     from bertrt.lower.to_onnx import ATTENTION_VIEWS
 
     budgets = [int(b) for b in args.budgets.split(",")]
-    rows = measure(real_texts(args.texts), budgets, args.rounds)
     print(f"MiniLM-L6, {args.texts} real texts in arrival-order batches, median of "
           f"{args.rounds} rounds; {ATTENTION_VIEWS} views against one:")
     bar = "|" if args.markdown else ""
@@ -149,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{bar} {f' {bar} '.join(cells)} {bar}".strip())
     if args.markdown:
         print("|" + "---|" * len(cells))
-    for label, budget, size, one, grouped in rows:
+    for label, budget, size, one, grouped in measure(real_texts(args.texts), budgets,
+                                                     args.rounds):
         cells = [label, f"~{budget}", f"{size:.1f}", f"{one:.0f}", f"{grouped:.0f}",
                  f"{one / grouped:.3f}x"]
-        print(f"{bar} {f' {bar} '.join(cells)} {bar}".strip())
+        print(f"{bar} {f' {bar} '.join(cells)} {bar}".strip(), flush=True)
     return 0
 
 

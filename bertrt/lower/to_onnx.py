@@ -538,25 +538,8 @@ def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
                 member = ctx.node("Reshape", [
                     ctx.node("NonZero", [ctx.node("Equal", [view, ctx.const(v, _INT64)],
                                                   dtype=TensorProto.BOOL)]), i64(-1)])
-            own = ctx.node("Gather", [lengths, member], axis=0)  # (Bv,)
-            # its longest, at least 1: an empty view is (0, 1), whose rows are still defined
-            width = ctx.node("ReduceMax", [ctx.node("Concat", [i64(1), own], axis=0)],
-                             keepdims=1)
-            size = ctx.dim(member, 0, vector=True)
-            s = ctx.node("Unsqueeze", [ctx.node("Range", [
-                ctx.const(0, _INT64), ctx.node("Squeeze", [width, i64(0)]),
-                ctx.const(1, _INT64)]), i64(0)])  # (1, Sv)
-            valid = ctx.node("Less", [s, ctx.node("Unsqueeze", [own, i64(1)])],
-                             dtype=TensorProto.BOOL)  # (Bv, Sv)
-            first = ctx.node("Gather", [starts, member], axis=0)
-            index = ctx.node("Add", [ctx.node("Unsqueeze", [first, i64(1)]), s])
-            src = ctx.node("Reshape", [ctx.node("Where", [valid, index, ctx.const(0, _INT64)]),
-                                       i64(-1)])
-            keep = ctx.node("Unsqueeze", [ctx.cast(valid, _FLOAT), i64(1, 2)])
-            bias = ctx.node("Mul", [ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep]),
-                                    ctx.const(_FLOAT32_MIN, _FLOAT)])
-            views.append(dict(src=src, bias=bias,
-                              shape=ctx.node("Concat", [size, width], axis=0)))
+            one, size, width = _packed_view(ctx, starts, lengths, member)
+            views.append(one)
             # the first row of each member's sequence: the view's offset + its rank x Sv
             rank = ctx.node("Range", [ctx.const(0, _INT64), ctx.dim(member, 0),
                                       ctx.const(1, _INT64)])
@@ -573,6 +556,31 @@ def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
         slots = ctx.node("Add", [ctx.node("Gather", [base, seq], axis=0), pos])
         ctx.memo[key] = dict(seq=seq, pos=pos, slots=slots, views=views)
     return ctx.memo[key]
+
+
+def _packed_view(ctx: Emitter, starts: str, lengths: str, member: str
+                 ) -> tuple[dict[str, str], str, str]:
+    """One attention view of the sequences `member` (Bv,) of a packed batch: its `src`, `bias`
+    and `shape` (see `_packed_index`), and Bv and Sv as (1,) vectors. Sv is the members'
+    longest, at least 1: an empty view is (0, 1), whose ops all have defined shapes."""
+    i64 = lambda *values: ctx.const(list(values), _INT64)  # noqa: E731
+    own = ctx.node("Gather", [lengths, member], axis=0)  # (Bv,)
+    width = ctx.node("ReduceMax", [ctx.node("Concat", [i64(1), own], axis=0)], keepdims=1)
+    size = ctx.dim(member, 0, vector=True)
+    s = ctx.node("Unsqueeze", [ctx.node("Range", [
+        ctx.const(0, _INT64), ctx.node("Squeeze", [width, i64(0)]), ctx.const(1, _INT64)]),
+        i64(0)])  # (1, Sv)
+    valid = ctx.node("Less", [s, ctx.node("Unsqueeze", [own, i64(1)])],
+                     dtype=TensorProto.BOOL)  # (Bv, Sv)
+    first = ctx.node("Gather", [starts, member], axis=0)
+    index = ctx.node("Add", [ctx.node("Unsqueeze", [first, i64(1)]), s])
+    src = ctx.node("Reshape", [ctx.node("Where", [valid, index, ctx.const(0, _INT64)]),
+                               i64(-1)])
+    keep = ctx.node("Unsqueeze", [ctx.cast(valid, _FLOAT), i64(1, 2)])
+    bias = ctx.node("Mul", [ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep]),
+                            ctx.const(_FLOAT32_MIN, _FLOAT)])
+    return (dict(src=src, bias=bias, shape=ctx.node("Concat", [size, width], axis=0)),
+            size, width)
 
 
 def _packed_positions(ctx: Emitter, node: Node) -> str:
@@ -594,7 +602,8 @@ def _packed_attention(ctx: Emitter, node: Node) -> str:
     qkv = ctx.node("Add", [ctx.node("MatMul", [x, w]), b])  # (T, 3H): real tokens only
     flats = []
     for view in layout["views"]:
-        # (T, 3H) -> (Bv*Sv, 3H) -> (Bv, Sv, 3, N, D) -> (3, Bv, N, Sv, D)
+        # (T, 3H) -> (Bv*Sv, 3H) -> (Bv, Sv, 3, N, D) -> (3, Bv, N, Sv, D); an empty view's
+        # Bv of 0 is Reshape's "copy the input's dimension", which is 0 too
         padded = ctx.node("Gather", [qkv, view["src"]], axis=0)
         shape = ctx.node("Concat", [view["shape"],
                                     ctx.const([3, heads, hidden // heads], _INT64)], axis=0)
