@@ -91,6 +91,7 @@ def measure(texts: list[str], budgets: list[int], rounds: int
     """(runtime, budget, sequences a batch, one-view ms, views ms) per runtime x budget, as
     each is measured: medians of the whole list of batches."""
     from bertrt import Model
+    from bertrt.lower.to_onnx import ATTENTION_VIEWS
     from bertrt.serve.workload import Request
 
     model = Model.load(minilm_dir())
@@ -100,13 +101,13 @@ def measure(texts: list[str], budgets: list[int], rounds: int
     with tempfile.TemporaryDirectory(prefix="bertrt-views-") as tmp:
         files = {}
         for flavour in ("ort", "standard"):
-            for n in (1, None):
-                with views(n) if n else contextlib.nullcontext():
+            for n in (1, ATTENTION_VIEWS):
+                with views(n):
                     files[flavour, n] = model.export_onnx(
                         Path(tmp) / f"{flavour}-{n}.onnx", flavour=flavour, packed=True,
                         head="none")
         for label, make, flavour in backends():
-            pair = [make(files[flavour, 1]), make(files[flavour, None])]
+            pair = [make(files[flavour, 1]), make(files[flavour, ATTENTION_VIEWS])]
             for budget in budgets:
                 batches = arrival_batches(requests, budget)
 

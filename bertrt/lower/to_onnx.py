@@ -494,6 +494,11 @@ def _attention(ctx: Emitter, node: Node) -> str:
 ATTENTION_VIEWS = 3
 
 
+def _i64(ctx: Emitter, *values: int) -> str:
+    """An int64 vector constant."""
+    return ctx.const(list(values), _INT64)
+
+
 def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
     """Per packed batch, written once: each token's sequence `seq` and position `pos` (T,),
     the `slots` of the tokens in the attention views' rows concatenated (T,), and per view
@@ -507,7 +512,7 @@ def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
     cu = ctx.value(cu_value)
     key = ("packed", cu)
     if key not in ctx.memo:
-        i64 = lambda *values: ctx.const(list(values), _INT64)  # noqa: E731
+        i64 = lambda *values: _i64(ctx, *values)  # noqa: E731
         cu64 = ctx.cast(cu, _INT64)
         starts = ctx.node("Slice", [cu64, i64(0), i64(-1)])
         ends = ctx.node("Slice", [cu64, i64(1), ctx.dim(cu64, 0, vector=True)])
@@ -563,7 +568,7 @@ def _packed_view(ctx: Emitter, starts: str, lengths: str, member: str
     """One attention view of the sequences `member` (Bv,) of a packed batch: its `src`, `bias`
     and `shape` (see `_packed_index`), and Bv and Sv as (1,) vectors. Sv is the members'
     longest, at least 1: an empty view is (0, 1), whose ops all have defined shapes."""
-    i64 = lambda *values: ctx.const(list(values), _INT64)  # noqa: E731
+    i64 = lambda *values: _i64(ctx, *values)  # noqa: E731
     own = ctx.node("Gather", [lengths, member], axis=0)  # (Bv,)
     width = ctx.node("ReduceMax", [ctx.node("Concat", [i64(1), own], axis=0)], keepdims=1)
     size = ctx.dim(member, 0, vector=True)
@@ -605,8 +610,11 @@ def _packed_attention(ctx: Emitter, node: Node) -> str:
         # (T, 3H) -> (Bv*Sv, 3H) -> (Bv, Sv, 3, N, D) -> (3, Bv, N, Sv, D); an empty view's
         # Bv of 0 is Reshape's "copy the input's dimension", which is 0 too
         padded = ctx.node("Gather", [qkv, view["src"]], axis=0)
-        shape = ctx.node("Concat", [view["shape"],
-                                    ctx.const([3, heads, hidden // heads], _INT64)], axis=0)
+        key = ("packed view shape", view["shape"], heads, hidden)
+        if key not in ctx.memo:  # every layer's attention reads it
+            ctx.memo[key] = ctx.node("Concat", [view["shape"], _i64(ctx, 3, heads,
+                                                                     hidden // heads)], axis=0)
+        shape = ctx.memo[key]
         split = ctx.node("Transpose", [ctx.node("Reshape", [padded, shape])],
                          perm=[2, 0, 3, 1, 4])
         q, k, v = (ctx.node("Gather", [split, ctx.const(i, _INT64)], axis=0) for i in range(3))
