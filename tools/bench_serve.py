@@ -29,8 +29,10 @@ Correctness first: each server's `/embed` of the first texts is checked against
 per configuration: its saturation throughput (closed loop, 16 clients, 4 s); the highest
 open-loop Poisson rate whose p99 stays within `--p99-ms`, by `--steps` bisections between 0
 and 1.4x the saturation (each rate sent for `--duration` seconds, longer at low rates so it sends
-`--samples` requests, at most 4x, in `--slices` slices taken round-robin over the servers
-and pooled, so a burst of the shared machine's other work lands on all of them); and a
+`--samples` requests, at most 4x, in `--slices` slices taken round-robin over the servers, so
+a drift of the shared machine lands on all of them; a rate passes when the p99 of more than
+half of its slices is within the bound and none had an error, so one stall of the machine
+fails a slice, not the rate, and the table pools the slices); and a
 light load at 10 % of the default's highest rate, whose p50 is set beside a single
 unbatched engine call (`engine.embed([text])`, p50 over 80 of the texts, measured in this
 process while the servers idle, each call after a Poisson gap at the light load's rate, as
@@ -168,6 +170,17 @@ def pool(points: list[LoadPoint]) -> LoadPoint:
                      [x for p in points for x in p.latencies], stages)
 
 
+def within(slices: list[LoadPoint], p99_ms: float) -> bool:
+    """Whether a rate kept its p99 within `p99_ms`: in more than half of its slices (the
+    median slice's p99), and without an error in any. A stall of the shared machine (its
+    other tenants) that lands in one slice of one configuration fails that slice alone; a
+    rate the server cannot keep up with fails them all. The same rule for every
+    configuration; pooling the slices instead let one such stall sink a rate, and with it
+    every higher step of that configuration's bisection."""
+    passed = sum(p.percentile_ms(99) <= p99_ms for p in slices)
+    return passed * 2 > len(slices) and not any(p.errors for p in slices)
+
+
 def single_calls(engine: InferenceEngine, texts: list[str], rate: float | None = None,
                  seed: int = 0) -> list[float]:
     """Milliseconds of `engine.embed([text])` for each of `texts`: back to back, or with
@@ -303,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             for i, rate in enumerate(rates):
                 point = pool(parts[i])
                 runs[i].points.append(point)
-                print(format_point(configs[i][0], point), file=sys.stderr)
-                if point.percentile_ms(99) <= args.p99_ms and not point.errors:
+                ok = within(parts[i], args.p99_ms)
+                print(format_point(configs[i][0], point)
+                      + f"; slices' p99 {', '.join(f'{p.percentile_ms(99):.0f}' for p in parts[i])}"
+                      f" ms: {'within' if ok else 'over'}", file=sys.stderr)
+                if ok:
                     low[i] = rate
                 else:
                     high[i] = rate
