@@ -13,12 +13,17 @@ batches cut at several token budgets, one process, interleaved rounds, on:
 - OpenVINO (`standard` flavour), fp32 and bf16 (where the CPU has bf16 units), 2 threads,
   where it is installed.
 
+With `--sorted`, the texts are sorted by length first, as `InferenceEngine.embed` sorts a
+chunk before cutting its batches: the views' adverse case, where a batch's sequences are
+alike and there is no padding to skip. `--runtime` keeps the runtimes whose label holds it.
+
 The two files' outputs are checked to agree first (fp32: 1e-4; bf16: cosine 0.999). Batches of
 one sequence are left out: the engine runs those on its padded twin. About 12 minutes on 2
 cores (OpenVINO compiles each new shape once).
 
     python tools/bench_attention_views.py [--texts 500] [--budgets 60,120,300,600,1000]
-                                          [--rounds 3] [--markdown]
+                                          [--rounds 3] [--sorted] [--runtime onnxruntime]
+                                          [--markdown]
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ def views(n: int) -> Iterator[None]:
         to_onnx.ATTENTION_VIEWS = kept
 
 
-def arrival_batches(requests: list, budget: int) -> list[list]:
-    """Consecutive requests, each batch closed once it holds `budget` real tokens; batches of
-    one sequence dropped."""
+def budget_batches(requests: list, budget: int) -> list[list]:
+    """Consecutive requests (in arrival order, or sorted), each batch closed once it holds
+    `budget` real tokens; batches of one sequence dropped."""
     batches, batch, tokens = [], [], 0
     for request in requests:
         batch.append(request)
@@ -62,8 +67,9 @@ def arrival_batches(requests: list, budget: int) -> list[list]:
     return [b for b in batches if len(b) > 1]
 
 
-def backends() -> list[tuple[str, Callable[[Path], object], str]]:
-    """(label, backend from a file, flavour) for each runtime x setting to time."""
+def backends(only: str = "") -> list[tuple[str, Callable[[Path], object], str]]:
+    """(label, backend from a file, flavour) for each runtime x setting to time whose label
+    holds `only`."""
     from bertrt.serve.backends import OrtBackend
 
     runs: list[tuple[str, Callable[[Path], object], str]] = [
@@ -75,7 +81,7 @@ def backends() -> list[tuple[str, Callable[[Path], object], str]]:
         import_openvino()
     except Exception as exc:  # not installed: say so and time the rest
         print(f"openvino: skipped ({exc})")
-        return runs
+        return [run for run in runs if only in run[0]]
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and not native_bf16():
             print("openvino bf16: skipped (this CPU has no native bf16)")
@@ -83,11 +89,11 @@ def backends() -> list[tuple[str, Callable[[Path], object], str]]:
         runs.append((f"openvino {precision}, 2 threads",
                      lambda f, p=precision: OpenVinoBackend(f, threads=2, precision=p),
                      "standard"))
-    return runs
+    return [run for run in runs if only in run[0]]
 
 
-def measure(texts: list[str], budgets: list[int], rounds: int
-            ) -> Iterator[tuple[str, int, float, float, float]]:
+def measure(texts: list[str], budgets: list[int], rounds: int, by_length: bool = False,
+            only: str = "") -> Iterator[tuple[str, int, float, float, float]]:
     """(runtime, budget, sequences a batch, one-view ms, views ms) per runtime x budget, as
     each is measured: medians of the whole list of batches."""
     from bertrt import Model
@@ -98,6 +104,8 @@ def measure(texts: list[str], budgets: list[int], rounds: int
     enc = model.tokenizer(texts, padding=False, truncation=True, max_length=256)
     requests = [Request(np.asarray(i, np.int64), np.asarray(t, np.int64))
                 for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+    if by_length:
+        requests.sort(key=lambda r: r.length)
     with tempfile.TemporaryDirectory(prefix="bertrt-views-") as tmp:
         files = {}
         for flavour in ("ort", "standard"):
@@ -106,10 +114,10 @@ def measure(texts: list[str], budgets: list[int], rounds: int
                     files[flavour, n] = model.export_onnx(
                         Path(tmp) / f"{flavour}-{n}.onnx", flavour=flavour, packed=True,
                         head="none")
-        for label, make, flavour in backends():
+        for label, make, flavour in backends(only):
             pair = [make(files[flavour, 1]), make(files[flavour, ATTENTION_VIEWS])]
             for budget in budgets:
-                batches = arrival_batches(requests, budget)
+                batches = budget_batches(requests, budget)
 
                 def run(backend: object, batches: list = batches) -> Callable[[], np.ndarray]:
                     return lambda: np.concatenate([backend.run_sequences(b).pool(
@@ -134,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="60,120,300,600,1000",
                         help="real tokens a batch, comma-separated [60,120,300,600,1000]")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sorted", action="store_true",
+                        help="sort the texts by length before cutting batches (as "
+                             "InferenceEngine.embed does)")
+    parser.add_argument("--runtime", default="",
+                        help="only the runtimes whose label holds this, e.g. onnxruntime")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     from bertrt.lower.to_onnx import ATTENTION_VIEWS
 
     budgets = [int(b) for b in args.budgets.split(",")]
-    print(f"MiniLM-L6, {args.texts} real texts in arrival-order batches, median of "
+    order = "length-sorted" if args.sorted else "arrival-order"
+    print(f"MiniLM-L6, {args.texts} real texts in {order} batches, median of "
           f"{args.rounds} rounds; {ATTENTION_VIEWS} views against one:")
     bar = "|" if args.markdown else ""
     cells = ["runtime", "tokens a batch", "sequences a batch", "one view ms", "views ms",
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print("|" + "---|" * len(cells))
     for label, budget, size, one, grouped in measure(real_texts(args.texts), budgets,
-                                                     args.rounds):
+                                                     args.rounds, args.sorted, args.runtime):
         cells = [label, f"~{budget}", f"{size:.1f}", f"{one:.0f}", f"{grouped:.0f}",
                  f"{one / grouped:.3f}x"]
         print(f"{bar} {f' {bar} '.join(cells)} {bar}".strip(), flush=True)

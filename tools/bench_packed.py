@@ -120,15 +120,17 @@ def batch1_latency(systems: dict[str, object], rounds: int = 5, calls: int = 10,
                    warmup: int = 3) -> dict[str, list[float]]:
     """Seconds per call of each system, timed in blocks: per round, each system in turn
     (the order rotated every round) runs `warmup` calls and then `calls` timed ones, back to
-    back. Not call by call: ONNX Runtime's and OpenVINO's worker threads spin for a while
-    after a run, and with every system's threads in one process, the one that ran last
-    keeps cores the next one needs (interleaved call by call, whichever spins last looks
-    up to 3x faster than the same graph in another session)."""
+    back, after `SETTLE_S` of idling. Not call by call: ONNX Runtime's and OpenVINO's worker
+    threads spin for a while after a run, and with every system's threads in one process, the
+    one that ran last keeps cores the next one needs (interleaved call by call, whichever
+    spins last looks up to 3x faster than the same graph in another session; without the
+    settle, a block that follows OpenVINO's ran up to 1.7x slower)."""
     names = list(systems)
     lat: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             run = systems[name]
+            time.sleep(SETTLE_S)  # the previous block's pool threads go idle
             for _ in range(warmup):
                 run()
             for _ in range(calls):
