@@ -67,9 +67,8 @@ def budget_batches(requests: list, budget: int) -> list[list]:
     return [b for b in batches if len(b) > 1]
 
 
-def backends(only: str = "") -> list[tuple[str, Callable[[Path], object], str]]:
-    """(label, backend from a file, flavour) for each runtime x setting to time whose label
-    holds `only`."""
+def backends() -> list[tuple[str, Callable[[Path], object], str]]:
+    """(label, backend from a file, flavour) for each runtime x setting to time."""
     from bertrt.serve.backends import OrtBackend
 
     runs: list[tuple[str, Callable[[Path], object], str]] = [
@@ -81,7 +80,7 @@ def backends(only: str = "") -> list[tuple[str, Callable[[Path], object], str]]:
         import_openvino()
     except Exception as exc:  # not installed: say so and time the rest
         print(f"openvino: skipped ({exc})")
-        return [run for run in runs if only in run[0]]
+        return runs
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and not native_bf16():
             print("openvino bf16: skipped (this CPU has no native bf16)")
@@ -89,7 +88,7 @@ def backends(only: str = "") -> list[tuple[str, Callable[[Path], object], str]]:
         runs.append((f"openvino {precision}, 2 threads",
                      lambda f, p=precision: OpenVinoBackend(f, threads=2, precision=p),
                      "standard"))
-    return [run for run in runs if only in run[0]]
+    return runs
 
 
 def measure(texts: list[str], budgets: list[int], rounds: int, by_length: bool = False,
@@ -114,7 +113,9 @@ def measure(texts: list[str], budgets: list[int], rounds: int, by_length: bool =
                     files[flavour, n] = model.export_onnx(
                         Path(tmp) / f"{flavour}-{n}.onnx", flavour=flavour, packed=True,
                         head="none")
-        for label, make, flavour in backends(only):
+        for label, make, flavour in backends():
+            if only not in label:
+                continue
             pair = [make(files[flavour, 1]), make(files[flavour, ATTENTION_VIEWS])]
             for budget in budgets:
                 batches = budget_batches(requests, budget)

@@ -174,7 +174,7 @@ def within(slices: list[LoadPoint], p99_ms: float) -> bool:
     """Whether a rate kept its p99 within `p99_ms`: in more than half of its slices (the
     median slice's p99), and without an error in any. A stall of the shared machine (its
     other tenants) that lands in one slice of one configuration fails that slice alone; a
-    rate the server cannot keep up with fails them all. The same rule for every
+    rate the server cannot keep up with builds its queue in every slice. The same rule for every
     configuration; pooling the slices instead let one such stall sink a rate, and with it
     every higher step of that configuration's bisection."""
     passed = sum(p.percentile_ms(99) <= p99_ms for p in slices)
