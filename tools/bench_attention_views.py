@@ -105,17 +105,16 @@ def measure(texts: list[str], budgets: list[int], rounds: int, by_length: bool =
                 for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
     if by_length:
         requests.sort(key=lambda r: r.length)
+    runtimes = [run for run in backends() if only in run[0]]
     with tempfile.TemporaryDirectory(prefix="bertrt-views-") as tmp:
         files = {}
-        for flavour in ("ort", "standard"):
+        for flavour in dict.fromkeys(run[2] for run in runtimes):  # the flavours they run
             for n in (1, ATTENTION_VIEWS):
                 with views(n):
                     files[flavour, n] = model.export_onnx(
                         Path(tmp) / f"{flavour}-{n}.onnx", flavour=flavour, packed=True,
                         head="none")
-        for label, make, flavour in backends():
-            if only not in label:
-                continue
+        for label, make, flavour in runtimes:
             pair = [make(files[flavour, 1]), make(files[flavour, ATTENTION_VIEWS])]
             for budget in budgets:
                 batches = budget_batches(requests, budget)

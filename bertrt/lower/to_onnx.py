@@ -512,17 +512,16 @@ def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
     cu = ctx.value(cu_value)
     key = ("packed", cu)
     if key not in ctx.memo:
-        i64 = lambda *values: _i64(ctx, *values)  # noqa: E731
         cu64 = ctx.cast(cu, _INT64)
-        starts = ctx.node("Slice", [cu64, i64(0), i64(-1)])
-        ends = ctx.node("Slice", [cu64, i64(1), ctx.dim(cu64, 0, vector=True)])
+        starts = ctx.node("Slice", [cu64, _i64(ctx, 0), _i64(ctx, -1)])
+        ends = ctx.node("Slice", [cu64, _i64(ctx, 1), ctx.dim(cu64, 0, vector=True)])
         total = ctx.node("Gather", [cu64, ctx.const(-1, _INT64)], axis=0)
         t = ctx.node("Range", [ctx.const(0, _INT64), total, ctx.const(1, _INT64)])
         # seq[t] = how many sequence ends are <= t: (T, 1) >= (1, B) summed over B
-        after = ctx.node("GreaterOrEqual", [ctx.node("Unsqueeze", [t, i64(1)]),
-                                            ctx.node("Unsqueeze", [ends, i64(0)])],
+        after = ctx.node("GreaterOrEqual", [ctx.node("Unsqueeze", [t, _i64(ctx, 1)]),
+                                            ctx.node("Unsqueeze", [ends, _i64(ctx, 0)])],
                          dtype=TensorProto.BOOL)
-        seq = ctx.node("ReduceSum", [ctx.cast(after, _INT64), i64(1)], keepdims=0)
+        seq = ctx.node("ReduceSum", [ctx.cast(after, _INT64), _i64(ctx, 1)], keepdims=0)
         pos = ctx.node("Sub", [t, ctx.node("Gather", [starts, seq], axis=0)])
         lengths = ctx.node("Sub", [ends, starts])
         longest = ctx.node("ReduceMax", [lengths], keepdims=1)  # (1,)
@@ -542,7 +541,7 @@ def _packed_index(ctx: Emitter, cu_value: Value) -> dict[str, Any]:
             else:
                 member = ctx.node("Reshape", [
                     ctx.node("NonZero", [ctx.node("Equal", [view, ctx.const(v, _INT64)],
-                                                  dtype=TensorProto.BOOL)]), i64(-1)])
+                                                  dtype=TensorProto.BOOL)]), _i64(ctx, -1)])
             one, size, width = _packed_view(ctx, starts, lengths, member)
             views.append(one)
             # the first row of each member's sequence: the view's offset + its rank x Sv
@@ -568,20 +567,19 @@ def _packed_view(ctx: Emitter, starts: str, lengths: str, member: str
     """One attention view of the sequences `member` (Bv,) of a packed batch: its `src`, `bias`
     and `shape` (see `_packed_index`), and Bv and Sv as (1,) vectors. Sv is the members'
     longest, at least 1: an empty view is (0, 1), whose ops all have defined shapes."""
-    i64 = lambda *values: _i64(ctx, *values)  # noqa: E731
     own = ctx.node("Gather", [lengths, member], axis=0)  # (Bv,)
-    width = ctx.node("ReduceMax", [ctx.node("Concat", [i64(1), own], axis=0)], keepdims=1)
+    width = ctx.node("ReduceMax", [ctx.node("Concat", [_i64(ctx, 1), own], axis=0)], keepdims=1)
     size = ctx.dim(member, 0, vector=True)
     s = ctx.node("Unsqueeze", [ctx.node("Range", [
-        ctx.const(0, _INT64), ctx.node("Squeeze", [width, i64(0)]), ctx.const(1, _INT64)]),
-        i64(0)])  # (1, Sv)
-    valid = ctx.node("Less", [s, ctx.node("Unsqueeze", [own, i64(1)])],
+        ctx.const(0, _INT64), ctx.node("Squeeze", [width, _i64(ctx, 0)]), ctx.const(1, _INT64)]),
+        _i64(ctx, 0)])  # (1, Sv)
+    valid = ctx.node("Less", [s, ctx.node("Unsqueeze", [own, _i64(ctx, 1)])],
                      dtype=TensorProto.BOOL)  # (Bv, Sv)
     first = ctx.node("Gather", [starts, member], axis=0)
-    index = ctx.node("Add", [ctx.node("Unsqueeze", [first, i64(1)]), s])
+    index = ctx.node("Add", [ctx.node("Unsqueeze", [first, _i64(ctx, 1)]), s])
     src = ctx.node("Reshape", [ctx.node("Where", [valid, index, ctx.const(0, _INT64)]),
-                               i64(-1)])
-    keep = ctx.node("Unsqueeze", [ctx.cast(valid, _FLOAT), i64(1, 2)])
+                               _i64(ctx, -1)])
+    keep = ctx.node("Unsqueeze", [ctx.cast(valid, _FLOAT), _i64(ctx, 1, 2)])
     bias = ctx.node("Mul", [ctx.node("Sub", [ctx.const(1.0, _FLOAT), keep]),
                             ctx.const(_FLOAT32_MIN, _FLOAT)])
     return (dict(src=src, bias=bias, shape=ctx.node("Concat", [size, width], axis=0)),
