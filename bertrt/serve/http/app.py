@@ -48,6 +48,9 @@ INLINE_TOKENIZE_CHARS = 2048
 #: server let go cold (and the wide backend, left to lone requests, keeps its threads warm).
 INLINE_AFTER_MS = 5.0
 
+#: Seconds between the metrics' flushes (`ServerMetrics.flush`; a scrape flushes too).
+METRICS_FLUSH_S = 1.0
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -192,11 +195,22 @@ class Server:
                                narrow=self.service.run_narrow if streamed else None,
                                streams=self.service.engine.streams,
                                inline_after_ms=INLINE_AFTER_MS if streamed else None)
+        batcher = self.batcher
+        self.metrics.watch(in_flight=lambda: self.in_flight, queued=lambda: batcher.queued)
+        flusher = asyncio.create_task(self._flush_metrics())
         try:
             yield
         finally:  # the server has answered every request it accepted by now
+            flusher.cancel()
             self.batcher.close()
             self._pool.shutdown(wait=True)
+            self.metrics.flush()
+
+    async def _flush_metrics(self) -> None:
+        """Apply the metrics' recorded updates every `METRICS_FLUSH_S`, between requests."""
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_S)
+            self.metrics.flush()
 
     # ------------------------------------------------------------------ plumbing
     def _endpoint(self, route: str, handler: Handler, admit: bool = True) -> Handler:
@@ -212,7 +226,6 @@ class Server:
                                         f"{self.options.max_concurrent}); retry later")
                     self.in_flight += 1
                     admitted = True
-                    self.metrics.in_flight.inc()
                 response = await handler(request)
             except HttpError as exc:
                 response = error_response(exc)
@@ -225,8 +238,7 @@ class Server:
             finally:
                 if admitted:
                     self.in_flight -= 1
-                    self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            self.metrics.request(route, response.status_code)
             return response
 
         return endpoint
@@ -238,7 +250,7 @@ class Server:
                               "method not allowed")
         else:
             error = HttpError("not_found", f"{request.url.path}: no such route (see GET /info)")
-        self.metrics.requests.labels("other", str(error.status)).inc()
+        self.metrics.request("other", error.status)
         return error_response(error)
 
     async def _body(self, request: Request) -> dict[str, Any]:
@@ -280,8 +292,7 @@ class Server:
         else:
             encoded = await self._in_worker(self.service.encode, texts, pairs,
                                             truncate=truncate, offsets=offsets)
-        self.metrics.input_tokens.inc(encoded.tokens)
-        self.metrics.truncated.inc(encoded.truncated)
+        self.metrics.tokenized(encoded.tokens, encoded.truncated)
         return encoded, time.perf_counter() - start
 
     async def _infer(self, request: Request, encoded: Encoded, read: Reader) -> Job:

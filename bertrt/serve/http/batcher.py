@@ -190,8 +190,8 @@ class Batcher:
             sequence with nothing running goes on `run` (every core: a light load's latency),
             and the others wait until it ends, so the cores are never oversubscribed.
         metrics: A `metrics.ServerMetrics` to tell each batch (sequences, tokens, positions,
-            seconds), the budget, the queue's size and the sequences dropped; None: nothing
-            is told.
+            seconds), the budget, and the sequences dropped; None: nothing is told (it reads
+            the queue's size from `queued`).
         inline_after_ms: Let `run_here` run a request on the caller's thread once the engine
             has been idle this long (None: never; every request queues).
     """
@@ -242,7 +242,6 @@ class Batcher:
             if self._closed:
                 raise HttpError("unavailable", "the server is shutting down")
             self._queue.extend(_Entry(job, i) for i in range(len(job.requests)))
-            self._queue_changed()
             self._cv.notify()
 
     def run_here(self, job: Job) -> bool:
@@ -311,17 +310,13 @@ class Batcher:
         self._finisher.shutdown(wait=True)
 
     # ------------------------------------------------------------------ engine thread
-    def _queue_changed(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_size.set(len(self._queue))
-
     def _purge(self) -> None:
         """Remove the sequences of cancelled jobs (under the lock)."""
         if not self._cancelled:
             return
         kept = deque(e for e in self._queue if not e.job.cancelled)
         if self._metrics is not None:
-            self._metrics.dropped.inc(len(self._queue) - len(kept))
+            self._metrics.dropped_sequences(len(self._queue) - len(kept))
         self._queue, self._cancelled = kept, 0
 
     def _cut(self, budget: int, extra: tuple[int, ...] = ()) -> int:
@@ -362,7 +357,6 @@ class Batcher:
                 batch = [self._queue.popleft() for _ in range(size)]
                 self._running += 1
                 self._wide = wide and self._narrow is not None
-                self._queue_changed()
                 if self._queue:
                     self._cv.notify()  # an idle stream takes the rest
                 return batch, wide
@@ -409,10 +403,11 @@ class Batcher:
             self._idle_since = started + seconds
             inline = here or (not self._queue and not self._finishing)
             self._finishing += not inline
-            if wide:  # every stream may start again
-                self._cv.notify_all()
-            else:
-                self._cv.notify()
+            if self._queue:  # (an idle engine thread waits for work: nothing to wake it for)
+                if wide:  # every stream may start again
+                    self._cv.notify_all()
+                else:
+                    self._cv.notify()
         if self._metrics is not None:
             self._metrics.observe_batch(
                 len(batch), sum(lengths), positions, seconds,
