@@ -13,7 +13,7 @@ metrics and per-stage timing headers. `loadgen` drives a live server for
     >>> serve(engine, ServeOptions(port=8080, max_wait_ms=2))   # until SIGTERM
     >>> app = create_app(engine)                                # or any ASGI server
 
-Needs the `serve` extra (starlette, uvicorn, httpx, prometheus-client).
+Needs the `serve` extra (uvicorn, httpx, orjson, prometheus-client).
 """
 
 from __future__ import annotations

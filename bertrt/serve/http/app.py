@@ -6,6 +6,11 @@
 Every refusal is an `HttpError`: a 4xx with `{"error": ..., "error_type": ...}`; a bug gives
 the same shape with 500 and its traceback in the log. A request whose client goes away while
 it waits is cancelled: its sequences still queued are not computed.
+
+`Server` is the ASGI app itself, on the protocol directly: eight fixed routes, a JSON body in
+and out, and a lifespan need no framework, and each layer a request passes on its way costs
+it after the model run, when the core's caches are cold (a Starlette route in front of the
+same handlers: ~0.1 ms more a light-load request, `tools/bench_http_floor.py`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from bertrt.serve.engine import InferenceEngine
 from bertrt.serve.http.batcher import Batcher, Job, Reader
@@ -51,23 +51,89 @@ INLINE_AFTER_MS = 5.0
 #: Seconds between the metrics' flushes (`ServerMetrics.flush`; a scrape flushes too).
 METRICS_FLUSH_S = 1.0
 
-Handler = Callable[[Request], Awaitable[Response]]
+#: ASGI's receive and send.
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class ClientGone(Exception):
     """The client disconnected while its request waited."""
 
 
-class FastJSONResponse(JSONResponse):
-    """JSON by orjson: numpy arrays written directly (float32 as the shortest text that
-    reads back to the same float32), several times faster than `json` on embeddings."""
+class HttpRequest:
+    """An HTTP request as the routes read it: its method, path, headers and body."""
 
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    __slots__ = ("method", "path", "headers", "receive")
+
+    def __init__(self, scope: dict[str, Any], receive: Receive) -> None:
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        #: (lower-case name, value) pairs as the server received them.
+        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self.receive = receive
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header `name` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    async def body(self, limit: int, too_large: HttpError) -> bytes:
+        """The whole body, raising `too_large` once it passes `limit` bytes (or declares it).
+
+        Raises:
+            ClientGone: the client disconnected before it sent the whole body.
+        """
+        declared = self.header(b"content-length") or ""
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
-def error_response(error: HttpError) -> JSONResponse:
-    return FastJSONResponse(error.body(), status_code=error.status)
+class Reply:
+    """A response: status, body and headers (besides its content type and length)."""
+
+    __slots__ = ("status", "body", "headers", "content_type")
+
+    def __init__(self, body: bytes, status: int = 200,
+                 headers: list[tuple[bytes, bytes]] | None = None,
+                 content_type: bytes = b"application/json") -> None:
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers = headers or []
+
+    async def send(self, send: Send, head: bool = False) -> None:
+        """Send it; `head`: the headers only (a HEAD request)."""
+        headers = [(b"content-type", self.content_type),
+                   (b"content-length", str(len(self.body)).encode("latin-1")), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
+
+
+def json_reply(content: Any, status: int = 200,
+               headers: list[tuple[bytes, bytes]] | None = None) -> Reply:
+    """`content` as JSON by orjson: numpy arrays written directly (float32 as the shortest
+    text that reads back to the same float32), several times faster than `json` on
+    embeddings."""
+    return Reply(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, headers)
+
+
+def error_response(error: HttpError) -> Reply:
+    return json_reply(error.body(), error.status)
+
+
+Handler = Callable[[HttpRequest], Awaitable[Reply]]
 
 
 def _json_type(value: Any) -> str:
@@ -140,7 +206,7 @@ def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-async def _wait_gone(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def _wait_gone(receive: Receive) -> None:
     """Return when the client disconnects (the body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -152,7 +218,7 @@ def _resolve(future: asyncio.Future[Job], job: Job) -> None:
 
 
 class Server:
-    """The app's state: the model, the batcher, the limits, the metrics.
+    """The ASGI app serving one model: its routes, the batcher, the limits, the metrics.
 
     Args:
         engine: The engine to serve (the caller closes it).
@@ -167,23 +233,61 @@ class Server:
         self.batcher: Batcher | None = None
         self.in_flight = 0
         self._pool: ThreadPoolExecutor | None = None
-        routes = [
-            Route("/embed", self._endpoint("/embed", self.embed), methods=["POST"]),
-            Route("/v1/embeddings", self._endpoint("/v1/embeddings", self.openai_embeddings),
-                  methods=["POST"]),
-            Route("/predict", self._endpoint("/predict", self.predict), methods=["POST"]),
-            Route("/tag", self._endpoint("/tag", self.tag), methods=["POST"]),
-            Route("/tokenize", self._endpoint("/tokenize", self.tokenize), methods=["POST"]),
-            Route("/health", self._endpoint("/health", self.health, admit=False)),
-            Route("/info", self._endpoint("/info", self.info, admit=False)),
-            Route("/metrics", self._endpoint("/metrics", self.metrics_route, admit=False)),
-        ]
-        self.app = Starlette(routes=routes, lifespan=self._lifespan,
-                             exception_handlers={HTTPException: self._http_exception})
+        #: path -> (methods, endpoint)
+        self.routes: dict[str, tuple[tuple[str, ...], Handler]] = {
+            path: (("POST",), self._endpoint(path, handler)) for path, handler in [
+                ("/embed", self.embed), ("/v1/embeddings", self.openai_embeddings),
+                ("/predict", self.predict), ("/tag", self.tag), ("/tokenize", self.tokenize)]}
+        self.routes.update({
+            path: (("GET", "HEAD"), self._endpoint(path, handler, admit=False))
+            for path, handler in [("/health", self.health), ("/info", self.info),
+                                  ("/metrics", self.metrics_route)]})
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """ASGI: the lifespan, and HTTP requests by path and method."""
+        if scope["type"] == "lifespan":
+            await self._lifespan_protocol(receive, send)
+            return
+        if scope["type"] != "http":  # a websocket: refused
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        request = HttpRequest(scope, receive)
+        route = self.routes.get(request.path)
+        if route is None:
+            reply = self._refuse(HttpError("not_found", f"{request.path}: no such route (see "
+                                                        "GET /info)"))
+        elif request.method not in route[0]:
+            reply = self._refuse(HttpError("method_not_allowed", f"{request.method} "
+                                           f"{request.path}: method not allowed"))
+            reply.headers.append((b"allow", ", ".join(route[0]).encode("latin-1")))
+        else:
+            reply = await route[1](request)
+        await reply.send(send, head=request.method == "HEAD")
+
+    def _refuse(self, error: HttpError) -> Reply:
+        self.metrics.request("other", error.status)
+        return error_response(error)
 
     # ------------------------------------------------------------------ life
+    async def _lifespan_protocol(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except Exception as exc:
+            log.exception("the server's %s failed", "shutdown" if started else "startup")
+            await send({"type": f"lifespan.{'shutdown' if started else 'startup'}.failed",
+                        "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self) -> AsyncIterator[None]:
+        """The engine's threads and the tokenization workers, running while it is open
+        (`__call__` opens it for an ASGI server's lifespan)."""
         self._pool = ThreadPoolExecutor(self.options.tokenization_workers,
                                         thread_name_prefix="bertrt-tokenize")
         streamed = self.service.engine.streams > 1
@@ -216,7 +320,7 @@ class Server:
     def _endpoint(self, route: str, handler: Handler, admit: bool = True) -> Handler:
         """`handler` with admission (429 past --max-concurrent), errors as JSON, metrics."""
 
-        async def endpoint(request: Request) -> Response:
+        async def endpoint(request: HttpRequest) -> Reply:
             admitted = False
             try:
                 if admit:
@@ -230,7 +334,7 @@ class Server:
             except HttpError as exc:
                 response = error_response(exc)
             except ClientGone:
-                response = Response(status_code=CLIENT_GONE)
+                response = Reply(b"", CLIENT_GONE)
             except Exception as exc:  # a bug: answer in the same shape, keep the trace
                 log.exception("%s failed", route)
                 response = error_response(HttpError(
@@ -238,37 +342,19 @@ class Server:
             finally:
                 if admitted:
                     self.in_flight -= 1
-            self.metrics.request(route, response.status_code)
+            self.metrics.request(route, response.status)
             return response
 
         return endpoint
 
-    async def _http_exception(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            error = HttpError("method_not_allowed", f"{request.method} {request.url.path}: "
-                              "method not allowed")
-        else:
-            error = HttpError("not_found", f"{request.url.path}: no such route (see GET /info)")
-        self.metrics.request("other", error.status)
-        return error_response(error)
-
-    async def _body(self, request: Request) -> dict[str, Any]:
+    async def _body(self, request: HttpRequest) -> dict[str, Any]:
         """The JSON object of the body, read up to --payload-limit bytes."""
         limit = self.options.payload_limit
-        too_large = HttpError("payload_too_large", f"the body is over this server's limit of "
-                              f"{limit} bytes (--payload-limit)")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        raw = await request.body(limit, HttpError(
+            "payload_too_large", f"the body is over this server's limit of {limit} bytes "
+            "(--payload-limit)"))
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:  # invalid UTF-8 too
             raise HttpError("invalid_json", f"the body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
@@ -295,7 +381,7 @@ class Server:
         self.metrics.tokenized(encoded.tokens, encoded.truncated)
         return encoded, time.perf_counter() - start
 
-    async def _infer(self, request: Request, encoded: Encoded, read: Reader) -> Job:
+    async def _infer(self, request: HttpRequest, encoded: Encoded, read: Reader) -> Job:
         """Queue the request's sequences and wait for them (or for the client to leave)."""
         if self.batcher is None or not self.batcher.alive:
             raise HttpError("unavailable", "the engine is not running")
@@ -329,7 +415,7 @@ class Server:
         return job
 
     def _respond(self, content: Any, start: float, tokenize_s: float, job: Job | None,
-                 tokens: int, characters: int) -> FastJSONResponse:
+                 tokens: int, characters: int) -> Reply:
         """The result, with per-stage times (milliseconds) and counts in the headers."""
         queue_s = job.queue_s if job else 0.0
         inference_s = job.inference_s if job else 0.0
@@ -337,18 +423,18 @@ class Server:
         if job is not None:
             self.metrics.observe_stages(queue=queue_s, inference=inference_s)
         self.metrics.observe_stages(tokenize=tokenize_s, total=total_s)
-        headers = {"x-compute-type": self.service.engine.backend_name,
-                   "x-compute-tokens": str(tokens),
-                   "x-compute-characters": str(characters),
-                   "x-tokenization-time": f"{tokenize_s * 1e3:.3f}",
-                   "x-queue-time": f"{queue_s * 1e3:.3f}",
-                   "x-inference-time": f"{inference_s * 1e3:.3f}",
-                   "x-total-time": f"{total_s * 1e3:.3f}",
-                   "x-batches": str(job.batches if job else 0)}
-        return FastJSONResponse(content, headers=headers)
+        headers = [(b"x-compute-type", self.service.engine.backend_name.encode("latin-1")),
+                   (b"x-compute-tokens", b"%d" % tokens),
+                   (b"x-compute-characters", b"%d" % characters),
+                   (b"x-tokenization-time", b"%.3f" % (tokenize_s * 1e3)),
+                   (b"x-queue-time", b"%.3f" % (queue_s * 1e3)),
+                   (b"x-inference-time", b"%.3f" % (inference_s * 1e3)),
+                   (b"x-total-time", b"%.3f" % (total_s * 1e3)),
+                   (b"x-batches", b"%d" % (job.batches if job else 0))]
+        return json_reply(content, headers=headers)
 
     # ------------------------------------------------------------------ routes
-    async def embed(self, request: Request) -> Response:
+    async def embed(self, request: HttpRequest) -> Reply:
         """TEI's /embed: `inputs` (str | [str]), `normalize` (default true), `truncate`
         -> [[float]]."""
         start = time.perf_counter()
@@ -362,7 +448,7 @@ class Server:
         return self._respond(vectors, start, tokenize_s, job, encoded.tokens,
                              sum(map(len, texts)))
 
-    async def openai_embeddings(self, request: Request) -> Response:
+    async def openai_embeddings(self, request: HttpRequest) -> Reply:
         """OpenAI's embeddings: `input` (str | [str]), `model`, `encoding_format`
         (float | base64) -> {"object": "list", "data": [...], "model", "usage"}."""
         start = time.perf_counter()
@@ -396,7 +482,7 @@ class Server:
         return self._respond(content, start, tokenize_s, job, encoded.tokens,
                              sum(map(len, texts)))
 
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, request: HttpRequest) -> Reply:
         """TEI's /predict: a text, a pair, or a batch of either; `raw_scores`, `truncate` ->
         every label's {label, score}, best first (a batch: one such list per input)."""
         start = time.perf_counter()
@@ -411,7 +497,7 @@ class Server:
         return self._respond(scores[0] if single else scores, start, tokenize_s, job,
                              encoded.tokens, characters)
 
-    async def tag(self, request: Request) -> Response:
+    async def tag(self, request: HttpRequest) -> Reply:
         """/tag: `inputs` (str | [str]), `truncate` -> per text its entities {entity,
         start, end, text, score} with character offsets (a string: one list)."""
         start = time.perf_counter()
@@ -424,7 +510,7 @@ class Server:
         return self._respond(found[0] if single else found, start, tokenize_s, job, encoded.tokens,
                              sum(map(len, texts)))
 
-    async def tokenize(self, request: Request) -> Response:
+    async def tokenize(self, request: HttpRequest) -> Reply:
         """TEI's /tokenize: `inputs` (str | [str]), `add_special_tokens` (default true) ->
         per text [{id, text, special, start, stop}]."""
         start = time.perf_counter()
@@ -436,12 +522,12 @@ class Server:
         return self._respond(tokens, start, tokenize_s, None, sum(map(len, tokens)),
                              sum(map(len, texts)))
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, request: HttpRequest) -> Reply:
         if self.batcher is None or not self.batcher.alive:
             raise HttpError("unavailable", "the engine is not running")
-        return FastJSONResponse({"status": "ok"})
+        return json_reply({"status": "ok"})
 
-    async def info(self, request: Request) -> Response:
+    async def info(self, request: HttpRequest) -> Reply:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -458,16 +544,16 @@ class Server:
                   "payload_limit": self.options.payload_limit,
                   "auto_truncate": self.options.auto_truncate,
                   "tokenization_workers": self.options.tokenization_workers}
-        return FastJSONResponse({**self.service.info(), **limits, "version": bertrt_version})
+        return json_reply({**self.service.info(), **limits, "version": bertrt_version})
 
-    async def metrics_route(self, request: Request) -> Response:
-        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+    async def metrics_route(self, request: HttpRequest) -> Reply:
+        return Reply(self.metrics.exposition(), content_type=CONTENT_TYPE.encode("latin-1"))
 
 
-def create_app(engine: InferenceEngine, options: ServeOptions | None = None) -> Starlette:
+def create_app(engine: InferenceEngine, options: ServeOptions | None = None) -> Server:
     """The ASGI app serving `engine` (its batcher starts and stops with the app's lifespan).
 
     >>> app = create_app(InferenceEngine("model-dir", threads=2))
     >>> # uvicorn.run(app, host="127.0.0.1", port=8080), or bertrt.serve.http.serve(...)
     """
-    return Server(engine, options).app
+    return Server(engine, options)

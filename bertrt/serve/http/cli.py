@@ -20,7 +20,7 @@ from bertrt.serve.outputs import POOLINGS
 
 def _missing_extra() -> BertrtError:
     return BertrtError("bertrt serve needs the serve extra: pip install 'bertrt[serve]' "
-                       "(starlette, uvicorn, httpx, prometheus-client)")
+                       "(uvicorn, httpx, orjson, prometheus-client)")
 
 
 @click.command()
@@ -88,8 +88,8 @@ def serve(model: str, host: str, port: int, backend: str, precision: str,
     thread. SIGTERM stops accepting, answers every accepted request, and exits 0.
     """
     try:
+        import orjson  # noqa: F401
         import prometheus_client  # noqa: F401
-        import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise _missing_extra() from None

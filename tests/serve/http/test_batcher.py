@@ -298,11 +298,11 @@ def test_a_client_that_goes_away_while_queued_is_not_computed(encoder):
     server.service.run = held
 
     async def scenario() -> tuple[list[dict], list[dict]]:
-        async with server.app.router.lifespan_context(server.app):
+        async with server.lifespan():
             leave = asyncio.Event()
-            first = asyncio.create_task(asgi_post(server.app, {"inputs": ["dog"]}))
+            first = asyncio.create_task(asgi_post(server, {"inputs": ["dog"]}))
             await asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)
-            second = asyncio.create_task(asgi_post(server.app, {"inputs": ["the cat", "sat"]},
+            second = asyncio.create_task(asgi_post(server, {"inputs": ["the cat", "sat"]},
                                                    leave))
             while server.batcher.queued < 2:  # tokenized and queued
                 await asyncio.sleep(0.01)
@@ -496,11 +496,11 @@ def test_a_burst_on_an_idle_streamed_server_runs_one_request_inline_and_batches_
         loop_thread = threading.current_thread().name
 
         async def scenario() -> tuple[list[list[dict]], list[dict]]:
-            async with server.app.router.lifespan_context(server.app):
-                burst = await asyncio.gather(*(asgi_post(server.app, {"inputs": text})
+            async with server.lifespan():
+                burst = await asyncio.gather(*(asgi_post(server, {"inputs": text})
                                                for text in texts))
                 await asyncio.sleep(0.3)  # idle again
-                return burst, await asgi_post(server.app, {"inputs": texts[0]})
+                return burst, await asgi_post(server, {"inputs": texts[0]})
 
         burst, later = asyncio.run(scenario())
         expected = engine.embed(texts, normalize=True)

@@ -118,6 +118,15 @@ def test_unknown_routes_and_methods_are_json_too(client):
     _check_error(client.get("/nowhere"), 404, "not_found", ["/nowhere", "/info"])
     _check_error(client.get("/embed"), 405, "method_not_allowed", ["GET /embed"])
     _check_error(client.post("/health"), 405, "method_not_allowed", ["POST /health"])
+    assert client.get("/embed").headers["allow"] == "POST"
+    assert client.post("/info").headers["allow"] == "GET, HEAD"
+
+
+def test_head_asks_for_the_headers_of_a_get_route(client):
+    got, head = client.get("/health"), client.head("/health")
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
 
 
 def test_an_engine_failure_is_a_500_of_the_same_shape_and_the_server_goes_on(encoder,
@@ -137,7 +146,7 @@ def test_an_engine_failure_is_a_500_of_the_same_shape_and_the_server_goes_on(enc
         return run(requests)
 
     server.service.run = flaky
-    with TestClient(server.app, raise_server_exceptions=False) as client:
+    with TestClient(server, raise_server_exceptions=False) as client:
         failed = client.post("/embed", json={"inputs": ["dog"]})
         after = client.post("/embed", json={"inputs": ["dog"]})
     _check_error(failed, 500, "internal", ["/embed", "RuntimeError", "fell over"])
