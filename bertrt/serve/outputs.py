@@ -103,7 +103,10 @@ class PaddedOutputs(SequenceOutputs):
         if (self.lengths == values.shape[1]).all():  # no padding (a single query): no mask
             if mode == "max":
                 return values.max(axis=1).astype(np.float32)
-            return values.mean(axis=1, dtype=np.float64).astype(np.float32)
+            # the mean as one reduction and a division (`ndarray.mean` takes ~2x as long
+            # right after a model run, through its Python-level wrapper)
+            total = np.add.reduce(values, axis=1, dtype=np.float64)
+            return (total / values.shape[1]).astype(np.float32)
         mask = length_mask(self.lengths, values.shape[1])[..., None]
         if mode == "max":
             return np.where(mask, values, -np.inf).max(axis=1).astype(np.float32)
