@@ -7,7 +7,8 @@ Each exchange goes over one kept-alive connection from serve-bench's load client
 - `uvicorn, bare ASGI app`: a few lines of ASGI on uvicorn as `bertrt serve` runs it (uvloop,
   httptools, no access log) answer an /embed-shaped request: the JSON body read and parsed,
   a prepared 384-float vector written as JSON with `bertrt serve`'s eight timing headers;
-- `uvicorn + Starlette`: the same through a Starlette route (its Request and Response);
+- `uvicorn + Starlette`: the same through a Starlette route (its Request and Response;
+  starlette comes with the `test` extra);
 - `bertrt serve GET /health`: the server's own route with no body and no model;
 - `bertrt serve POST /embed, outside the handler`: MiniLM's /embed on real text, its latency
   less the server's `x-total-time` (the handler, model run included): what the request
