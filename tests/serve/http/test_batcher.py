@@ -365,6 +365,15 @@ def test_one_stream_without_a_narrow_run_keeps_one_batch_at_a_time():
     assert sorted(x for b in engine.batches for x in b) == [0, 10, 20, 30, 40]
 
 
+@pytest.fixture
+def any_load(monkeypatch):
+    """Every load counts as light: a lone sequence may run on every core however fast the
+    test sends (`test_a_lone_sequence_runs_on_every_core_at_a_light_load_...` tests the rule)."""
+    from bertrt.serve.http import batcher
+
+    monkeypatch.setattr(batcher, "LIGHT_GAP_S", 0.0)
+
+
 class Recorder:
     """A packed run (each token's hidden state is its id) that records, per batch, the
     thread it ran on and its sequences' first ids; fails while `fail` is set."""
@@ -382,7 +391,7 @@ class Recorder:
         return PackedOutputs({"last_hidden_state": ids}, {}, cu)
 
 
-def test_run_here_runs_a_request_on_the_callers_thread_only_on_an_idle_engine():
+def test_run_here_runs_a_request_on_the_callers_thread_only_on_an_idle_engine(any_load):
     wide, narrow = Recorder(), Recorder()
     batcher = Batcher(wide, packed=True, max_batch_tokens=10, narrow=narrow, streams=2,
                       inline_after_ms=100)
@@ -423,7 +432,7 @@ def test_run_here_runs_a_request_on_the_callers_thread_only_on_an_idle_engine():
     off.close()
 
 
-def test_a_request_queued_during_an_inline_run_runs_after_it_and_inline_runs_go_on():
+def test_a_request_queued_during_an_inline_run_runs_after_it_and_inline_runs_go_on(any_load):
     """A sequence queued (from another thread) while `run_here` runs waits for it, runs on
     an engine thread, and leaves the batcher as it was: once idle, the next request runs
     inline again."""
@@ -513,3 +522,32 @@ def test_a_burst_on_an_idle_streamed_server_runs_one_request_inline_and_batches_
     assert threads[-1] == (loop_thread, 1)
     assert all(name.startswith("bertrt-engine-") for name, _ in threads[1:-1]), threads
     assert sum(n for _, n in threads) == len(texts) + 1
+
+
+def test_a_lone_sequence_runs_on_every_core_at_a_light_load_and_on_one_under_load():
+    from bertrt.serve.http.batcher import LIGHT_GAP_S
+
+    wide, narrow = Recorder(), Recorder()
+    batcher = Batcher(wide, packed=True, max_batch_tokens=100, narrow=narrow, streams=2)
+
+    def lone(first: int) -> str:
+        """Where a lone request, sent when nothing runs, ran."""
+        before = len(wide.batches)
+        [job] = run_jobs(batcher, [[request(3, first)]])
+        assert job.results == [pytest.approx(first + 1)]
+        return "wide" if len(wide.batches) > before else "narrow"
+
+    slow = 2 * LIGHT_GAP_S
+    ran = []
+    for i in range(6):  # arrivals twice the light gap apart
+        time.sleep(slow)
+        ran.append(lone(10 * i))
+    assert ran == ["wide"] * 6
+    ran = [lone(100 + 10 * i) for i in range(16)]  # back to back: the mean gap falls
+    assert ran[0] == "wide" and ran[-3:] == ["narrow"] * 3, ran
+    ran = []
+    for i in range(12):  # slow again: the mean gap rises past the light gap
+        time.sleep(4 * LIGHT_GAP_S)
+        ran.append(lone(300 + 10 * i))
+    assert ran[-4:] == ["wide"] * 4, ran
+    batcher.close()
