@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -167,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import orjson
     from bench_packed import real_texts
+    from bench_serve import cpu_name
     from bench_torch import minilm_dir
 
     from bertrt.serve.http.client import LoadClient
@@ -179,35 +179,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = ServerProcess(str(minilm_dir()), ["--threads", "2", "--auto-truncate"])
         prepare = LoadClient("http://127.0.0.1:1")  # request bytes only; never connects
-        embed_body = prepare.post_bytes("/embed", BODY)
-        rows = [("uvicorn, bare ASGI app: POST /embed", bares[0].url, None, False),
-                ("uvicorn + Starlette: POST /embed", bares[1].url, None, False),
-                ("bertrt serve: GET /health", server.url, prepare.get_bytes("/health"), False),
-                ("bertrt serve: POST /embed (MiniLM), outside the handler", server.url,
-                 "texts", True)]
+        embed, health = prepare.post_bytes("/embed", BODY), prepare.get_bytes("/health")
+
+        def real(chunk: list[str]) -> list[bytes]:
+            return [prepare.post_bytes("/embed", orjson.dumps({"inputs": t})) for t in chunk]
+
+        # (label, url, the requests of a slice's texts, less the server's total)
+        rows = [("uvicorn, bare ASGI app: POST /embed", bares[0].url,
+                 lambda chunk: [embed] * len(chunk), False),
+                ("uvicorn + Starlette: POST /embed", bares[1].url,
+                 lambda chunk: [embed] * len(chunk), False),
+                ("bertrt serve: GET /health", server.url,
+                 lambda chunk: [health] * len(chunk), False),
+                ("bertrt serve: POST /embed (MiniLM), outside the handler", server.url, real,
+                 True)]
         times: dict[tuple[int, bool], list[float]] = {}
         for piece in range(args.slices):
             chunk = texts[piece * per_slice:(piece + 1) * per_slice]
+            sent = [requests(chunk) for _, _, requests, _ in rows]
             for light in (True, False):
-                for i, (_, url, request, outside) in enumerate(rows):
-                    if request == "texts":
-                        sent = [prepare.post_bytes("/embed", orjson.dumps({"inputs": t}))
-                                for t in chunk]
-                    else:
-                        sent = [request or embed_body] * per_slice
+                for i, (_, url, _, outside) in enumerate(rows):
                     times.setdefault((i, light), []).extend(exchange(
-                        url, sent, args.rate if light else None, seed=piece, outside=outside))
+                        url, sent[i], args.rate if light else None, seed=piece,
+                        outside=outside))
     finally:
         for bare in bares:
             bare.stop()
         if server is not None:
             server.stop()
 
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-    print(f"# HTTP round trip, p50 ms ({os.cpu_count()} cores, {cpu}; {args.slices} slices, "
+    print(f"# HTTP round trip, p50 ms ({os.cpu_count()} cores, {cpu_name()}; {args.slices} slices, "
           f"{len(times[0, True])} requests per cell)")
     head = ("exchange", f"after Poisson gaps at {args.rate:g} req/s", "back to back")
     table = [(label, f"{np.median(times[i, True]):.3f}", f"{np.median(times[i, False]):.3f}")

@@ -79,15 +79,16 @@ class HttpRequest:
                 return value.decode("latin-1")
         return None
 
-    async def body(self, limit: int, too_large: HttpError) -> bytes:
-        """The whole body, raising `too_large` once it passes `limit` bytes (or declares it).
+    async def body(self, limit: int) -> bytes:
+        """The whole body, of at most `limit` bytes (--payload-limit).
 
         Raises:
+            HttpError: payload_too_large, once the body passes `limit` bytes (or declares it).
             ClientGone: the client disconnected before it sent the whole body.
         """
         declared = self.header(b"content-length") or ""
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -96,10 +97,15 @@ class HttpRequest:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _too_large(limit: int) -> HttpError:
+    return HttpError("payload_too_large", f"the body is over this server's limit of {limit} "
+                     "bytes (--payload-limit)")
 
 
 class Reply:
@@ -349,10 +355,7 @@ class Server:
 
     async def _body(self, request: HttpRequest) -> dict[str, Any]:
         """The JSON object of the body, read up to --payload-limit bytes."""
-        limit = self.options.payload_limit
-        raw = await request.body(limit, HttpError(
-            "payload_too_large", f"the body is over this server's limit of {limit} bytes "
-            "(--payload-limit)"))
+        raw = await request.body(self.options.payload_limit)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:  # invalid UTF-8 too
@@ -420,9 +423,8 @@ class Server:
         queue_s = job.queue_s if job else 0.0
         inference_s = job.inference_s if job else 0.0
         total_s = time.perf_counter() - start
-        if job is not None:
-            self.metrics.observe_stages(queue=queue_s, inference=inference_s)
-        self.metrics.observe_stages(tokenize=tokenize_s, total=total_s)
+        ran = {"queue": queue_s, "inference": inference_s} if job is not None else {}
+        self.metrics.observe_stages(tokenize=tokenize_s, total=total_s, **ran)
         headers = [(b"x-compute-type", self.service.engine.backend_name.encode("latin-1")),
                    (b"x-compute-tokens", b"%d" % tokens),
                    (b"x-compute-characters", b"%d" % characters),

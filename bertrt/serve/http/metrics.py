@@ -46,7 +46,8 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self._pending: deque[tuple[Any, ...]] = deque()
+        #: Recorded updates: (the method that applies one, its arguments).
+        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._flushing = threading.Lock()
         registry.register(_Flusher(self))  # first: a read of the registry flushes first
         self.requests = Counter("bertrt_requests", "HTTP requests answered, by route and status",
@@ -92,25 +93,25 @@ class ServerMetrics:
     # ------------------------------------------------------------------ recorded (any thread)
     def request(self, route: str, status: int) -> None:
         """A request answered."""
-        self._pending.append((_REQUEST, route, status))
+        self._pending.append((self._request, (route, status)))
 
     def tokenized(self, tokens: int, truncated: int) -> None:
         """A request's inputs tokenized: their tokens, and how many were truncated."""
-        self._pending.append((_TOKENIZED, tokens, truncated))
+        self._pending.append((self._tokenized, (tokens, truncated)))
 
     def dropped_sequences(self, count: int) -> None:
         """Queued sequences dropped uncomputed (their client went away)."""
-        self._pending.append((_DROPPED, count))
+        self._pending.append((self.dropped.inc, (count,)))
 
     def observe_batch(self, sequences: int, tokens: int, positions: int,
                       seconds: float, budget: int) -> None:
         """A batch ran: its sequences, real tokens, positions computed, seconds, and the
         budget of the next."""
-        self._pending.append((_BATCH, sequences, tokens, positions, seconds, budget))
+        self._pending.append((self._batch, (sequences, tokens, positions, seconds, budget)))
 
     def observe_stages(self, **seconds: float) -> None:
         """A request's seconds by stage (tokenize, queue, inference, total)."""
-        self._pending.append((_STAGES, seconds))
+        self._pending.append((self._stages, (seconds,)))
 
     # ------------------------------------------------------------------ applied
     def flush(self) -> None:
@@ -118,32 +119,31 @@ class ServerMetrics:
         pending = self._pending
         with self._flushing:
             while pending:
-                kind, *args = pending.popleft()
-                if kind is _REQUEST:
-                    route, status = args
-                    self.requests.labels(route, str(status)).inc()
-                elif kind is _TOKENIZED:
-                    self.input_tokens.inc(args[0])
-                    self.truncated.inc(args[1])
-                elif kind is _DROPPED:
-                    self.dropped.inc(args[0])
-                elif kind is _BATCH:
-                    sequences, tokens, positions, seconds, budget = args
-                    self.batch_size.observe(sequences)
-                    self.batch_tokens.observe(tokens)
-                    self.batch_positions.observe(positions)
-                    self.batch_seconds.observe(seconds)
-                    self.batch_budget.set(budget)
-                else:
-                    for stage, value in args[0].items():
-                        self.stage_seconds.labels(stage).observe(value)
+                apply, args = pending.popleft()
+                apply(*args)
+
+    def _request(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+
+    def _tokenized(self, tokens: int, truncated: int) -> None:
+        self.input_tokens.inc(tokens)
+        self.truncated.inc(truncated)
+
+    def _batch(self, sequences: int, tokens: int, positions: int, seconds: float,
+               budget: int) -> None:
+        self.batch_size.observe(sequences)
+        self.batch_tokens.observe(tokens)
+        self.batch_positions.observe(positions)
+        self.batch_seconds.observe(seconds)
+        self.batch_budget.set(budget)
+
+    def _stages(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
-
-
-_REQUEST, _TOKENIZED, _DROPPED, _BATCH, _STAGES = (object() for _ in range(5))
 
 
 class _Flusher(Collector):
